@@ -1,0 +1,13 @@
+"""rsvl: remote-sensing vision-language models on real georeferenced rasters.
+
+Importing rsvl is cheap: torch and the model families are imported only when a model is
+loaded, so ``rsvl info`` and the geospatial layer work without touching them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from rsvl.errors import RsvlError
+
+__all__ = ["RsvlError", "__version__"]
