@@ -1,0 +1,473 @@
+"""Rasters: open what GDAL reads, describe it, and read windows as the 8-bit RGB models expect.
+
+Nothing here knows about models. A :class:`RasterSource` decides once, from the file's
+metadata and a decimated read, how to turn its bands into RGB uint8 (band selection and a
+per-band percentile stretch for 16-bit / float / multispectral data) and which pixels are
+valid (nodata, alpha and internal masks). Window reads then apply that recipe, so every
+tile of a scene is converted identically and no read ever touches the whole raster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio._err
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from rsvl.errors import (
+    BandSelectionError,
+    GridError,
+    InputNotFoundError,
+    NoCRSError,
+    RasterReadError,
+)
+
+#: longest side of the decimated read used for stretch statistics
+STATS_MAX_SIDE = 1024
+
+
+def open_dataset(path: str | os.PathLike[str]) -> rasterio.io.DatasetReader:
+    """Open a raster with GDAL, turning every failure into an error that says what to do."""
+    p = Path(path)
+    text = str(path)
+    is_remote = text.startswith(("/vsi", "http://", "https://", "s3://", "gs://"))
+    if not is_remote and not p.exists():
+        raise InputNotFoundError(
+            f"{text}: no such file.", hint="Check the path (relative paths are resolved from the current folder)."
+        )
+    if not is_remote and p.is_dir():
+        raise RasterReadError(f"{text} is a folder, not a raster.", hint="Pass a raster file (GeoTIFF, COG, VRT, JPEG2000, PNG, JPEG).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(text)
+    except RasterioIOError as exc:
+        raise RasterReadError(
+            f"{text}: GDAL cannot read this file as a raster ({_first_line(exc)}).",
+            hint="Check that it is a complete GeoTIFF/COG/VRT/JPEG2000/PNG/JPEG file (a truncated download or a non-raster file gives this error).",
+        ) from exc
+    if ds.count == 0:
+        ds.close()
+        raise RasterReadError(f"{text} has no raster bands.", hint="Pass a file with at least one band.")
+    return ds
+
+
+def _read_failed(path: str, exc: BaseException) -> RasterReadError:
+    return RasterReadError(
+        f"{path}: GDAL cannot read the pixels of this raster ({_first_line(exc)}).",
+        hint="The file is probably truncated or corrupt: download or export it again.",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    """Which bands become R, G, B, and why."""
+
+    bands: tuple[int, int, int]  # 1-based
+    alpha_band: int | None
+    note: str
+    grayscale: bool = False
+
+
+def plan_bands(
+    count: int, colorinterp: Sequence[ColorInterp], requested: Sequence[int] | None = None
+) -> BandPlan:
+    """Choose the three bands used as RGB (1-based), honouring an explicit ``--bands``."""
+    alpha = next((i + 1 for i, ci in enumerate(colorinterp) if ci == ColorInterp.alpha), None)
+    if requested is not None:
+        req = tuple(int(b) for b in requested)
+        if len(req) not in (1, 3):
+            raise BandSelectionError(
+                f"--bands takes 3 band numbers (R,G,B) or 1 (grayscale), got {len(req)}: {','.join(map(str, req))}.",
+                hint="Example: --bands 4,3,2",
+            )
+        bad = [b for b in req if b < 1 or b > count]
+        if bad:
+            raise BandSelectionError(
+                f"band {bad[0]} does not exist: this raster has {count} band(s), numbered 1..{count}.",
+                hint="Pass existing band numbers, e.g. --bands 1,2,3.",
+            )
+        if len(req) == 1:
+            return BandPlan((req[0],) * 3, alpha, f"using band {req[0]} as grayscale (from --bands)", True)
+        return BandPlan(req, alpha, f"using bands {','.join(map(str, req))} as RGB (from --bands)")  # type: ignore[arg-type]
+
+    data_bands = [i + 1 for i in range(count) if colorinterp[i] != ColorInterp.alpha]
+    rgb = [
+        next((i + 1 for i, ci in enumerate(colorinterp) if ci == want), None)
+        for want in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+    ]
+    if all(b is not None for b in rgb) and count >= 3:
+        bands = tuple(rgb)  # type: ignore[assignment]
+        extra = count - 3 - (1 if alpha else 0)
+        note = f"{count} bands: using {','.join(map(str, bands))} (tagged red, green, blue) as RGB"
+        if alpha:
+            note += f"; band {alpha} is alpha and marks valid pixels"
+        if extra > 0:
+            note += "; pass --bands to change"
+        return BandPlan(bands, alpha, note)  # type: ignore[arg-type]
+    if len(data_bands) == 1:
+        b = data_bands[0]
+        return BandPlan((b, b, b), alpha, f"1 band: using band {b} as grayscale (replicated to RGB)", True)
+    if len(data_bands) == 2:
+        raise BandSelectionError(
+            f"this raster has {count} bands and rsvl cannot tell which are red, green and blue.",
+            hint="Pass --bands R,G,B (three band numbers) or --bands N for one band as grayscale.",
+        )
+    bands = tuple(data_bands[:3])
+    note = f"{count} bands: using {','.join(map(str, bands))} as RGB"
+    if count > 3:
+        note += "; pass --bands to change"
+    return BandPlan(bands, alpha, note)  # type: ignore[arg-type]
+
+
+def gsd_of(ds: rasterio.io.DatasetReader) -> tuple[float, float]:
+    """Pixel size (x, y) in the CRS's units (rotation-safe)."""
+    t = ds.transform
+    return (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
+
+
+def _linear_units(ds: rasterio.io.DatasetReader) -> str | None:
+    if ds.crs is None:
+        return None
+    if ds.crs.is_geographic:
+        return "degree"
+    try:
+        return ds.crs.linear_units or "unknown"
+    except Exception:  # pragma: no cover - exotic CRSs
+        return "unknown"
+
+
+def gsd_metres(ds: rasterio.io.DatasetReader) -> float | None:
+    """Ground sample distance in metres (mean of x and y), or None without a CRS."""
+    if ds.crs is None:
+        return None
+    gx, gy = gsd_of(ds)
+    if ds.crs.is_geographic:
+        lat = (ds.bounds.top + ds.bounds.bottom) / 2.0
+        m_per_deg = 111_320.0
+        return float((gx * m_per_deg * math.cos(math.radians(lat)) + gy * m_per_deg) / 2.0)
+    factor = 1.0
+    try:
+        factor = float(ds.crs.linear_units_factor[1])
+    except Exception:  # pragma: no cover
+        pass
+    return float((gx + gy) / 2.0 * factor)
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """Per-band linear stretch to 0..255: ``(x - low) / (high - low) * 255``, clipped."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    method: str  # "none" | "percentile" | "dtype"
+    percentiles: tuple[float, float] | None = None
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        if self.method == "none":
+            return np.clip(data, 0, 255).astype(np.uint8, copy=False)
+        low = np.asarray(self.low, dtype=np.float32)[:, None, None]
+        high = np.asarray(self.high, dtype=np.float32)[:, None, None]
+        scale = 255.0 / np.maximum(high - low, 1e-12)
+        out = (data.astype(np.float32) - low) * scale
+        np.clip(out, 0, 255, out=out)
+        return np.rint(out).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    path: str
+    driver: str
+    width: int
+    height: int
+    count: int
+    dtypes: list[str]
+    crs: str | None
+    epsg: int | None
+    transform: list[float]
+    bounds: list[float]
+    gsd: list[float]
+    gsd_units: str | None
+    gsd_m: float | None
+    nodata: float | None
+    colorinterp: list[str]
+    overviews: list[int]
+    block_shapes: list[list[int]]
+    compression: str | None
+    has_mask: bool
+    plan: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RasterSource:
+    """A raster plus the recipe that turns any window of it into RGB uint8 and a validity mask.
+
+    Parameters
+    ----------
+    path: anything GDAL opens.
+    bands: 1-based band numbers used as RGB (or one band as grayscale); default from colour
+        interpretation, else the first three bands.
+    stretch: ``"auto"`` (percentile stretch unless the data is already 8-bit),
+        ``"percentile"`` (always), or ``"none"`` (clip values to 0..255).
+    percentiles: low/high percentiles of the stretch.
+    target_gsd: resample reads to this ground sample distance (CRS units, usually metres);
+        the working grid (``width``, ``height``, ``transform``) is then that of the resampled
+        raster. None keeps the native resolution.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        bands: Sequence[int] | None = None,
+        stretch: str = "auto",
+        percentiles: tuple[float, float] = (2.0, 98.0),
+        target_gsd: float | None = None,
+        resampling: Resampling = Resampling.bilinear,
+    ) -> None:
+        if stretch not in ("auto", "percentile", "none"):
+            raise BandSelectionError(f"unknown stretch {stretch!r}.", hint="Use auto, percentile or none.")
+        self.path = str(path)
+        self._ds = open_dataset(path)
+        ds = self._ds
+        self.band_plan = plan_bands(ds.count, ds.colorinterp, bands)
+        self.crs = ds.crs
+        self.native_transform = ds.transform
+        self.native_width, self.native_height = ds.width, ds.height
+        self.nodata = ds.nodata
+        self.dtype = ds.dtypes[self.band_plan.bands[0] - 1]
+        self.resampling = resampling
+        self.warnings: list[str] = []
+        if ds.crs is None:
+            self.warnings.append(
+                f"{self.path} has no CRS: outputs will not be georeferenced (pixel coordinates only)."
+            )
+        self.target_gsd = target_gsd
+        if target_gsd is not None:
+            if target_gsd <= 0:
+                raise GridError(f"target GSD must be positive, got {target_gsd}.")
+            if ds.crs is None:
+                raise NoCRSError(
+                    f"{self.path} has no CRS, so a target GSD in ground units cannot be applied.",
+                    hint="Drop --gsd, or assign a CRS first (e.g. gdal_edit.py -a_srs EPSG:XXXX).",
+                )
+            gx, gy = gsd_of(ds)
+            self.scale = (target_gsd / gx, target_gsd / gy)
+            self.width = max(1, int(round(ds.width / self.scale[0])))
+            self.height = max(1, int(round(ds.height / self.scale[1])))
+            self.transform = ds.transform @ rasterio.Affine.scale(
+                ds.width / self.width, ds.height / self.height
+            )
+        else:
+            self.scale = (1.0, 1.0)
+            self.width, self.height = ds.width, ds.height
+            self.transform = ds.transform
+        self.stretch = self._compute_stretch(stretch, percentiles)
+
+    # -- description -------------------------------------------------------------------
+
+    def info(self) -> RasterInfo:
+        ds = self._ds
+        epsg = None
+        crs_text = None
+        if ds.crs is not None:
+            try:
+                epsg = ds.crs.to_epsg()
+            except Exception:  # pragma: no cover
+                epsg = None
+            crs_text = f"EPSG:{epsg}" if epsg else ds.crs.to_wkt()
+        gx, gy = gsd_of(ds)
+        plan: dict[str, Any] = {
+            "rgb_bands": list(self.band_plan.bands),
+            "alpha_band": self.band_plan.alpha_band,
+            "bands_note": self.band_plan.note,
+            "stretch": self.stretch.method,
+            "stretch_low": list(self.stretch.low),
+            "stretch_high": list(self.stretch.high),
+            "working_size": [self.width, self.height],
+            "working_gsd": self.target_gsd,
+        }
+        if self.stretch.method == "percentile":
+            p = self.stretch.percentiles
+            plan["stretch_note"] = (
+                f"{self.dtype} data: per-band {p[0]:g}-{p[1]:g} percentile stretch to 8-bit"
+                " (from a decimated read)"
+            )
+        elif self.dtype == "uint8":
+            plan["stretch_note"] = "8-bit data: used as is"
+        else:
+            plan["stretch_note"] = f"{self.dtype} data: values clipped to 0..255 (stretch none)"
+        masks = {m for flags in ds.mask_flag_enums for m in flags}
+        has_mask = any(m.name in ("per_dataset", "alpha", "nodata") for m in masks)
+        return RasterInfo(
+            path=self.path,
+            driver=ds.driver,
+            width=ds.width,
+            height=ds.height,
+            count=ds.count,
+            dtypes=list(ds.dtypes),
+            crs=crs_text,
+            epsg=epsg,
+            transform=list(ds.transform)[:6],
+            bounds=list(ds.bounds),
+            gsd=[gx, gy],
+            gsd_units=_linear_units(ds),
+            gsd_m=gsd_metres(ds),
+            nodata=ds.nodata,
+            colorinterp=[ci.name for ci in ds.colorinterp],
+            overviews=ds.overviews(1),
+            block_shapes=[list(s) for s in ds.block_shapes],
+            compression=ds.compression.name if ds.compression else None,
+            has_mask=has_mask,
+            plan=plan,
+            warnings=list(self.warnings),
+        )
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def _compute_stretch(self, stretch: str, percentiles: tuple[float, float]) -> Stretch:
+        bands = self.band_plan.bands
+        if stretch == "none" or (stretch == "auto" and self.dtype == "uint8"):
+            return Stretch((0.0,) * 3, (255.0,) * 3, "none")
+        lo_p, hi_p = percentiles
+        if not (0 <= lo_p < hi_p <= 100):
+            raise BandSelectionError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}.")
+        ds = self._ds
+        factor = max(ds.width, ds.height) / STATS_MAX_SIDE
+        out_w = max(1, int(round(ds.width / max(factor, 1.0))))
+        out_h = max(1, int(round(ds.height / max(factor, 1.0))))
+        # A decimated read: GDAL serves it from overviews when the file has them.
+        try:
+            data = ds.read(list(bands), out_shape=(3, out_h, out_w), resampling=Resampling.nearest, masked=True)
+        except (RasterioIOError, rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError) as exc:
+            raise _read_failed(self.path, exc) from exc
+        valid = ~np.ma.getmaskarray(data).any(axis=0)
+        valid &= np.isfinite(data.filled(0)).all(axis=0)
+        if self.band_plan.alpha_band is not None:
+            alpha = ds.read(self.band_plan.alpha_band, out_shape=(out_h, out_w), resampling=Resampling.nearest)
+            valid &= alpha > 0
+        low, high = [], []
+        for i in range(3):
+            values = np.asarray(data[i].filled(0))[valid]
+            if values.size == 0:
+                low.append(0.0)
+                high.append(255.0)
+                continue
+            lo, hi = np.percentile(values.astype(np.float64), [lo_p, hi_p])
+            if hi <= lo:
+                hi = lo + 1.0
+            low.append(float(lo))
+            high.append(float(hi))
+        return Stretch(tuple(low), tuple(high), "percentile", (lo_p, hi_p))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def reader(self) -> WindowReader:
+        """A reader with its own GDAL handle (one per thread)."""
+        return WindowReader(self)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        with self.reader() as r:
+            return r.read(window)
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> RasterSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the pixels a model sees: recorded in output tags."""
+        return {
+            "source": os.path.basename(self.path),
+            "bands": list(self.band_plan.bands),
+            "stretch": self.stretch.method,
+            "stretch_low": [round(v, 6) for v in self.stretch.low],
+            "stretch_high": [round(v, 6) for v in self.stretch.high],
+            "gsd": self.target_gsd if self.target_gsd is not None else (gsd_metres(self._ds) or None),
+            "resampled": self.target_gsd is not None,
+        }
+
+
+class WindowReader:
+    """Reads windows of the working grid as ``(rgb uint8 (3,h,w), valid bool (h,w))``.
+
+    Windows may extend past the raster: the outside is zero-filled and marked invalid, so
+    edge tiles are padded, never dropped.
+    """
+
+    def __init__(self, source: RasterSource) -> None:
+        self.source = source
+        self._ds = open_dataset(source.path)
+        self._vrt = None
+        if source.target_gsd is not None:
+            from rasterio.vrt import WarpedVRT
+
+            self._vrt = WarpedVRT(
+                self._ds,
+                crs=self._ds.crs,
+                transform=source.transform,
+                width=source.width,
+                height=source.height,
+                resampling=source.resampling,
+            )
+        self._src = self._vrt if self._vrt is not None else self._ds
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        s = self.source
+        col, row = int(window.col_off), int(window.row_off)
+        w, h = int(window.width), int(window.height)
+        rgb = np.zeros((3, h, w), dtype=np.uint8)
+        valid = np.zeros((h, w), dtype=bool)
+        c0, r0 = max(col, 0), max(row, 0)
+        c1, r1 = min(col + w, s.width), min(row + h, s.height)
+        if c1 <= c0 or r1 <= r0:
+            return rgb, valid
+        inner = Window(c0, r0, c1 - c0, r1 - r0)
+        bands = list(s.band_plan.bands)
+        unique = sorted(set(bands))
+        try:
+            raw = self._src.read(unique, window=inner)
+            mask = self._src.dataset_mask(window=inner) > 0
+        except (RasterioIOError, rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError) as exc:
+            raise _read_failed(s.path, exc) from exc
+        data = raw[[unique.index(b) for b in bands]]
+        if np.issubdtype(data.dtype, np.floating):
+            finite = np.isfinite(data).all(axis=0)
+            mask &= finite
+            data = np.where(finite[None], data, 0)
+        ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+        rgb[:, ys, xs] = s.stretch.apply(data)
+        valid[ys, xs] = mask
+        rgb[:, ys, xs][:, ~mask] = 0
+        return rgb, valid
+
+    def close(self) -> None:
+        if self._vrt is not None:
+            self._vrt.close()
+        self._ds.close()
+
+    def __enter__(self) -> WindowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, shared_data, write_raster
+
+from rsvl.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rsvl.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_info_json_is_exactly_one_document_on_stdout(capsys):
+    code = main(["info", "--json", str(REPO / "examples" / "OSBS_029.tif")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["epsg"] == 32617 and doc["width"] == 400 and doc["gsd"] == [0.1, 0.1]
+    assert doc["plan"]["rgb_bands"] == [1, 2, 3]
+
+
+def test_info_text_says_what_rsvl_will_do(tmp_path, capsys):
+    p = write_raster(tmp_path / "u16.tif", np.arange(4 * 64 * 64, dtype=np.uint16).reshape(4, 64, 64), photometric="MINISBLACK")
+    assert main(["info", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "4 bands: using 1,2,3 as RGB; pass --bands to change" in out
+    assert "percentile stretch" in out
+
+
+def test_no_crs_warning_goes_to_stderr_and_json_stays_clean(tmp_path, capsys):
+    import rasterio
+
+    p = write_raster(tmp_path / "nocrs.tif", np.zeros((3, 8, 8), np.uint8), crs=None, transform=rasterio.Affine.identity())
+    assert main(["info", "--json", str(p)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["crs"] is None
+    assert "no CRS" in err
+
+
+def test_user_errors_are_one_line_without_traceback():
+    r = run_cli("info", "does-not-exist.tif")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: does-not-exist.tif: no such file.")
+    assert "Traceback" not in r.stderr
+    r = run_cli("info", "--bands", "9,1,2", str(REPO / "examples" / "OSBS_029.tif"))
+    assert r.returncode == 2 and "band 9 does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--debug", "info", "does-not-exist.tif")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_readme_commands_and_ci_agree():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2, "README must open with the run command and the test command"
+    test_cmd = blocks[1].strip()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_cmd in ci, ".ci/run must run exactly the README's test command"
+    assert "examples/" in blocks[0]
+
+
+@pytest.mark.realdata
+def test_info_on_every_real_raster(capsys):
+    for name in ("RGB.byte.tif", "m_4709963_se_14_1_20200831.tif", "OSBS_029.tif"):
+        p = shared_data("geotiff", name)
+        assert main(["info", "--json", str(p)]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["crs"].startswith("EPSG:")

@@ -1,0 +1,227 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import shared_data, write_raster
+from rasterio.transform import from_origin
+
+from rsvl.errors import OutputError, PredictorError, ResumeError
+from rsvl.geo.raster import RasterSource
+from rsvl.geo.runner import RasterOutput, TiledRunner, partial_dir_for
+from rsvl.geo.tiles import TileGrid, blend_weights
+
+
+def coord_predictor(batch):
+    """Returns each pixel's own (row, col) in the working grid."""
+    n, _, t, _ = batch.images.shape
+    yy, xx = np.mgrid[0:t, 0:t].astype(np.float32)
+    out = np.empty((n, 2, t, t), np.float32)
+    for i, w in enumerate(batch.windows):
+        out[i, 0] = yy + w.row_off
+        out[i, 1] = xx + w.col_off
+    return out
+
+
+def const_predictor(batch):
+    return np.full((len(batch), 3, *batch.images.shape[2:]), [[[0.25]], [[7.0]], [[-3.5]]], np.float32)
+
+
+@pytest.mark.parametrize(
+    "size,tile,overlap",
+    [((301, 437), 128, 32), ((301, 437), 64, 48), ((100, 90), 128, 16), ((257, 129), 64, 0), ((500, 40), 32, 8)],
+)
+def test_coordinates_survive_stitching(tmp_path, size, tile, overlap):
+    h, w = size
+    src = write_raster(tmp_path / "in.tif", np.full((3, h, w), 9, np.uint8))
+    out = tmp_path / "out.tif"
+    with RasterSource(src) as s:
+        res = TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], tile=tile, overlap=overlap, batch_size=3).run()
+    assert res.tiles == len(TileGrid(w, h, tile, overlap))
+    with rasterio.open(out) as ds:
+        got = ds.read()
+    yy, xx = np.mgrid[0:h, 0:w]
+    assert np.abs(got[0] - yy).max() < 1e-3
+    assert np.abs(got[1] - xx).max() < 1e-3
+
+
+def test_constant_predictor_gives_constant_output_without_seams_or_edge_loss(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.full((3, 333, 517), 50, np.uint8))
+    out = tmp_path / "const.tif"
+    with RasterSource(src) as s:
+        TiledRunner(s, const_predictor, [RasterOutput(out, 3)], tile=96, overlap=24, batch_size=5).run()
+    with rasterio.open(out) as ds:
+        got = ds.read()
+    assert got.shape == (3, 333, 517)
+    np.testing.assert_allclose(got[0], 0.25, atol=1e-6)
+    np.testing.assert_allclose(got[1], 7.0, atol=1e-5)
+    np.testing.assert_allclose(got[2], -3.5, atol=1e-5)
+
+
+def test_georeferencing_nodata_and_settings_round_trip(tmp_path):
+    transform = from_origin(612345.25, 5123456.75, 0.3, 0.3)
+    data = np.full((3, 200, 260), 40, np.uint8)
+    data[:, :, :70] = 0  # a nodata collar: the first tile column is all nodata
+    src = write_raster(tmp_path / "in.tif", data, crs="EPSG:26914", transform=transform, nodata=0)
+    out = tmp_path / "labels.tif"
+
+    def finalize(values, valid):
+        return (values[0] > 100.5).astype(np.uint8) + 1
+
+    spec = RasterOutput(out, 1, "uint8", finalize=finalize, nodata=0, colormap={1: (0, 0, 255, 255), 2: (255, 0, 0, 255)},
+                        tags={"classes": json.dumps({"1": "low", "2": "high"})})
+    with RasterSource(src) as s:
+        res = TiledRunner(s, coord_predictor, [spec], tile=64, overlap=16, settings={"model": "coord", "prompt": "x"}).run()
+    assert res.tiles_skipped >= 4  # all-nodata tiles never reach the predictor
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_epsg() == 26914
+        assert ds.transform == transform
+        assert ds.nodata == 0
+        got = ds.read(1)
+        tags = ds.tags()
+        assert ds.colormap(1)[2] == (255, 0, 0, 255)
+    settings = json.loads(tags["rsvl_settings"])
+    assert settings["model"] == "coord" and settings["tile"] == 64 and settings["overlap"] == 16
+    assert json.loads(tags["classes"])["2"] == "high"
+    assert (got[:, :70] == 0).all()
+    yy = np.mgrid[0:200, 0:260][0]
+    np.testing.assert_array_equal(got[:, 70:], np.where(yy[:, 70:] > 100, 2, 1))
+
+
+def test_cog_output_is_a_valid_cog_with_overviews(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.full((3, 1100, 1300), 3, np.uint8))
+    out = tmp_path / "p.cog.tif"
+    with RasterSource(src) as s:
+        TiledRunner(s, const_predictor, [RasterOutput(out, 3)], tile=256, overlap=32, batch_size=4).run()
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.overviews(1)
+        assert ds.crs.to_epsg() == 32618
+    assert not partial_dir_for(out).exists()
+
+
+def test_no_crs_input_gives_ungeoreferenced_output(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.ones((3, 50, 70), np.uint8), crs=None, transform=rasterio.Affine.identity())
+    out = tmp_path / "o.tif"
+    with RasterSource(src) as s:
+        TiledRunner(s, const_predictor, [RasterOutput(out, 3)], tile=32, overlap=8).run()
+    with rasterio.open(out) as ds:
+        assert ds.crs is None
+        np.testing.assert_allclose(ds.read(2), 7.0, atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.full((3, 300, 300), 1, np.uint8))
+    ref, out = tmp_path / "ref.tif", tmp_path / "out.tif"
+    kw = dict(tile=64, overlap=16, batch_size=2, settings={"model": "coord"})
+    with RasterSource(src) as s:
+        TiledRunner(s, coord_predictor, [RasterOutput(ref, 2)], **kw).run()
+    calls = {"n": 0}
+
+    def dying(batch):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise Interrupt("killed")
+        return coord_predictor(batch)
+
+    with RasterSource(src) as s, pytest.raises(Interrupt):
+        TiledRunner(s, dying, [RasterOutput(out, 2)], **kw).run()
+    assert not out.exists()  # nothing under the final name
+    state = json.loads((partial_dir_for(out) / "state.json").read_text())
+    assert state["next_row"] >= 2
+
+    seen = []
+
+    def counting(batch):
+        seen.extend(batch.positions)
+        return coord_predictor(batch)
+
+    with RasterSource(src) as s:
+        res = TiledRunner(s, counting, [RasterOutput(out, 2)], resume=True, **kw).run()
+    grid = TileGrid(300, 300, 64, 16)
+    assert min(r for r, _ in seen) == state["next_row"]
+    assert len(seen) == len(grid) - state["next_row"] * grid.n_cols == len(grid) - res.tiles_resumed
+    with rasterio.open(ref) as a, rasterio.open(out) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    assert not partial_dir_for(out).exists()
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.full((3, 200, 200), 1, np.uint8))
+    out = tmp_path / "out.tif"
+    n = {"calls": 0}
+
+    def dying(batch):
+        n["calls"] += 1
+        if n["calls"] == 5:
+            raise Interrupt()
+        return coord_predictor(batch)
+
+    with RasterSource(src) as s, pytest.raises(Interrupt):
+        TiledRunner(s, dying, [RasterOutput(out, 2)], tile=64, overlap=16, batch_size=1, settings={"prompt": "a"}).run()
+    with RasterSource(src) as s, pytest.raises(ResumeError, match="other settings"):
+        TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], tile=64, overlap=16, settings={"prompt": "b"}, resume=True).run()
+
+
+def test_existing_output_is_never_replaced_without_overwrite(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.ones((3, 40, 40), np.uint8))
+    out = tmp_path / "o.tif"
+    out.write_bytes(b"precious")
+    with RasterSource(src) as s, pytest.raises(OutputError, match="--overwrite"):
+        TiledRunner(s, const_predictor, [RasterOutput(out, 3)], tile=32, overlap=8).run()
+    assert out.read_bytes() == b"precious"
+    with RasterSource(src) as s:
+        TiledRunner(s, const_predictor, [RasterOutput(out, 3)], tile=32, overlap=8, overwrite=True).run()
+    with rasterio.open(out) as ds:
+        assert ds.count == 3
+
+
+def test_bad_predictor_output_is_reported(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.ones((3, 40, 40), np.uint8))
+    with RasterSource(src) as s, pytest.raises(PredictorError, match=r"expected \(2, C, 32, 32\)"):
+        TiledRunner(s, lambda b: np.zeros((len(b), 1, 16, 16)), [RasterOutput(tmp_path / "o.tif", 1)], tile=32, overlap=8, batch_size=2).run()
+    with RasterSource(src) as s, pytest.raises(PredictorError, match="NaN"):
+        TiledRunner(s, lambda b: np.full((len(b), 32, 32), np.nan), [RasterOutput(tmp_path / "o.tif", 1)], tile=32, overlap=8).run()
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_output_suffix_and_folder_errors(tmp_path):
+    with pytest.raises(OutputError, match=".tif"):
+        RasterOutput(tmp_path / "o.png", 1)
+    src = write_raster(tmp_path / "in.tif", np.ones((3, 40, 40), np.uint8))
+    with RasterSource(src) as s, pytest.raises(OutputError, match="does not exist"):
+        TiledRunner(s, const_predictor, [RasterOutput(tmp_path / "nope" / "o.tif", 3)], tile=32, overlap=8).run()
+
+
+def test_blend_weights_are_positive_symmetric_and_flat_inside():
+    w = blend_weights(64, 16)
+    assert w.min() > 0 and w.max() == 1.0
+    np.testing.assert_allclose(w, w.T)
+    np.testing.assert_allclose(w, w[::-1, ::-1])
+    assert (w[16:48, 16:48] == 1).all()
+    assert (blend_weights(32, 0) == 1).all()
+
+
+@pytest.mark.realdata
+def test_real_landsat_scene_keeps_its_nodata_collar(tmp_path):
+    landsat = shared_data("geotiff", "RGB.byte.tif")
+    out = tmp_path / "mean.tif"
+
+    def mean_rgb(batch):
+        return batch.images.astype(np.float32).mean(axis=1)
+
+    with RasterSource(landsat) as s:
+        TiledRunner(s, mean_rgb, [RasterOutput(out, 1, nodata=-1.0)], tile=256, overlap=32).run()
+    with rasterio.open(landsat) as a, rasterio.open(out) as b:
+        valid = a.dataset_mask() > 0
+        expected = a.read().astype(np.float32).mean(axis=0)
+        got = b.read(1)
+        assert b.crs == a.crs and b.transform == a.transform
+    assert (got[~valid] == -1).all()
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-3)
