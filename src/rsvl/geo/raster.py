@@ -32,6 +32,10 @@ from rsvl.errors import (
     RasterReadError,
 )
 
+# GDAL's block cache defaults to 5 % of RAM and would grow with the scene; bound it unless
+# the user chose a size. GDAL reads this once, on first use of its cache.
+os.environ.setdefault("GDAL_CACHEMAX", "256")
+
 #: longest side of the decimated read used for stretch statistics
 STATS_MAX_SIDE = 1024
 

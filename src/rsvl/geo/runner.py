@@ -12,7 +12,8 @@ next tile is carried: the right ``overlap`` columns to the next tile in the row,
 ``overlap`` rows to the next tile row. Live memory is therefore a few tiles, the batches in
 flight, and one ``overlap``-row strip of the carried sums — never the scene.
 
-Finished blocks go to a memory-mapped scratch array next to the output; at the end the
+Finished blocks go to a raw scratch file next to the output (positioned writes, not a
+memory map, so the scene never counts towards resident memory); at the end the
 scratch is written window by window to a tiled, compressed GeoTIFF (or COG) under a
 temporary name and renamed into place. After each tile row the scratch is flushed and the
 carry and position are saved, so an interrupted run resumes where it stopped.
@@ -127,6 +128,61 @@ class RunResult:
         return d
 
 
+class Scratch:
+    """A raw (count, H, W) array in a file, written and read with positioned I/O.
+
+    Not a memory map on purpose: mapped pages count towards the process's resident memory,
+    and this array is as large as the scene.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: str, create: bool) -> None:
+        self.path = Path(path)
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        count, h, w = shape
+        size = count * h * w * self.dtype.itemsize
+        if create:
+            with open(self.path, "wb") as f:
+                f.truncate(size)
+        elif not self.path.exists() or self.path.stat().st_size != size:
+            raise ResumeError(
+                f"the scratch file {self.path} is missing or has the wrong size.",
+                hint="Run again without --resume to start over.",
+            )
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    def _offset(self, band: int, row: int, col: int) -> int:
+        _, h, w = self.shape
+        return ((band * h + row) * w + col) * self.dtype.itemsize
+
+    def write(self, y: int, x: int, data: np.ndarray) -> None:
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        for b in range(data.shape[0]):
+            for i in range(data.shape[1]):
+                os.pwrite(self._fd, data[b, i].tobytes(), self._offset(b, y + i, x))
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        _, rows, cols = key
+        count = self.shape[0]
+        y0, y1, _ = rows.indices(self.shape[1])
+        x0, x1, _ = cols.indices(self.shape[2])
+        out = np.empty((count, y1 - y0, x1 - x0), self.dtype)
+        nbytes = (x1 - x0) * self.dtype.itemsize
+        for b in range(count):
+            for i, y in enumerate(range(y0, y1)):
+                buf = os.pread(self._fd, nbytes, self._offset(b, y, x0))
+                out[b, i] = np.frombuffer(buf, self.dtype)
+        return out
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def partial_dir_for(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     return p.parent / f".{p.name}.rsvl-partial"
@@ -237,7 +293,7 @@ class TiledRunner:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
-        self._scratch: list[np.memmap] = []
+        self._scratch: list[Scratch] = []
         self.channels = channels
         self._carry: np.ndarray | None = None
         if state and channels is not None:
@@ -304,12 +360,8 @@ class TiledRunner:
         H, W = self.source.height, self.source.width
         self._scratch = []
         for i, o in enumerate(self.outputs):
-            path = self.partial / f"scratch{i}.npy"
-            if create:
-                m = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(o.dtype), shape=(o.count, H, W))
-            else:
-                m = np.load(path, mmap_mode="r+")
-            self._scratch.append(m)
+            path = self.partial / f"scratch{i}.raw"
+            self._scratch.append(Scratch(path, (o.count, H, W), o.dtype, create))
 
     def _init_channels(self, channels: int) -> None:
         self.channels = channels
@@ -322,18 +374,21 @@ class TiledRunner:
         self._open_scratch(create=True)
 
     def _process(self, start_row: int, key: str) -> None:
-        grid = self.grid
-        T, O, S = grid.tile, grid.overlap, grid.stride
-        width_padded = (grid.n_cols - 1) * S + T
+        """Three stages in flight at once: the reader thread reads and converts windows,
+        this thread runs the predictor, the blender thread blends, finalises and writes."""
         batches: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        blend_q: queue.Queue[Any] = queue.Queue(maxsize=2)
         stop = threading.Event()
+        blend_error: list[BaseException] = []
         reader = threading.Thread(
             target=self._read_batches, args=(start_row, batches, stop), name="rsvl-tile-reader", daemon=True
         )
+        blender = threading.Thread(
+            target=self._blend_loop, args=(key, blend_q, stop, blend_error), name="rsvl-tile-blender", daemon=True
+        )
         reader.start()
+        blender.start()
         try:
-            vcarry = None
-            h_consumed = 0
             while True:
                 t0 = time.perf_counter()
                 item = batches.get()
@@ -342,8 +397,41 @@ class TiledRunner:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                if blend_error:
+                    raise blend_error[0]
                 batch, keep = item
                 preds = self._run_predictor(batch, keep)
+                _put(blend_q, (batch, preds), stop, lambda: bool(blend_error))
+            _put(blend_q, None, stop, lambda: bool(blend_error))
+            blender.join()
+            if blend_error:
+                raise blend_error[0]
+        finally:
+            stop.set()
+            # Unblock threads that wait on a full queue, then let them finish.
+            for q, t in ((batches, reader), (blend_q, blender)):
+                while t.is_alive():
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        pass
+                    t.join(timeout=0.05)
+
+    def _blend_loop(self, key: str, inbox: queue.Queue[Any], stop: threading.Event, errors: list[BaseException]) -> None:
+        try:
+            grid = self.grid
+            T, O, S = grid.tile, grid.overlap, grid.stride
+            width_padded = (grid.n_cols - 1) * S + T
+            vcarry = None
+            h_consumed = 0
+            while not stop.is_set():
+                try:
+                    item = inbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                batch, preds = item
                 for i, (r, c) in enumerate(batch.positions):
                     if c == 0:
                         h_consumed = 0
@@ -379,15 +467,8 @@ class TiledRunner:
                         self._save_state(key, r + 1)
                     if self.progress:
                         self.progress(1)
-        finally:
-            stop.set()
-            # Unblock the reader if it waits on a full queue, then let it finish.
-            while reader.is_alive():
-                try:
-                    batches.get_nowait()
-                except queue.Empty:
-                    pass
-                reader.join(timeout=0.05)
+        except BaseException as exc:  # handed to the main thread
+            errors.append(exc)
 
     def _run_predictor(self, batch: TileBatch, keep: np.ndarray) -> list[np.ndarray | None]:
         out: list[np.ndarray | None] = [None] * len(batch)
@@ -451,7 +532,7 @@ class TiledRunner:
             if o.nodata is not None and not valid.all():
                 data = data.copy()
                 data[:, ~valid] = o.nodata
-            m[:, y : y + h, x : x + w] = data
+            m.write(y, x, data)
 
     def _read_batches(self, start_row: int, out: queue.Queue[Any], stop: threading.Event) -> None:
         try:
@@ -518,12 +599,24 @@ class TiledRunner:
                 work_dir=self.partial,
             )
             staged.append((tmp, Path(o.path)))
+        for m in self._scratch:
+            m.close()
         # Everything is complete: only now do the final names appear.
         for tmp, final in staged:
             os.replace(tmp, final)
             written.append(final)
         self._scratch = []
         return written
+
+
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event, failed: Callable[[], bool]) -> None:
+    """Put with a timeout loop, so a failure elsewhere never leaves a thread blocked."""
+    while not stop.is_set() and not failed():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def _subset(batch: TileBatch, idx: np.ndarray) -> TileBatch:
