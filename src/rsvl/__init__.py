@@ -10,4 +10,13 @@ __version__ = "0.1.0"
 
 from rsvl.errors import RsvlError
 
-__all__ = ["RsvlError", "__version__"]
+__all__ = ["RsvlError", "__version__", "load"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import rsvl` does not import torch.
+    if name == "load":
+        from rsvl.api import load
+
+        return load
+    raise AttributeError(f"module 'rsvl' has no attribute {name!r}")

@@ -34,6 +34,8 @@ app = typer.Typer(
 # Order here is the order in `rsvl --help`.
 COMMAND_MODULES = [
     "rsvl.commands.info",
+    "rsvl.commands.classify",
+    "rsvl.commands.segment",
 ]
 
 

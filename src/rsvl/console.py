@@ -83,11 +83,18 @@ def progress_bar(total: int, description: str, *, enabled: bool = True) -> Itera
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.speed:.1f} tiles/s" if False else ""),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=state.err, transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        task = progress.add_task(description, total=total, rate="")
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+            speed = progress.tasks[0].speed
+            if speed:
+                progress.update(task, rate=f"{speed:.1f} tiles/s")
+
+        yield advance

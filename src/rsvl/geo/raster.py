@@ -390,6 +390,24 @@ class RasterSource:
         with self.reader() as r:
             return r.read(window)
 
+    def read_preview(self, width: int, height: int) -> np.ndarray:
+        """The whole working extent as (3, height, width) uint8 RGB, from a decimated read
+        (GDAL uses overviews when present); invalid pixels are black."""
+        bands = list(self.band_plan.bands)
+        unique = sorted(set(bands))
+        try:
+            raw = self._ds.read(unique, out_shape=(len(unique), height, width), resampling=Resampling.average)
+            mask = self._ds.dataset_mask(out_shape=(height, width), resampling=Resampling.nearest) > 0
+        except (RasterioIOError, rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError) as exc:
+            raise _read_failed(self.path, exc) from exc
+        data = raw[[unique.index(b) for b in bands]]
+        if np.issubdtype(data.dtype, np.floating):
+            mask &= np.isfinite(data).all(axis=0)
+            data = np.where(np.isfinite(data), data, 0)
+        rgb = self.stretch.apply(data)
+        rgb[:, ~mask] = 0
+        return rgb
+
     def close(self) -> None:
         self._ds.close()
 

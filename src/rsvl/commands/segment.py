@@ -1,0 +1,78 @@
+"""``rsvl segment RASTER "classes"``: open-vocabulary segmentation of any raster or image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from rsvl.commands.options import parse_bands
+from rsvl.console import emit_json, progress_bar, state
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment)
+
+
+def segment(
+    raster: Path = typer.Argument(..., help="Raster or image (GeoTIFF, COG, VRT, JPEG2000, PNG, JPEG)."),
+    classes: str = typer.Argument(
+        None, help='Classes separated by commas, synonyms joined by "|": "forest|trees, water, buildings|houses".'
+    ),
+    labels_file: Path = typer.Option(None, "--labels-file", help="Class file: one class per line, synonyms separated by commas."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output prefix (default: the raster's name in the current folder)."),
+    model: str = typer.Option("mini-clip", "--model", "-m", help="Model name (see `rsvl models`)."),
+    weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
+    templates: str = typer.Option(None, "--templates", help="'imagenet', 'farslip', or one template with {} (default: the model's)."),
+    bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
+    gsd: float = typer.Option(None, "--gsd", help="Resample to this ground sample distance (metres) before the model."),
+    tile: int = typer.Option(None, "--tile", help="Tile size in pixels (default: the model's)."),
+    overlap: int = typer.Option(None, "--overlap", help="Tile overlap in pixels (default: a quarter of the tile)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-class probability bands."),
+    min_pixels: int = typer.Option(16, "--min-pixels", help="Drop polygons smaller than this many pixels."),
+    simplify: float = typer.Option(0.0, "--simplify", help="Simplify polygons (tolerance in pixels)."),
+    vector_format: str = typer.Option("gpkg", "--vector-format", help="gpkg, geojson or parquet."),
+    to_crs: str = typer.Option(None, "--to-crs", help="Reproject polygons, e.g. EPSG:4326."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Segment RASTER into the given classes: class GeoTIFF, confidence, polygons, PNG overlay."""
+    import rsvl
+    from rsvl.data.classes import load_classes
+    from rsvl.errors import InputNotFoundError
+    from rsvl.tasks.segment import segment as run_segment
+
+    if not raster.exists():
+        raise InputNotFoundError(f"{raster}: no such file.", hint="Check the path.")
+    specs = load_classes(inline=classes, file=labels_file)
+    prefix = out if out is not None else Path.cwd() / raster.stem
+    m = rsvl.load(model, weights=weights, device=device)
+
+    def progress(total: int):
+        return progress_bar(total, "segment", enabled=True)
+
+    result = run_segment(
+        m, raster, specs, prefix, templates=templates, bands=parse_bands(bands), gsd=gsd, tile=tile,
+        overlap=overlap, batch_size=batch_size, probabilities=probabilities, min_pixels=min_pixels,
+        simplify=simplify, vector_format=vector_format, to_crs=to_crs, overwrite=overwrite, resume=resume,
+        progress=progress, model_name=model,
+    )
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    t = Table(title=f"{raster.name}: {result.tiles} tile(s), {result.seconds:.1f} s", show_edge=False)
+    t.add_column("class")
+    t.add_column("share", justify="right")
+    for name, frac in result.class_fractions.items():
+        t.add_row(name, f"{100 * frac:.1f} %")
+    console.print(t)
+    for kind, path in result.outputs.items():
+        console.print(f"{kind:>13}  {path}")
+    state.notice(f"{result.polygons} polygon(s)")

@@ -1,0 +1,132 @@
+"""Open-vocabulary segmentation end to end with a model whose answers are known.
+
+ColourModel embeds every 4x4 patch by its mean colour and the words "red", "green" and
+"blue" as the matching unit vectors, so the correct segmentation of a synthetic scene is
+known exactly: the test checks the task's plumbing (prompts, synonyms, tiling, blending,
+georeferenced outputs, polygons, overlay), not a model's quality.
+"""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from conftest import write_raster
+from PIL import Image
+
+from rsvl.data.classes import parse_class_list
+from rsvl.errors import OutputError, PromptError
+from rsvl.tasks.segment import segment
+
+WORDS = {"red": 0, "crimson": 0, "green": 1, "blue": 2}
+
+
+class ColourModel:
+    name = "colour-test"
+    logit_scale = 100.0
+    default_templates = ("{}",)
+    preferred_tile = 64
+
+    def encode_text(self, texts):
+        out = torch.zeros(len(texts), 3)
+        for i, t in enumerate(texts):
+            out[i, WORDS[t]] = 1.0
+        return out
+
+    def encode_image(self, images):
+        return torch.nn.functional.normalize(torch.as_tensor(images).float().mean(dim=(2, 3)) + 1e-3, dim=-1)
+
+    def dense_features(self, images):
+        x = torch.as_tensor(images).float()
+        f = torch.nn.functional.avg_pool2d(x, 4) + 1e-3
+        return torch.nn.functional.normalize(f, dim=1)
+
+
+def scene() -> np.ndarray:
+    img = np.zeros((3, 200, 300), np.uint8)
+    img[0, :, :100] = 200  # red left third
+    img[1, :, 100:200] = 200  # green middle
+    img[2, :, 200:] = 200  # blue right
+    img[:, :50, 250:] = 0  # a nodata corner
+    return img
+
+
+def test_segments_a_raster_into_named_classes(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", scene(), nodata=0)
+    classes = parse_class_list("red|crimson, green, blue")
+    res = segment(ColourModel(), src, classes, tmp_path / "out", tile=64, overlap=16, batch_size=3)
+    assert res.classes == ["red", "green", "blue"]
+    with rasterio.open(res.outputs["classes"]) as ds, rasterio.open(src) as s:
+        labels = ds.read(1)
+        assert ds.crs == s.crs and ds.transform == s.transform
+        assert json.loads(ds.tags()["classes"]) == {"0": "red", "1": "green", "2": "blue"}
+        assert json.loads(ds.tags()["rsvl_settings"])["prompt"] == "red|crimson, green, blue"
+    # Away from colour boundaries (blurred by the 4 px patches) every pixel is right.
+    assert (labels[:, :96] == 0).all() and (labels[:, 104:196] == 1).all()
+    assert (labels[50:, 204:] == 2).all()
+    assert (labels[:50, 250:] == 255).all()  # nodata stays nodata
+    polys = gpd.read_file(res.outputs["polygons"])
+    assert set(polys["class"]) == {"red", "green", "blue"}
+    assert polys.crs.to_epsg() == 32618 and (polys.score > 0.9).all()
+    big = polys.sort_values("pixels").iloc[-1]
+    assert big["class"] in ("red", "green")
+    img = Image.open(res.outputs["overlay"])
+    assert img.width > 300 and img.height >= 200
+    assert abs(res.class_fractions["blue"] - (100 * 200 - 50 * 50) / (200 * 300 - 2500)) < 0.03
+
+
+def test_probabilities_and_reprojected_geojson(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", scene())
+    res = segment(ColourModel(), src, parse_class_list("red, green, blue"), tmp_path / "o", tile=64, overlap=16,
+                  probabilities=True, vector_format="geojson", to_crs="EPSG:4326")
+    with rasterio.open(res.outputs["probabilities"]) as ds:
+        p = ds.read()
+        assert ds.count == 3 and ds.descriptions == ("red", "green", "blue")
+    assert p[0, 100, 50] > 0.99 and p[2, 150, 250] > 0.99
+    polys = gpd.read_file(res.outputs["polygons"])
+    assert polys.crs.to_epsg() == 4326
+
+
+def test_errors_before_any_work(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", scene())
+    with pytest.raises(PromptError):
+        parse_class_list("  ")
+    (tmp_path / "o_classes.tif").write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="--overwrite"):
+        segment(ColourModel(), src, parse_class_list("red, green"), tmp_path / "o", tile=64)
+    assert (tmp_path / "o_classes.tif").read_bytes() == b"keep me"
+
+
+def test_classify_images_folders_and_raster_tiles(tmp_path):
+    from rsvl.tasks.classify import classify
+
+    model = ColourModel()
+    model.image_size = 32
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, ch in (("r.png", 0), ("g.png", 1), ("b.png", 2)):
+        a = np.zeros((40, 50, 3), np.uint8)
+        a[..., ch] = 180
+        Image.fromarray(a).save(folder / name)
+    classes = parse_class_list("red|crimson, green, blue")
+    res = classify(model, folder, classes, top_k=2)
+    got = {p.source.split("/")[-1]: p.label for p in res.predictions}
+    assert got == {"r.png": "red", "g.png": "green", "b.png": "blue"}
+    assert all(p.score > 0.99 and len(p.topk) == 2 for p in res.predictions)
+    one = classify(model, folder / "g.png", classes)
+    assert one.predictions[0].label == "green"
+    src = write_raster(tmp_path / "scene.tif", scene(), nodata=0)
+    res = classify(model, src, classes, tile=50, out=tmp_path / "cls")
+    tiles = gpd.read_file(res.outputs["tiles"])
+    assert tiles.crs.to_epsg() == 32618
+    by_cell = {(r.row, r.col): r.label for r in tiles.itertuples()}
+    assert by_cell[(0, 0)] == "red" and by_cell[(2, 3)] == "green" and by_cell[(3, 5)] == "blue"
+    assert (0, 5) not in by_cell  # the nodata corner is not classified
+    with rasterio.open(res.outputs["labels"]) as ds:
+        lab = ds.read(1)
+        assert lab.shape == (4, 6) and lab[0, 0] == 0 and lab[0, 5] == 255
+        assert ds.transform.a == 0.5 * 50
