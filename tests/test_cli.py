@@ -73,3 +73,22 @@ def test_info_on_every_real_raster(capsys):
         assert main(["info", "--json", str(p)]) == 0
         doc = json.loads(capsys.readouterr().out)
         assert doc["crs"].startswith("EPSG:")
+
+
+def test_models_lists_cards_and_unknown_models_suggest(capsys):
+    assert main(["models", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    names = {m["name"] for m in doc["models"]}
+    assert {"farslip2-vit-b16", "remoteclip-vit-b32", "sam-vit-b"} <= names
+    r = run_cli("classify", str(REPO / "examples" / "OSBS_029.tif"), "-l", "forest, water", "-m", "farslip3")
+    assert r.returncode == 2 and "Did you mean" in r.stderr and "farslip2" in r.stderr
+
+
+def test_missing_weights_say_where_to_put_them(tmp_path):
+    import os
+
+    env = {**os.environ, "RSVL_OFFLINE": "1", "RSVL_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "rsvl.cli", "classify", str(REPO / "examples" / "OSBS_029.tif"),
+                        "-l", "forest, water", "-m", "farslip2-vit-b16"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "FarSLIP2_ViT-B-16.pt" in r.stderr and str(tmp_path) in r.stderr and "--weights" in r.stderr
