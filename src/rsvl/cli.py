@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "rsvl.commands.classify",
     "rsvl.commands.segment",
     "rsvl.commands.models",
+    "rsvl.commands.eval",
 ]
 
 
