@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "rsvl.commands.info",
     "rsvl.commands.classify",
     "rsvl.commands.segment",
+    "rsvl.commands.index",
     "rsvl.commands.models",
     "rsvl.commands.eval",
 ]

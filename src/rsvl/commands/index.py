@@ -1,0 +1,155 @@
+"""``rsvl index build|add`` and ``rsvl search``: RS CLIP text / image search over an index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    sub = typer.Typer(help="Build and extend embedding indexes for `rsvl search`.", no_args_is_help=True,
+                      rich_markup_mode=None)
+    sub.command("build")(build)
+    sub.command("add")(add)
+    app.add_typer(sub, name="index")
+    app.command("search")(search)
+
+
+def _load(name: str, weights: Path | None, device: str):
+    from rsvl.api import load
+
+    return load(name, weights=weights, device=device)
+
+
+def _report(result, as_json: bool, verb: str) -> None:
+    from rsvl.console import emit_json
+
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    from rich.console import Console
+
+    c = Console(highlight=False)
+    c.print(f"{result.index}: {verb} {result.added} vector(s) from {len(result.sources_added)} source(s); "
+            f"{result.count} in the index ({result.index_type}, model {result.model})", markup=False)
+    if result.sources_skipped:
+        c.print(f"  {len(result.sources_skipped)} source(s) already indexed and unchanged: skipped", markup=False)
+    if result.sources_replaced:
+        c.print(f"  {len(result.sources_replaced)} changed source(s) re-embedded", markup=False)
+    if result.tiles_skipped_nodata:
+        c.print(f"  {result.tiles_skipped_nodata} tile(s) mostly nodata: not indexed", markup=False)
+
+
+def build(
+    sources: list[Path] = typer.Argument(..., help="Images, folders of images (recursive) and rasters."),
+    out: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
+    model: str = typer.Option("mini-clip", "--model", "-m", help="Model name (see `rsvl models`)."),
+    weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
+    tile: int = typer.Option(None, "--tile", help="Tile size for georeferenced rasters (default: the model's input size)."),
+    overlap: int = typer.Option(0, "--overlap", help="Tile overlap in pixels."),
+    gsd: float = typer.Option(None, "--gsd", help="Resample rasters to this GSD (metres) first."),
+    bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    ivf_threshold: int = typer.Option(50_000, "--ivf-threshold", help="Above this many vectors, build an approximate IVF index."),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed per query (default: derived from the size)."),
+    device: str = typer.Option("cpu", "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Embed images, folders and raster tiles into a new index folder."""
+    from rsvl.commands.options import parse_bands
+    from rsvl.console import progress_bar
+    from rsvl.index.store import check_output
+    from rsvl.tasks.search import build as run_build
+    from rsvl.tasks.search import plan_sources
+
+    check_output(out, replace=overwrite)
+    m = _load(model, weights, device)
+    t = int(tile or m.image_size)
+    total = sum(p.items for p in plan_sources(sources, tile=t, overlap=overlap, gsd=gsd))
+    with progress_bar(total, "index") as advance:
+        result = run_build(m, sources, out, tile=t, overlap=overlap, gsd=gsd, bands=parse_bands(bands),
+                           batch_size=batch_size, ivf_threshold=ivf_threshold, nprobe=nprobe,
+                           overwrite=overwrite, progress=advance)
+    _report(result, as_json, "indexed")
+
+
+def add(
+    index: Path = typer.Argument(..., help="Index folder (from `rsvl index build`)."),
+    sources: list[Path] = typer.Argument(..., help="Images, folders and rasters to add."),
+    model: str = typer.Option(None, "--model", "-m", help="Must be the index's model (default: it)."),
+    weights: Path = typer.Option(None, "--weights", help="Local checkpoint of the index's model."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Add sources to an index; sources already indexed and unchanged are not re-embedded."""
+    from rsvl.console import progress_bar
+    from rsvl.index.store import EmbeddingIndex
+    from rsvl.tasks.search import add as run_add
+    from rsvl.tasks.search import plan_sources
+
+    idx = EmbeddingIndex.open(index)
+    if model is not None:
+        idx.check_model(model, what="extend")
+    s = idx.settings
+    m = _load(idx.model, weights, device)
+    t = int(s.get("tile") or m.image_size)
+    total = sum(p.items for p in plan_sources(sources, tile=t, overlap=int(s.get("overlap") or 0), gsd=s.get("gsd")))
+    with progress_bar(total, "index") as advance:
+        result = run_add(m, index, sources, batch_size=batch_size, progress=advance)
+    _report(result, as_json, "added")
+
+
+def search(
+    index: Path = typer.Argument(..., help="Index folder (from `rsvl index build`)."),
+    query: str = typer.Argument(None, help='Text query, e.g. "a stadium next to a river".'),
+    k: int = typer.Option(10, "-k", "--top-k", help="How many hits."),
+    image: Path = typer.Option(None, "--image", help="Search with this image instead of text."),
+    geojson: Path = typer.Option(None, "--geojson", help="Write the hits' footprints (EPSG:4326) here."),
+    model: str = typer.Option(None, "--model", "-m", help="Must be the index's model (default: it)."),
+    weights: Path = typer.Option(None, "--weights", help="Local checkpoint of the index's model."),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed (default: the index's)."),
+    device: str = typer.Option("cpu", "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --geojson file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Rank the tiles and images of an index by similarity to a text or an image."""
+    from rsvl.console import emit_json, state
+    from rsvl.index.store import EmbeddingIndex
+    from rsvl.tasks.search import search as run_search
+
+    if image is None and (query is None or not query.strip()):
+        from rsvl.errors import PromptError
+
+        raise PromptError("empty query: give a text query or --image PATH.",
+                          hint=f'Example: rsvl search {index} "a stadium next to a river"')
+    idx = EmbeddingIndex.open(index)
+    if model is not None:
+        idx.check_model(model)
+    m = _load(idx.model, weights, device)
+    result = run_search(idx, query, k=k, image=image, model=m, nprobe=nprobe)
+    if geojson is not None:
+        result.write_geojson(geojson, overwrite=overwrite)
+        missing = sum(1 for h in result.hits if h.geometry_4326 is None)
+        if missing:
+            state.warn(f"{missing} hit(s) have no footprint (source not georeferenced): left out of {geojson}")
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    t = Table(show_edge=False, title=f"{len(result.hits)} hits ({result.model})")
+    for name, just in (("rank", "right"), ("score", "right"), ("source", "left"), ("row", "right"),
+                       ("col", "right"), ("window", "left")):
+        t.add_column(name, justify=just)  # type: ignore[arg-type]
+    for h in result.hits:
+        t.add_row(str(h.rank), f"{h.score:.4f}", Path(h.source).name,
+                  "" if h.row is None else str(h.row), "" if h.col is None else str(h.col),
+                  ",".join(map(str, h.window)))
+    console.print(t)
+    for kind, path in result.outputs.items():
+        console.print(f"{kind:>8}  {path}", markup=False)

@@ -1,0 +1,374 @@
+"""The on-disk embedding index: a folder with a FAISS index, a Parquet table and a manifest.
+
+Layout of an index folder::
+
+    manifest.json              model, dim, normalisation, count, index type, files, settings
+    vectors-000001.faiss       L2-normalised float32 embeddings (inner product = cosine)
+    metadata-000001.parquet    one row per vector, in the FAISS order
+
+Small indexes are exact (``IndexFlatIP``); above ``ivf_threshold`` vectors an
+``IndexIVFFlat`` trained on the data is used, with ``nlist`` and ``nprobe`` recorded in the
+manifest. Both store the full vectors, so an index can be rebuilt (e.g. on ``add``)
+without re-embedding anything.
+
+Writes never leave a half-written index under the final name: a new index is written to a
+temporary sibling folder and renamed into place; an existing index gets a new generation of
+files and then its manifest is replaced atomically (``os.replace``), after which the old
+generation is deleted. A crash leaves either the old index or the new one, plus at most a
+few orphan files that the next write removes.
+
+Nothing here knows about models or rasters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsvl.errors import InputNotFoundError, OutputError, RsvlError
+
+MANIFEST = "manifest.json"
+FORMAT = "rsvl-index"
+FORMAT_VERSION = 1
+#: above this many vectors an IVF index is built instead of an exact flat one
+DEFAULT_IVF_THRESHOLD = 50_000
+
+_GEN_FILE = re.compile(r"^(vectors|metadata)-(\d{6})\.(faiss|parquet)(\.tmp)?$")
+
+
+class IndexNotFoundError(InputNotFoundError):
+    """No index at the given path."""
+
+
+class IndexCorruptError(RsvlError):
+    """An index folder exists but its files are missing, unreadable or inconsistent."""
+
+
+class ModelMismatchError(RsvlError):
+    """The model used to query or extend an index is not the one that built it."""
+
+
+def _build_hint(path: str | os.PathLike[str]) -> str:
+    return f"Build it first: `rsvl index build SOURCES... -o {path}`."
+
+
+#: the metadata columns, in order (see module doc of rsvl.tasks.search for their meaning)
+def metadata_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.int64()),
+            ("source", pa.string()),
+            ("source_size", pa.int64()),
+            ("source_mtime_ns", pa.int64()),
+            ("kind", pa.string()),  # "image" (whole file) | "tile"
+            ("row", pa.int32()),
+            ("col", pa.int32()),
+            ("win_col", pa.int64()),
+            ("win_row", pa.int64()),
+            ("win_width", pa.int64()),
+            ("win_height", pa.int64()),
+            ("valid_fraction", pa.float32()),
+            ("crs", pa.string()),
+            ("geometry", pa.binary()),  # WKB footprint in the source CRS
+            ("geometry_4326", pa.binary()),  # WKB footprint in EPSG:4326
+            ("model", pa.string()),
+            ("dim", pa.int32()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the FAISS index is chosen. ``nlist``/``nprobe`` None: derived from the count."""
+
+    ivf_threshold: int = DEFAULT_IVF_THRESHOLD
+    nlist: int | None = None
+    nprobe: int | None = None
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {v.shape}")
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.ascontiguousarray(v / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def make_faiss_index(vectors: np.ndarray, config: IndexConfig = IndexConfig()) -> tuple[Any, dict[str, Any]]:
+    """An exact or IVF inner-product index holding ``vectors``, and what was chosen."""
+    import faiss
+
+    n, d = vectors.shape
+    if n <= config.ivf_threshold:
+        index = faiss.IndexFlatIP(d)
+        index.add(vectors)
+        return index, {"index_type": "flat-ip", "exact": True, "nlist": None, "nprobe": None}
+    # FAISS wants >= 39 training points per list; sqrt-scaled lists otherwise.
+    nlist = config.nlist or int(round(4 * math.sqrt(n)))
+    nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))
+    nprobe = config.nprobe or max(1, min(nlist, int(math.ceil(nlist / 16))))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 1234
+    index.train(vectors)
+    index.add(vectors)
+    index.nprobe = nprobe
+    return index, {"index_type": "ivf-flat", "exact": False, "nlist": nlist, "nprobe": nprobe}
+
+
+class EmbeddingIndex:
+    """An index folder opened for reading: manifest, metadata table and FAISS index."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], metadata: Any, faiss_index: Any) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.metadata = metadata  # pyarrow.Table, row i <-> FAISS vector i
+        self._faiss = faiss_index
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> EmbeddingIndex:
+        import faiss
+        import pyarrow.parquet as pq
+
+        p = Path(path)
+        if not p.exists():
+            raise IndexNotFoundError(f"{p}: no index here.", hint=_build_hint(p))
+        if not p.is_dir():
+            raise IndexCorruptError(f"{p} is a file, not an rsvl index folder.", hint=_build_hint(p))
+        mpath = p / MANIFEST
+        if not mpath.exists():
+            raise IndexNotFoundError(f"{p} is not an rsvl index (no {MANIFEST}).", hint=_build_hint(p))
+        rebuild = f"Rebuild it: `rsvl index build SOURCES... -o {p} --overwrite`."
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise IndexCorruptError(f"{mpath} is unreadable ({exc}).", hint=rebuild) from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise IndexCorruptError(f"{mpath} is not an rsvl index manifest.", hint=rebuild)
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise IndexCorruptError(
+                f"{p} was written by a newer rsvl (index format {manifest.get('format_version')}).",
+                hint="Upgrade rsvl, or rebuild the index with this version.",
+            )
+        try:
+            files = manifest["files"]
+            vpath, mdpath = p / files["vectors"], p / files["metadata"]
+            count, dim = int(manifest["count"]), int(manifest["dim"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexCorruptError(f"{mpath} lacks {exc}.", hint=rebuild) from exc
+        for f in (vpath, mdpath):
+            if not f.exists():
+                raise IndexCorruptError(f"{p}: {f.name} is missing.", hint=rebuild)
+        try:
+            index = faiss.read_index(str(vpath))
+        except Exception as exc:  # faiss raises RuntimeError with a C++ message
+            raise IndexCorruptError(f"{vpath}: FAISS cannot read it ({str(exc).strip().splitlines()[0]}).", hint=rebuild) from exc
+        try:
+            meta = pq.read_table(mdpath)
+        except Exception as exc:
+            raise IndexCorruptError(f"{mdpath}: not a readable Parquet file ({exc}).", hint=rebuild) from exc
+        if index.ntotal != count or meta.num_rows != count or index.d != dim:
+            raise IndexCorruptError(
+                f"{p}: manifest says {count} vectors of dim {dim}, FAISS holds {index.ntotal} of dim "
+                f"{index.d}, metadata {meta.num_rows} rows.",
+                hint=rebuild,
+            )
+        missing = set(metadata_schema().names) - set(meta.column_names)
+        if missing:
+            raise IndexCorruptError(f"{mdpath} lacks columns {sorted(missing)}.", hint=rebuild)
+        if manifest.get("nprobe") and hasattr(index, "nprobe"):
+            index.nprobe = int(manifest["nprobe"])
+        return cls(p, manifest, meta, index)
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest["model"])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.manifest.get("settings") or {})
+
+    def check_model(self, name: str, what: str = "query") -> None:
+        if name != self.model:
+            raise ModelMismatchError(
+                f"index {self.path} was built with model {self.model}, not {name}: "
+                f"embeddings of different models are not comparable.",
+                hint=f"Use --model {self.model} to {what} it, or build a new index with {name}.",
+            )
+
+    # -- data --------------------------------------------------------------------------------
+
+    def vectors(self) -> np.ndarray:
+        """All stored embeddings, (count, dim) float32, in metadata order."""
+        import faiss
+
+        if self.count == 0:
+            return np.zeros((0, self.dim), np.float32)
+        index = self._faiss
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except Exception:
+            ivf = None
+        if ivf is not None:
+            ivf.make_direct_map()
+        return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine scores (Q, k') and row positions (Q, k'), best first; k' = min(k, count).
+
+        Positions of missing results (IVF with too few probed lists) are -1.
+        """
+        q = _normalise(np.atleast_2d(queries))
+        if q.shape[1] != self.dim:
+            raise ModelMismatchError(f"query embedding has dim {q.shape[1]}, index {self.path} has dim {self.dim}.")
+        k = max(1, min(int(k), self.count))
+        if nprobe is not None and hasattr(self._faiss, "nprobe"):
+            self._faiss.nprobe = int(nprobe)
+        scores, rows = self._faiss.search(q, k)
+        return scores, rows
+
+    def rows(self, positions: np.ndarray | list[int]) -> list[dict[str, Any]]:
+        """Metadata rows (as dicts) at the given positions."""
+        pos = [int(i) for i in positions]
+        return self.metadata.take(pos).to_pylist() if pos else []
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _current_generation(path: Path) -> int:
+    gens = [int(m.group(2)) for f in path.iterdir() if (m := _GEN_FILE.match(f.name))]
+    return max(gens, default=0)
+
+
+def _write_generation(folder: Path, gen: int, index: Any, metadata: Any) -> dict[str, str]:
+    import faiss
+    import pyarrow.parquet as pq
+
+    names = {"vectors": f"vectors-{gen:06d}.faiss", "metadata": f"metadata-{gen:06d}.parquet"}
+    tmp_v = folder / (names["vectors"] + ".tmp")
+    tmp_m = folder / (names["metadata"] + ".tmp")
+    faiss.write_index(index, str(tmp_v))
+    pq.write_table(metadata, tmp_m)
+    for t in (tmp_v, tmp_m):
+        _fsync_file(t)
+    os.replace(tmp_v, folder / names["vectors"])
+    os.replace(tmp_m, folder / names["metadata"])
+    return names
+
+
+def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, folder / MANIFEST)
+
+
+def check_output(path: str | os.PathLike[str], *, replace: bool = False) -> None:
+    """Raise :class:`OutputError` now if :func:`write_index` would refuse ``path`` later."""
+    p = Path(path)
+    if not p.exists():
+        if not p.parent.exists():
+            raise OutputError(f"{p.parent}: output folder does not exist.", hint="Create it first.")
+        return
+    if not p.is_dir():
+        raise OutputError(f"{p} exists and is a file.", hint="Choose another index folder name.")
+    is_index = (p / MANIFEST).exists()
+    if not is_index and any(p.iterdir()):
+        raise OutputError(f"{p} exists and is not an rsvl index.", hint="Choose a new or empty folder.")
+    if is_index and not replace:
+        raise OutputError(
+            f"{p} already holds an index.",
+            hint=f"Pass --overwrite to rebuild it, or add sources with `rsvl index add {p} SOURCES...`.",
+        )
+
+
+def write_index(
+    path: str | os.PathLike[str],
+    vectors: np.ndarray,
+    metadata: Any,
+    manifest: Mapping[str, Any],
+    *,
+    config: IndexConfig = IndexConfig(),
+    replace: bool = False,
+) -> EmbeddingIndex:
+    """Write (or atomically replace, with ``replace=True``) the index at ``path``.
+
+    ``vectors`` (N, D) are re-normalised; ``metadata`` is a pyarrow Table of N rows in the
+    :func:`metadata_schema`; ``manifest`` holds at least ``model`` and may add ``settings``
+    and other keys. count, dim, index type, files and version are filled in here.
+    """
+    from rsvl import __version__
+
+    p = Path(path)
+    v = _normalise(vectors) if len(vectors) else np.zeros((0, int(manifest.get("dim", 0) or 1)), np.float32)
+    if metadata.num_rows != len(v):
+        raise ValueError(f"{metadata.num_rows} metadata rows for {len(v)} vectors")
+    metadata = metadata.select(metadata_schema().names).cast(metadata_schema())
+    index, chosen = make_faiss_index(v, config)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    man: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rsvl_version": __version__,
+        **dict(manifest),
+        "dim": int(v.shape[1]),
+        "count": int(len(v)),
+        "normalisation": "l2",
+        "metric": "inner_product",
+        **chosen,
+        "ivf_threshold": int(config.ivf_threshold),
+        "ivf_config": {"threshold": int(config.ivf_threshold), "nlist": config.nlist, "nprobe": config.nprobe},
+        "updated": now,
+    }
+    man.setdefault("created", now)
+    check_output(p, replace=replace)
+    if p.exists():
+        # New generation of files, then one atomic manifest replace, then clean up.
+        gen = _current_generation(p) + 1
+        man["files"] = _write_generation(p, gen, index, metadata)
+        _write_manifest(p, man)
+        keep = set(man["files"].values()) | {MANIFEST}
+        for f in p.iterdir():
+            if f.name not in keep and (_GEN_FILE.match(f.name) or f.name == MANIFEST + ".tmp"):
+                f.unlink(missing_ok=True)
+        return EmbeddingIndex.open(p)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.rsvl-tmp-", dir=p.parent))
+    try:
+        man["files"] = _write_generation(tmp, 1, index, metadata)
+        _write_manifest(tmp, man)
+        os.rename(tmp, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return EmbeddingIndex.open(p)
