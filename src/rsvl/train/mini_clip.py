@@ -1,0 +1,767 @@
+"""Train the heads of mini-clip (rsvl's built-in image-text model) on UCM-Captions.
+
+    python -m rsvl.train.mini_clip --data ../shared/data/ucm \
+        --out src/rsvl/assets/mini-clip/heads.safetensors
+
+Only the ``train`` split of ``ucm.json`` is trained on; ``val`` is used for the reported
+numbers and the choice of settings. The frozen towers' outputs are cached on disk
+(``~/.cache/rsvl/mini-clip`` or ``--cache``), so retraining the heads takes seconds:
+
+* image features: pooled stride-8/16/32 features of every image under 3 views
+  (identity, horizontal flip, vertical flip);
+* text features: MiniLM mean-pooled embeddings of every caption and class prompt;
+* dense features: the stride-8/16/32 maps of synthetic 256x256 mosaics built from train
+  images (val mosaics from val images), whose per-pixel class is known.
+
+Stage 1 trains the image and text heads (multi-positive InfoNCE over captions, where equal
+caption strings count as positives, plus class-prompt alignment). Stage 2 trains the dense
+head against the frozen text head (pixel-to-class-text cross-entropy on the mosaics, plus a
+region-level multiple-instance loss on concepts the source images' captions mention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsvl.errors import DatasetError
+
+#: readable names of the UCM classes (used for prompts)
+UCM_READABLE: dict[str, str] = {
+    "agricultural": "farmland",
+    "airplane": "airplanes",
+    "baseballdiamond": "a baseball diamond",
+    "beach": "a beach",
+    "buildings": "buildings",
+    "chaparral": "chaparral",
+    "denseresidential": "a dense residential area",
+    "forest": "a forest",
+    "freeway": "a freeway",
+    "golfcourse": "a golf course",
+    "harbor": "a harbor",
+    "intersection": "a road intersection",
+    "mediumresidential": "a medium residential area",
+    "mobilehomepark": "a mobile home park",
+    "overpass": "an overpass",
+    "parkinglot": "a parking lot",
+    "river": "a river",
+    "runway": "a runway",
+    "sparseresidential": "a sparse residential area",
+    "storagetanks": "storage tanks",
+    "tenniscourt": "a tennis court",
+}
+
+VIEWS = ("id", "hflip", "vflip")
+
+#: things the train captions mention, as (prompt, caption words that signal it). They give
+#: the dense head a weak, region-level signal for a vocabulary wider than the 16 classes
+#: (e.g. "trees" inside residential scenes): multiple-instance learning on mosaic regions.
+CAPTION_CONCEPTS: dict[str, tuple[str, ...]] = {
+    "trees": ("trees", "tree", "forest"), "plants": ("plants",), "cars": ("cars", "car"),
+    "roads": ("road", "roads", "roadside"), "houses": ("houses", "house", "homes", "villa"),
+    "grass": ("lawn", "lawns", "grass", "meadow"), "buildings": ("buildings", "building"),
+    "sand": ("sand", "sands"), "water": ("water", "waters", "sea", "river", "lake"),
+    "roofs": ("roofs", "roof"), "boats": ("boats", "boat"), "a runway": ("runway",),
+    "farmland": ("farmland", "cropland"), "a tennis court": ("tennis",),
+    "a baseball diamond": ("baseball",), "a swimming pool": ("pool", "swimming"),
+    "storage tanks": ("tanks", "tank"), "airplanes": ("airplane", "airplanes"),
+    "a parking lot": ("parking",), "a beach": ("beach",), "waves": ("waves", "foam", "foams"),
+}
+CACHE_VERSION = "1"
+
+
+def readable(name: str) -> str:
+    """``baseballdiamond`` -> ``a baseball diamond``; unknown names: underscores to spaces."""
+    return UCM_READABLE.get(name, name.replace("_", " "))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RSVL_CACHE", Path.home() / ".cache" / "rsvl")) / "mini-clip"
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class UcmData:
+    root: Path
+    classes: list[str]
+    samples: list[dict[str, Any]]
+    digest: str
+
+    def split(self, name: str) -> list[int]:
+        return [i for i, s in enumerate(self.samples) if s["split"] == name]
+
+
+def load_ucm(data_root: str | Path) -> UcmData:
+    root = Path(data_root)
+    ann = root / "ucm.json"
+    if not ann.is_file():
+        raise DatasetError(f"UCM annotation file not found: {ann}.",
+                           hint="Pass --data pointing at the folder holding ucm.json and images/.")
+    raw = ann.read_bytes()
+    try:
+        d = json.loads(raw)
+        classes, samples = list(d["classes"]), list(d["samples"])
+        for s in samples:
+            s["image"], s["label"], s["split"], s["captions"]  # noqa: B018 - layout check
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{ann} does not have the UCM layout (classes, samples[image, label, "
+                           f"split, captions]): {exc}") from exc
+    return UcmData(root, classes, samples, hashlib.sha256(raw).hexdigest()[:16])
+
+
+def read_rgb(path: Path, size: int | None = 256) -> np.ndarray:
+    """(H, W, 3) uint8; resized to ``size`` x ``size`` when it differs (a few UCM images are
+    not exactly 256 px)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+
+
+def apply_view(img: np.ndarray, view: str) -> np.ndarray:
+    """(H, W, 3) -> view of it."""
+    if view == "id":
+        return img
+    if view == "hflip":
+        return img[:, ::-1]
+    if view == "vflip":
+        return img[::-1]
+    if view == "rot90":
+        return np.rot90(img, 1, (0, 1))
+    raise ValueError(view)
+
+
+def _to_input(batch: list[np.ndarray]) -> torch.Tensor:
+    from rsvl.models.mini import LITE_MEAN, LITE_STD
+
+    x = torch.from_numpy(np.stack([np.ascontiguousarray(b) for b in batch])).permute(0, 3, 1, 2)
+    return (x.float() - LITE_MEAN) / LITE_STD
+
+
+def _progress(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# feature caches
+# --------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int = 4,
+                         quiet: bool = False) -> torch.Tensor:
+    """(n_views, n_images, 1432) pooled features, computed once and kept on disk."""
+    from rsvl.models.mini import pool_features
+
+    out = []
+    for view in VIEWS:
+        f = cache / f"image-{data.digest}-{view}-v{CACHE_VERSION}.pt"
+        if f.is_file():
+            out.append(torch.load(f, weights_only=True))
+            continue
+        t0, feats = time.time(), []
+        for i in range(0, len(data.samples), batch_size):
+            imgs = [apply_view(read_rgb(data.root / s["image"]), view)
+                    for s in data.samples[i : i + batch_size]]
+            feats.append(pool_features(*tower(_to_input(imgs))))
+            if (i // batch_size) % 50 == 0:
+                _progress(f"  image features [{view}] {i}/{len(data.samples)}", quiet)
+        feats_t = torch.cat(feats).float()
+        torch.save(feats_t, f)
+        _progress(f"  view {view}: {len(data.samples) / (time.time() - t0):.1f} img/s", quiet)
+        out.append(feats_t)
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def cache_text_features(texts: Sequence[str], cache: Path, tower: Any, tag: str) -> torch.Tensor:
+    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    f = cache / f"text-{tag}-{key}-v{CACHE_VERSION}.pt"
+    if f.is_file():
+        return torch.load(f, weights_only=True)
+    feats = tower(list(texts)).float()
+    torch.save(feats, f)
+    return feats
+
+
+def make_mosaic(rng: np.random.Generator, pick: Callable[[np.random.Generator, set[int]], tuple[np.ndarray, int, int]],
+                size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` mosaic of pieces of images of different classes, at native scale.
+
+    ``pick(rng, excluded_classes)`` returns (image, class, sample index). Returns the RGB
+    mosaic, its per-pixel class and per-pixel sample index.
+    """
+    img = np.zeros((size, size, 3), np.uint8)
+    cls = np.zeros((size, size), np.int16)
+    src = np.zeros((size, size), np.int32)
+    used: set[int] = set()
+
+    def paste(y0: int, y1: int, x0: int, x1: int) -> None:
+        im, c, s = pick(rng, used)
+        used.add(c)
+        im = np.rot90(im, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            im = im[:, ::-1]
+        h, w = y1 - y0, x1 - x0
+        oy = int(rng.integers(0, im.shape[0] - h + 1))
+        ox = int(rng.integers(0, im.shape[1] - w + 1))
+        img[y0:y1, x0:x1] = im[oy : oy + h, ox : ox + w]
+        cls[y0:y1, x0:x1] = c
+        src[y0:y1, x0:x1] = s
+
+    r = rng.random()
+    if r < 0.15:  # a whole image
+        paste(0, size, 0, size)
+    elif r < 0.4:  # two halves
+        cut = int(size * rng.uniform(0.3, 0.7))
+        if rng.random() < 0.5:
+            paste(0, cut, 0, size)
+            paste(cut, size, 0, size)
+        else:
+            paste(0, size, 0, cut)
+            paste(0, size, cut, size)
+    elif r < 0.75:  # 2 x 2 with a random cross
+        cy, cx = (int(size * rng.uniform(0.3, 0.7)) for _ in range(2))
+        for y0, y1 in ((0, cy), (cy, size)):
+            for x0, x1 in ((0, cx), (cx, size)):
+                paste(y0, y1, x0, x1)
+    else:  # one image with another pasted in as a rectangle
+        paste(0, size, 0, size)
+        h, w = (int(size * rng.uniform(0.3, 0.6)) for _ in range(2))
+        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        paste(y0, y0 + h, x0, x0 + w)
+    return img, cls, src
+
+
+@torch.inference_mode()
+def cache_mosaic_features(data: UcmData, split: str, n: int, seed: int, cache: Path, tower: Any,
+                          batch_size: int = 4, quiet: bool = False) -> dict[str, torch.Tensor]:
+    """Tower maps of ``n`` mosaics of ``split`` images, with per-cell (stride 8) labels."""
+    f = cache / f"mosaic-{data.digest}-{split}-{n}-{seed}-v{CACHE_VERSION}.pt"
+    if f.is_file():
+        return torch.load(f, weights_only=True)
+    idx = data.split(split)
+    cidx = {c: i for i, c in enumerate(data.classes)}
+    by_class: dict[int, list[int]] = {}
+    for i in idx:
+        by_class.setdefault(cidx[data.samples[i]["label"]], []).append(i)
+    classes = sorted(by_class)
+    images: dict[int, np.ndarray] = {}
+
+    def pick(rng: np.random.Generator, excluded: set[int]) -> tuple[np.ndarray, int, int]:
+        c = int(rng.choice([k for k in classes if k not in excluded]))
+        s = int(rng.choice(by_class[c]))
+        if s not in images:
+            images[s] = read_rgb(data.root / data.samples[s]["image"])
+        return images[s], c, s
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("f8", "f16", "f32", "label", "source")}
+    t0 = time.time()
+    for b in range(0, n, batch_size):
+        mos = [make_mosaic(rng, pick) for _ in range(min(batch_size, n - b))]
+        f8, f16, f32 = tower(_to_input([m[0] for m in mos]))
+        out["f8"].append(f8.half())
+        out["f16"].append(f16.half())
+        out["f32"].append(f32.half())
+        out["label"].append(torch.from_numpy(np.stack([m[1][4::8, 4::8] for m in mos])).long())
+        out["source"].append(torch.from_numpy(np.stack([m[2][4::8, 4::8] for m in mos])).long())
+        if (b // batch_size) % 50 == 0:
+            _progress(f"  mosaics [{split}] {b}/{n}", quiet)
+    res = {k: torch.cat(v) for k, v in out.items()}
+    torch.save(res, f)
+    _progress(f"  mosaics [{split}]: {n / (time.time() - t0):.1f} mosaics/s", quiet)
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# metrics (rsvl.eval.metrics when present)
+# --------------------------------------------------------------------------------------
+
+
+def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Top-k accuracy in % (``rsvl.eval.metrics.topk_accuracy``)."""
+    from rsvl.eval.metrics import topk_accuracy
+
+    res = topk_accuracy(scores.float().cpu().numpy(), labels.cpu().numpy(), ks)
+    return {k: 100.0 * res[f"top{k}"] for k in ks}
+
+
+def _retrieval(sim: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+               texts: Sequence[str] | None = None) -> dict[str, float]:
+    """Recall@k in % (``rsvl.eval.metrics.retrieval_recall``): sim (n_images, n_texts); an
+    image is a hit if any of its captions ranks in the top k. With ``texts``, also the
+    deduplicated protocol (equal caption strings merged, FarSLIP/SkyScript), as ``dedup_*``."""
+    from rsvl.eval.metrics import retrieval_ground_truth, retrieval_recall
+
+    s = sim.float().cpu().numpy()
+    owner = text_to_image.cpu().numpy()
+    res = retrieval_recall(s, owner, ks)
+    out = {k.replace("img2text", "i2t").replace("text2img", "t2i"): 100.0 * v
+           for k, v in res.items() if not k.startswith("n_")}
+    if texts is not None:
+        _, uniq, pi, pt = retrieval_ground_truth(list(owner), list(texts))
+        first = {t: j for j, t in reversed(list(enumerate(texts)))}
+        cols = [first[t] for t in uniq]
+        dd = retrieval_recall(s[:, cols], pairs=(pi, pt), ks=ks)
+        out["dedup_mean_recall"] = 100.0 * dd["mean_recall"]
+    return out
+
+
+def confusion_miou(pred: np.ndarray, gt: np.ndarray, n: int, ignore: int | None = None) -> tuple[float, float]:
+    """(mIoU over classes present in gt or pred, pixel accuracy), both in %."""
+    m = np.ones_like(gt, bool) if ignore is None else gt != ignore
+    p, g = pred[m].astype(np.int64), gt[m].astype(np.int64)
+    cm = np.bincount(g * n + p, minlength=n * n).reshape(n, n)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    valid = cm.sum(1) > 0
+    iou = inter[valid] / np.maximum(union[valid], 1)
+    return 100.0 * float(iou.mean()), 100.0 * float(inter.sum() / max(cm.sum(), 1))
+
+
+# --------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    class_weight: float = 0.5
+    dense_epochs: int = 5
+    dense_batch: int = 32
+    dense_lr: float = 2e-3
+    n_mosaics: int = 1600
+    n_val_mosaics: int = 200
+    concept_weight: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def multi_positive_nce(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with several positives: ``pos[i, j]`` marks text j as a positive of image i."""
+    logits = scale * img @ txt.t()
+    pos = pos.float()
+    i2t = -(torch.log_softmax(logits, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+    has = pos.sum(0) > 0
+    t2i = -(torch.log_softmax(logits.t()[has], 1) * (pos.t()[has] / pos.t()[has].sum(1, keepdim=True))).sum(1).mean()
+    return 0.5 * (i2t + t2i)
+
+
+def fit_standardize(module: Any, feats: torch.Tensor) -> None:
+    dims = [0] + list(range(2, feats.dim()))
+    module.mean.copy_(feats.float().mean(dims))
+    module.std.copy_(feats.float().std(dims).clamp_min(1e-3))
+
+
+def _one_cycle(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                               total_steps=max(total, 1), pct_start=0.1)
+
+
+def train_global(heads: Any, img_feats: torch.Tensor, labels: torch.Tensor, cap_feats: torch.Tensor,
+                 cap_owner: torch.Tensor, cap_string: torch.Tensor, cls_feats: torch.Tensor,
+                 cfg: TrainConfig, log: Callable[[int, float], None] | None = None) -> list[float]:
+    """Stage 1: image and text heads.
+
+    img_feats (V, N, P) pooled features per view; labels (N,); cap_feats (C, 384) with
+    cap_owner (C,) image index and cap_string (C,) id of the caption string; cls_feats
+    (K, T, 384) class prompts.
+    """
+    g = torch.Generator().manual_seed(cfg.seed)
+    params = [p for n, p in heads.named_parameters() if not n.startswith(("dense_head", "dense_log"))]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = img_feats.shape[1]
+    steps = math.ceil(n / cfg.batch_size)
+    sched = _one_cycle(opt, steps * cfg.epochs)
+    caps_of: list[list[int]] = [[] for _ in range(n)]
+    for c, o in enumerate(cap_owner.tolist()):
+        caps_of[o].append(c)
+    losses = []
+    heads.train()
+    for ep in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        tot = 0.0
+        for s in range(steps):
+            b = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            view = torch.randint(img_feats.shape[0], (len(b),), generator=g)
+            x = img_feats[view, b]
+            # one random caption per image; all captions with the same string are positives
+            ci = torch.tensor([caps_of[i][int(torch.randint(len(caps_of[i]), (1,), generator=g))]
+                               for i in b.tolist()])
+            img = heads.image(x)
+            txt = heads.text(cap_feats[ci])
+            strings = cap_string[ci]
+            own = torch.stack([torch.isin(strings, cap_string[torch.tensor(caps_of[i])]) for i in b.tolist()])
+            scale = heads.log_scale.exp().clamp(max=100)
+            loss = multi_positive_nce(img, txt, own, scale)
+            if cfg.class_weight > 0:
+                t = int(torch.randint(cls_feats.shape[1], (1,), generator=g))
+                cls_emb = heads.text(cls_feats[:, t])
+                loss = loss + cfg.class_weight * F.cross_entropy(scale * img @ cls_emb.t(), labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item()
+        losses.append(tot / steps)
+        if log:
+            log(ep, losses[-1])
+    heads.eval()
+    return losses
+
+
+def train_dense(heads: Any, mos: dict[str, torch.Tensor], cls_emb: torch.Tensor, cfg: TrainConfig,
+                log: Callable[[int, float], None] | None = None, concept_emb: torch.Tensor | None = None,
+                presence: torch.Tensor | None = None) -> list[float]:
+    """Stage 2: the dense head, pixel-to-class-text cross-entropy against frozen class embeddings.
+
+    With ``concept_emb`` (C, D) and ``presence`` (n_samples, C) (which concepts the captions of
+    each source image mention), adds a multiple-instance loss: each mosaic region's mean
+    embedding must score the concepts its captions mention above those they do not.
+    """
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    use_mil = concept_emb is not None and presence is not None and cfg.concept_weight > 0
+    mil_bias = torch.nn.Parameter(torch.zeros(concept_emb.shape[0] if use_mil else 1))
+    params = list(heads.dense_head.parameters()) + [heads.dense_log_scale, mil_bias]
+    opt = torch.optim.AdamW(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+    n = mos["f8"].shape[0]
+    steps = math.ceil(n / cfg.dense_batch)
+    sched = _one_cycle(opt, steps * cfg.dense_epochs)
+    cls_emb = cls_emb.detach()
+    losses = []
+    heads.dense_head.train()
+    for ep in range(cfg.dense_epochs):
+        perm = torch.randperm(n, generator=g)
+        tot = 0.0
+        for s in range(steps):
+            b = perm[s * cfg.dense_batch : (s + 1) * cfg.dense_batch]
+            f8, f16, f32 = (mos[k][b].float() for k in ("f8", "f16", "f32"))
+            # random dihedral augmentation applied to all maps (and labels) alike
+            k = int(torch.randint(4, (1,), generator=g))
+            flip = bool(torch.randint(2, (1,), generator=g))
+
+            def aug(t: torch.Tensor, k: int = k, flip: bool = flip) -> torch.Tensor:
+                t = torch.rot90(t, k, (-2, -1))
+                return t.flip(-1) if flip else t
+
+            d = heads.dense(aug(f8), aug(f16), aug(f32))
+            lab = aug(mos["label"][b])
+            scale = heads.dense_log_scale.exp().clamp(max=100)
+            logits = scale * torch.einsum("bdhw,kd->bkhw", d, cls_emb)
+            loss = F.cross_entropy(logits, lab)
+            if use_mil:
+                src = aug(mos["source"][b]).flatten()
+                uniq, inv = torch.unique(src, return_inverse=True)
+                onehot = F.one_hot(inv, len(uniq)).float()  # (B*h*w, U)
+                flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
+                region = F.normalize(onehot.t() @ flat / onehot.sum(0)[:, None], dim=-1)
+                mil_logits = 10.0 * region @ concept_emb.t() + mil_bias
+                loss = loss + cfg.concept_weight * F.binary_cross_entropy_with_logits(
+                    mil_logits, presence[uniq].float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item()
+        losses.append(tot / steps)
+        if log:
+            log(ep, losses[-1])
+    heads.dense_head.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------------------
+# evaluation on val
+# --------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_global(heads: Any, img_feats: torch.Tensor, labels: torch.Tensor, cap_feats: torch.Tensor,
+                    cap_owner: torch.Tensor, cls_feats: torch.Tensor, tta: bool = True,
+                    texts: Sequence[str] | None = None) -> dict[str, float]:
+    """img_feats (V, n, P) of the val images; cap_owner indexes 0..n-1."""
+    heads.eval()
+    if tta:
+        img = F.normalize(torch.stack([heads.image(v) for v in img_feats]).mean(0), dim=-1)
+    else:
+        img = heads.image(img_feats[0])
+    cls = F.normalize(torch.stack([heads.text(cls_feats[:, t]) for t in range(cls_feats.shape[1])]).mean(0), dim=-1)
+    acc = _topk_accuracy(img @ cls.t(), labels, (1, 5))
+    res = {"zero_shot_top1": acc[1], "zero_shot_top5": acc[5]}
+    res.update(_retrieval(img @ heads.text(cap_feats).t(), cap_owner, texts=texts))
+    return res
+
+
+@torch.inference_mode()
+def evaluate_dense(heads: Any, mos: dict[str, torch.Tensor], cls_emb: torch.Tensor, n_classes: int) -> dict[str, float]:
+    heads.eval()
+    preds = []
+    for b in range(0, mos["f8"].shape[0], 32):
+        d = heads.dense(*(mos[k][b : b + 32].float() for k in ("f8", "f16", "f32")))
+        preds.append(torch.einsum("bdhw,kd->bkhw", d, cls_emb).argmax(1))
+    pred = torch.cat(preds).numpy()
+    miou, acc = confusion_miou(pred, mos["label"].numpy(), n_classes)
+    return {"mosaic_miou": miou, "mosaic_pixel_acc": acc}
+
+
+# --------------------------------------------------------------------------------------
+# dense quality on real segmentation crops (evaluation only, never trained on)
+# --------------------------------------------------------------------------------------
+
+#: prompts per label value; "a|b" averages the synonyms
+SEMSEG_PROMPTS: dict[str, dict[int, str]] = {
+    "loveda": {1: "background|bare ground|grass", 2: "buildings|houses", 3: "roads|a road",
+               4: "water|a river|a lake", 5: "barren land|bare soil", 6: "forest|trees",
+               7: "farmland|cropland"},
+    "potsdam": {0: "roads|pavement|a parking lot", 1: "buildings|roofs", 2: "grass|low vegetation",
+                3: "trees|forest", 4: "cars", 5: "clutter|background"},
+}
+SEMSEG_IGNORE: dict[str, int | None] = {"loveda": 0, "potsdam": None}
+
+
+@torch.inference_mode()
+def prompt_embeddings(model: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """'a|b' prompts -> (N, D): template-averaged, synonym-averaged text embeddings."""
+    out = []
+    for p in prompts:
+        names = [n.strip() for n in p.split("|") if n.strip()]
+        out.append(F.normalize(model.encode_classes(names).mean(0), dim=-1))
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def predict_segmentation(model: Any, image: np.ndarray, text_emb: torch.Tensor, scale: float = 1.0,
+                         tile: int = 512) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) index into ``text_emb`` (argmax of dense cosine similarity).
+
+    ``scale`` resizes the image first (to bring its GSD near UCM's 0.3 m)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if scale != 1.0:
+        image = np.asarray(Image.fromarray(image).resize((max(32, round(w * scale)), max(32, round(h * scale))),
+                                                         Image.BILINEAR))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    feats = model.dense_features(x)
+    logits = torch.einsum("bdhw,kd->bkhw", feats, text_emb.to(feats.device))
+    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].cpu().numpy()
+
+
+def evaluate_semseg(model: Any, semseg_root: str | Path, scales: dict[str, float] | None = None) -> dict[str, Any]:
+    """mIoU / pixel accuracy of mini-clip on the LoveDA and Potsdam crops, against predicting
+    each image's majority class (an oracle baseline: it knows the labels)."""
+    from PIL import Image
+
+    scales = scales or {"loveda": 1.0, "potsdam": 1.0}
+    root = Path(semseg_root)
+    res: dict[str, Any] = {}
+    for ds, prompts in SEMSEG_PROMPTS.items():
+        folder = root / ds
+        if not (folder / "images").is_dir():
+            continue
+        values = sorted(prompts)
+        emb = prompt_embeddings(model, [prompts[v] for v in values])
+        lut = np.array(values)
+        n = max(values) + 1
+        preds, gts, majs = [], [], []
+        for img_path in sorted((folder / "images").glob("*.png")):
+            img = np.asarray(Image.open(img_path).convert("RGB"))
+            gt = np.asarray(Image.open(folder / "labels" / img_path.name))
+            pred = lut[predict_segmentation(model, img, emb, scale=scales.get(ds, 1.0))]
+            ign = SEMSEG_IGNORE[ds]
+            valid = gt[gt != ign] if ign is not None else gt.ravel()
+            majs.append(np.full_like(gt, np.bincount(valid, minlength=n).argmax()))
+            preds.append(pred)
+            gts.append(gt)
+        p, g, m = (np.concatenate([a.ravel() for a in arrs]) for arrs in (preds, gts, majs))
+        miou, acc = confusion_miou(p, g, n, SEMSEG_IGNORE[ds])
+        bmiou, bacc = confusion_miou(m, g, n, SEMSEG_IGNORE[ds])
+        res[ds] = {"miou": miou, "pixel_acc": acc, "majority_miou": bmiou, "majority_pixel_acc": bacc,
+                   "scale": scales.get(ds, 1.0), "images": len(preds), "prompts": prompts}
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+def _class_prompts(classes: Sequence[str], raw: bool = False) -> list[str]:
+    from rsvl.models.mini import TEMPLATES
+
+    return [t.format(c if raw else readable(c)) for c in classes for t in TEMPLATES]
+
+
+def prepare_features(data_root: str | Path, cache_dir: str | Path | None = None, n_mosaics: int = 1600,
+                     n_val_mosaics: int = 200, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """Compute (or load from the cache) every tower output the heads are trained on."""
+    from rsvl.models.mini import TEMPLATES, ImageTower, TextTower
+
+    data = load_ucm(data_root)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    tower = ImageTower()
+    text = TextTower()
+    t0 = time.time()
+    img = cache_image_features(data, cache, tower, quiet=quiet)
+    t_img = time.time() - t0
+    caps, owner = [], []
+    for i, s in enumerate(data.samples):
+        caps += list(s["captions"])
+        owner += [i] * len(s["captions"])
+    cap_feats = cache_text_features(caps, cache, text, "captions")
+    cls_feats = cache_text_features(_class_prompts(data.classes), cache, text, "classes")
+    cls_feats = cls_feats.view(len(data.classes), len(TEMPLATES), -1)
+    mos_train = cache_mosaic_features(data, "train", n_mosaics, seed, cache, tower, quiet=quiet)
+    mos_val = cache_mosaic_features(data, "val", n_val_mosaics, seed + 1000, cache, tower, quiet=quiet)
+    strings = {c: k for k, c in enumerate(dict.fromkeys(caps))}
+    concepts = list(CAPTION_CONCEPTS)
+    con_feats = cache_text_features(_class_prompts(concepts, raw=True), cache, text, "concepts")
+    con_feats = con_feats.view(len(concepts), len(TEMPLATES), -1)
+    presence = torch.zeros(len(data.samples), len(concepts), dtype=torch.bool)
+    for i, smp in enumerate(data.samples):
+        words = set(re.findall(r"[a-z]+", " ".join(smp["captions"]).lower()))
+        for j, c in enumerate(concepts):
+            presence[i, j] = bool(words & set(CAPTION_CONCEPTS[c]))
+    return {
+        "con_feats": con_feats, "presence": presence,
+        "data": data, "img": img, "cap_feats": cap_feats, "cap_owner": torch.tensor(owner),
+        "cap_string": torch.tensor([strings[c] for c in caps]), "cls_feats": cls_feats,
+        "mos_train": mos_train, "mos_val": mos_val, "image_feature_seconds": t_img,
+    }
+
+
+def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: TrainConfig | None = None,
+                    cache_dir: str | Path | None = None, quiet: bool = False,
+                    features: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the mini-clip heads on the UCM train split; report val numbers; save to ``out_path``.
+
+    Returns a dict with the val metrics, the losses and the config.
+    """
+    from rsvl.models.mini import HeadsConfig, MiniClipHeads, save_heads
+
+    cfg = config or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    feats = features or prepare_features(data_root, cache_dir, cfg.n_mosaics, cfg.n_val_mosaics, cfg.seed, quiet)
+    data: UcmData = feats["data"]
+    cidx = {c: i for i, c in enumerate(data.classes)}
+    labels = torch.tensor([cidx[s["label"]] for s in data.samples])
+    tr, va = torch.tensor(data.split("train")), torch.tensor(data.split("val"))
+    owner = feats["cap_owner"]
+
+    def caps_of(split_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        remap = torch.full((len(data.samples),), -1, dtype=torch.long)
+        remap[split_idx] = torch.arange(len(split_idx))
+        keep = remap[owner] >= 0
+        return keep, remap[owner[keep]]
+
+    keep_tr, own_tr = caps_of(tr)
+    keep_va, own_va = caps_of(va)
+    heads = MiniClipHeads(HeadsConfig(**cfg.extra.get("heads", {})))
+    fit_standardize(heads.image_head.norm, feats["img"][:, tr].flatten(0, 1))
+    fit_standardize(heads.text_head.norm, torch.cat([feats["cap_feats"][keep_tr], feats["cls_feats"].flatten(0, 1)]))
+    mt = feats["mos_train"]
+    fit_standardize(heads.dense_head.n8, mt["f8"][:256].float())
+    fit_standardize(heads.dense_head.n16, mt["f16"][:256].float())
+    fit_standardize(heads.dense_head.n32, mt["f32"][:256].float())
+
+    t0 = time.time()
+    g_losses = train_global(
+        heads, feats["img"][:, tr], labels[tr], feats["cap_feats"][keep_tr], own_tr,
+        feats["cap_string"][keep_tr], feats["cls_feats"], cfg,
+        log=None if quiet else lambda e, v: _progress(f"  global epoch {e}: loss {v:.4f}", quiet))
+    val = evaluate_global(heads, feats["img"][:, va], labels[va], feats["cap_feats"][keep_va], own_va,
+                          feats["cls_feats"])
+    val_no_tta = evaluate_global(heads, feats["img"][:, va], labels[va], feats["cap_feats"][keep_va], own_va,
+                                 feats["cls_feats"], tta=False)
+    t_global = time.time() - t0
+    with torch.no_grad():
+        cls_emb = F.normalize(torch.stack([heads.text(feats["cls_feats"][:, t])
+                                           for t in range(feats["cls_feats"].shape[1])]).mean(0), dim=-1)
+    t0 = time.time()
+    with torch.no_grad():
+        con_emb = F.normalize(torch.stack([heads.text(feats["con_feats"][:, t])
+                                           for t in range(feats["con_feats"].shape[1])]).mean(0), dim=-1)
+    d_losses = train_dense(heads, mt, cls_emb, cfg,
+                           log=None if quiet else lambda e, v: _progress(f"  dense epoch {e}: loss {v:.4f}", quiet),
+                           concept_emb=con_emb, presence=feats["presence"])
+    t_dense = time.time() - t0
+    val.update(evaluate_dense(heads, feats["mos_val"], cls_emb, len(data.classes)))
+    result = {
+        "val": val, "val_without_tta": val_no_tta, "global_losses": g_losses, "dense_losses": d_losses,
+        "config": asdict(cfg), "seconds": {"global_heads": t_global, "dense_head": t_dense},
+        "data": {"root": str(data_root), "ucm_json_sha256_16": data.digest,
+                 "train_images": len(tr), "val_images": len(va)},
+    }
+    if out_path is not None:
+        save_heads(heads, out_path, metadata={"train_config": asdict(cfg), "val": val})
+    result["heads"] = heads
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rsvl.train.mini_clip", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder with ucm.json and images/")
+    p.add_argument("--out", required=True, help="output heads .safetensors")
+    p.add_argument("--cache", default=None, help="tower feature cache (default ~/.cache/rsvl/mini-clip)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--dense-epochs", type=int, default=TrainConfig.dense_epochs)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--card", default=None, help="also write a card.json (default: next to --out)")
+    p.add_argument("--semseg", default=None, help="also measure dense quality on this semseg folder "
+                   "(loveda/, potsdam/; evaluation only)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = TrainConfig(seed=a.seed, epochs=a.epochs, dense_epochs=a.dense_epochs)
+    t0 = time.time()
+    res = train_mini_clip(a.data, a.out, cfg, cache_dir=a.cache, quiet=a.quiet)
+    heads = res.pop("heads")
+    if a.semseg:
+        from rsvl.models.mini import MiniClip
+
+        res["semseg"] = evaluate_semseg(MiniClip(heads), a.semseg)
+    res["total_seconds"] = time.time() - t0
+    res["command"] = "python -m rsvl.train.mini_clip " + " ".join(sys.argv[1:] if argv is None else argv)
+    card = Path(a.card) if a.card else Path(a.out).with_name("card.json")
+    card_data = json.loads(card.read_text()) if card.is_file() else {}
+    card_data["training"] = res
+    card_data["val"] = res["val"]
+    tmp = card.with_name(card.name + ".tmp")
+    tmp.write_text(json.dumps(card_data, indent=2, default=str))
+    os.replace(tmp, card)
+    print(json.dumps(res["val"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
