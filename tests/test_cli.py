@@ -92,3 +92,23 @@ def test_missing_weights_say_where_to_put_them(tmp_path):
                         "-l", "forest, water", "-m", "farslip2-vit-b16"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "FarSLIP2_ViT-B-16.pt" in r.stderr and str(tmp_path) in r.stderr and "--weights" in r.stderr
+
+
+@pytest.mark.realdata
+def test_main_job_segments_the_bundled_sample(tmp_path, capsys):
+    """The README's first command, on the real sample with the shipped model: a forest scene
+    comes out mostly forest, georeferenced like the input."""
+    import rasterio
+
+    out = tmp_path / "sub" / "OSBS_029"
+    code = main(["segment", str(REPO / "examples" / "OSBS_029.tif"),
+                 "farmland|cropland, forest|trees, water, buildings|houses, roads", "-o", str(out), "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["class_fractions"]["forest"] > 0.6
+    with rasterio.open(doc["outputs"]["classes"]) as ds, rasterio.open(REPO / "examples" / "OSBS_029.tif") as src:
+        assert ds.crs == src.crs
+        assert abs(ds.bounds.left - src.bounds.left) < 1e-6 and abs(ds.bounds.top - src.bounds.top) < 1e-6
+        assert abs(ds.transform.a - 0.3048) < 0.01  # resampled to the model's training GSD
+    for key in ("polygons", "overlay", "confidence"):
+        assert (tmp_path / "sub" / doc["outputs"][key].split("/")[-1]).exists()

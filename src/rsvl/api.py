@@ -31,10 +31,7 @@ def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device
         raise UnknownModelError(f"model {card.name} has no loader yet.", hint="Run `rsvl models` to see what loads.")
     module, _, func = card.loader.partition(":")
     loader = getattr(importlib.import_module(module), func)
-    if module.endswith(".mini"):
-        model = loader(weights=weights, device=device, **kwargs)
-    else:
-        model = loader(card, weights=weights, device=device, **kwargs)
+    model = loader(card, weights=weights, device=device, **kwargs)
     if not getattr(model, "name", None):
         model.name = card.name
     return model

@@ -25,7 +25,7 @@ def segment(
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
     templates: str = typer.Option(None, "--templates", help="'imagenet', 'farslip', or one template with {} (default: the model's)."),
     bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
-    gsd: float = typer.Option(None, "--gsd", help="Resample to this ground sample distance (metres) before the model."),
+    gsd: float = typer.Option(None, "--gsd", help="Resample to this GSD (metres) for the model; default: the model's training GSD; 0: native."),
     tile: int = typer.Option(None, "--tile", help="Tile size in pixels (default: the model's)."),
     overlap: int = typer.Option(None, "--overlap", help="Tile overlap in pixels (default: a quarter of the tile)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
@@ -49,6 +49,7 @@ def segment(
         raise InputNotFoundError(f"{raster}: no such file.", hint="Check the path.")
     specs = load_classes(inline=classes, file=labels_file)
     prefix = out if out is not None else Path.cwd() / raster.stem
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     m = rsvl.load(model, weights=weights, device=device)
 
     def progress(total: int):
@@ -67,7 +68,8 @@ def segment(
     from rich.table import Table
 
     console = Console(highlight=False)
-    t = Table(title=f"{raster.name}: {result.tiles} tile(s), {result.seconds:.1f} s", show_edge=False)
+    console.print(f"{raster.name}: {result.tiles} tile(s), {result.seconds:.1f} s")
+    t = Table(show_edge=False)
     t.add_column("class")
     t.add_column("share", justify="right")
     for name, frac in result.class_fractions.items():

@@ -101,10 +101,12 @@ def preview_arrays(source, label_path: str | os.PathLike[str], max_side: int = 1
     import rasterio
     from rasterio.enums import Resampling
 
+    # At the source's own resolution (the labels may be on a coarser working grid), capped.
+    W, H = source.native_width, source.native_height
+    factor = max(W, H) / max_side
+    w = max(1, int(round(W / max(factor, 1.0))))
+    h = max(1, int(round(H / max(factor, 1.0))))
     with rasterio.open(label_path) as lab:
-        factor = max(lab.width, lab.height) / max_side
-        w = max(1, int(round(lab.width / max(factor, 1.0))))
-        h = max(1, int(round(lab.height / max(factor, 1.0))))
         labels = lab.read(1, out_shape=(h, w), resampling=Resampling.nearest)
     rgb = source.read_preview(w, h)
     return rgb, labels

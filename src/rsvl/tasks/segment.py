@@ -96,6 +96,17 @@ def _confidence(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(values.max(axis=0), 0, 1) * 254).astype(np.uint8)
 
 
+def _default_gsd(model: Any, source: str | os.PathLike[str]) -> float | None:
+    """The model's training resolution when the raster has a CRS to resample with."""
+    preferred = getattr(model, "preferred_gsd", None)
+    if preferred is None:
+        return None
+    from rsvl.geo.raster import open_dataset
+
+    with open_dataset(source) as ds:
+        return float(preferred) if ds.crs is not None else None
+
+
 def _class_counts(path: Path, n: int) -> np.ndarray:
     """Pixels per class of a class raster, read block by block."""
     import rasterio
@@ -187,6 +198,10 @@ def segment(
     if probabilities:
         outputs.append(RasterOutput(paths["probabilities"], len(classes), "float32", nodata=-1.0,
                                     descriptions=names, tags=class_tags, overview_resampling="average"))
+    if gsd is None:
+        gsd = _default_gsd(model, source)
+    elif gsd <= 0:
+        gsd = None  # native resolution
     with RasterSource(source, bands=bands, target_gsd=gsd) as src:
         for w in src.warnings:
             from rsvl.console import state
