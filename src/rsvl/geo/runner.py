@@ -389,19 +389,27 @@ class TiledRunner:
         reader.start()
         blender.start()
         try:
-            while True:
-                t0 = time.perf_counter()
-                item = batches.get()
-                self.stats["read_wait"] += time.perf_counter() - t0
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if blend_error:
-                    raise blend_error[0]
-                batch, keep = item
-                preds = self._run_predictor(batch, keep)
-                _put(blend_q, (batch, preds), stop, lambda: bool(blend_error))
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    item = batches.get()
+                    self.stats["read_wait"] += time.perf_counter() - t0
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    if blend_error:
+                        raise blend_error[0]
+                    batch, keep = item
+                    preds = self._run_predictor(batch, keep)
+                    _put(blend_q, (batch, preds), stop, lambda: bool(blend_error))
+            except BaseException:
+                # Interrupted (predictor error, Ctrl-C): let the blender write and checkpoint
+                # what was already predicted, so a resume redoes as little as possible.
+                if blender.is_alive() and not blend_error:
+                    _put(blend_q, None, stop, lambda: bool(blend_error))
+                    blender.join()
+                raise
             _put(blend_q, None, stop, lambda: bool(blend_error))
             blender.join()
             if blend_error:
