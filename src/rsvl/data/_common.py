@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from rsvl.errors import DatasetError
 
@@ -46,3 +47,31 @@ def check_image(path: Path, layout: str) -> Path:
             hint=f"Expected layout: {layout}",
         )
     return path
+
+
+S = TypeVar("S")
+
+
+class CheckedSamples(Sequence[S], Generic[S]):
+    """A list of samples whose ``image`` is checked to exist when a sample is taken, so a
+    missing file fails with the dataset's ``layout`` in the message (images are not read)."""
+
+    layout: str = ""
+
+    def __init__(self, samples: list[S]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        s = self.samples[i]
+        check_image(s.image, self.layout)  # type: ignore[attr-defined]
+        return s
+
+    def __iter__(self) -> Iterator[S]:
+        for s in self.samples:
+            check_image(s.image, self.layout)  # type: ignore[attr-defined]
+            yield s

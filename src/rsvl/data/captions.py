@@ -10,13 +10,13 @@ texts, and the (image, text) ground-truth pairs, deduplicated as FarSLIP's
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rsvl.data._common import check_image, load_json, require_dir, require_file
+from rsvl.data._common import CheckedSamples, load_json, require_dir, require_file
 from rsvl.errors import DatasetError
 
 __all__ = [
@@ -116,26 +116,8 @@ class RetrievalSet:
         return cls(list(img_idx), texts, np.asarray(pi, np.int64), np.asarray(pt, np.int64))
 
 
-class _CaptionDataset(Sequence[CaptionSample]):
+class _CaptionDataset(CheckedSamples[CaptionSample]):
     layout = ""
-
-    def __init__(self, samples: list[CaptionSample]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        s = self.samples[i]
-        check_image(s.image, self.layout)
-        return s
-
-    def __iter__(self) -> Iterator[CaptionSample]:
-        for s in self.samples:
-            check_image(s.image, self.layout)
-            yield s
 
     def retrieval_set(self, *, caption_prefix: str = "", dedup_texts: bool = True) -> RetrievalSet:
         pairs = [(s.image, c) for s in self.samples for c in s.captions]

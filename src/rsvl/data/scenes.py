@@ -7,7 +7,7 @@ Readers index paths and labels only; pixels are read by whoever iterates (``read
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from rsvl.data._common import (
     IMAGE_EXTENSIONS,
+    CheckedSamples,
     check_image,
     is_image,
     load_json,
@@ -56,29 +57,14 @@ class SceneSample:
     captions: tuple[str, ...] = ()
 
 
-class SceneDataset(Sequence[SceneSample]):
+class SceneDataset(CheckedSamples[SceneSample]):
     """A list of :class:`SceneSample` plus the class names; images are not read."""
 
     layout: str = ""
 
     def __init__(self, samples: list[SceneSample], classes: list[str]):
-        self.samples = samples
+        super().__init__(samples)
         self.classes = classes
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        s = self.samples[i]
-        check_image(s.image, self.layout)
-        return s
-
-    def __iter__(self) -> Iterator[SceneSample]:
-        for s in self.samples:
-            check_image(s.image, self.layout)
-            yield s
 
     def labels(self) -> np.ndarray:
         """(N,) int64 class indices, in sample order."""
