@@ -37,8 +37,11 @@ COMMAND_MODULES = [
     "rsvl.commands.classify",
     "rsvl.commands.segment",
     "rsvl.commands.index",
+    "rsvl.commands.instances",
+    "rsvl.commands.refer",
     "rsvl.commands.models",
     "rsvl.commands.eval",
+    "rsvl.commands.train",
 ]
 
 

@@ -1,0 +1,7 @@
+"""rsvl refer (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None
