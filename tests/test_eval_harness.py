@@ -264,6 +264,36 @@ def test_ovss_resize_and_threshold(tmp_path):
     res = run_ovss(ColourModel(), tmp_path / "seg", classes, protocol=proto)
     assert res.metrics["IoU"]["blue"] == pytest.approx(16 * 24 / (31 * 48))
     assert res.settings["prob_thd"] == 0.99 and res.settings["bg_idx"] == 2
+    # ColourModel has no CLS embedding: the protocol's -0.3 is not applied, and says so
+    assert res.settings["cls_lambda"] == 0.0
+
+
+def test_segearth_protocol_applies_the_cls_correction(tmp_path):
+    from rsvl.tasks.segment import DensePredictor
+
+    class ClsModel(ColourModel):
+        cls_calls = 0
+
+        def dense_features(self, images, return_cls=False):
+            ClsModel.cls_calls += bool(return_cls)
+            f = super().dense_features(images)
+            cls = torch.nn.functional.normalize(torch.as_tensor(images).float().mean(dim=(2, 3)) + 1e-3, dim=-1)
+            return (f, cls) if return_cls else f
+
+    write_seg(tmp_path / "seg")
+    classes = parse_class_list("red, green, blue")
+    proto = ovss_protocol("segearth", resize=(0, 0), crop=48, stride=48, templates="none")
+    assert proto.cls_lambda == -0.3
+    res = run_ovss(ClsModel(), tmp_path / "seg", classes, protocol=proto)
+    assert res.settings["cls_lambda"] == -0.3 and ClsModel.cls_calls == 2  # one window per image
+    # the harness uses the predictor's corrected logits: same argmax as computing them here
+    ds_img = np.asarray(Image.open(next((tmp_path / "seg" / "images").iterdir())).convert("RGB"))
+    pred = DensePredictor(ClsModel(), classes, "none", logit_scale=50.0, cls_lambda=-0.3)
+    from rsvl.eval.harness import ovss_predict
+
+    want = pred(ds_img.transpose(2, 0, 1)[None]).argmax(axis=1)[0]
+    got = ovss_predict(pred, ds_img, ds_img.shape[:2], proto)
+    assert (got == want).all()
 
 
 def test_segearth_protocol_takes_the_dataset_threshold():

@@ -130,3 +130,94 @@ def test_classify_images_folders_and_raster_tiles(tmp_path):
         lab = ds.read(1)
         assert lab.shape == (4, 6) and lab[0, 0] == 0 and lab[0, 5] == 255
         assert ds.transform.a == 0.5 * 50
+
+
+# --- SegEarth-OV variant: CLS correction and low-confidence background ---------------------
+
+
+class ClsColourModel(ColourModel):
+    """ColourModel whose dense pass also returns a CLS embedding: the image's mean colour."""
+
+    def dense_features(self, images, return_cls=False):
+        f = super().dense_features(images)
+        if not return_cls:
+            return f
+        cls = torch.nn.functional.normalize(torch.as_tensor(images).float().mean(dim=(2, 3)) + 1e-3, dim=-1)
+        return f, cls
+
+
+def grey_scene() -> np.ndarray:
+    img = scene()
+    img[:, 150:, :] = 90  # a grey band at the bottom: every colour word scores the same there
+    return img
+
+
+def test_threshold_sends_low_confidence_pixels_to_an_added_background_class(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", grey_scene(), nodata=0)
+    res = segment(ColourModel(), src, parse_class_list("red, green, blue"), tmp_path / "out",
+                  tile=64, overlap=16, threshold=0.5, probabilities=True)
+    assert res.classes == ["red", "green", "blue", "background"]
+    with rasterio.open(res.outputs["classes"]) as ds:
+        labels = ds.read(1)
+        assert json.loads(ds.tags()["classes"])["3"] == "background"
+    assert (labels[160:, 10:290] == 3).all()  # grey: 1/3 each < 0.5
+    assert (labels[10:140, 10:90] == 0).all() and (labels[60:140, 110:190] == 1).all()
+    with rasterio.open(res.outputs["probabilities"]) as ds:
+        assert ds.count == 4 and float(ds.read(4).max()) == 0.0  # the added class has no query
+    assert res.settings["threshold"] == 0.5 and res.settings["background"] == "background"
+
+
+def test_threshold_uses_the_lists_own_background_class(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", grey_scene(), nodata=0)
+    res = segment(ColourModel(), src, parse_class_list("red, green|blue"), tmp_path / "out",
+                  tile=64, overlap=16, threshold=0.6, background="Blue")
+    assert res.classes == ["red", "green"]  # nothing appended: "blue" is a synonym of green
+    with rasterio.open(res.outputs["classes"]) as ds:
+        labels = ds.read(1)
+    assert (labels[160:, 10:290] == 1).all()
+
+
+def test_cls_correction_matches_segearth_formula():
+    from rsvl.tasks.segment import DensePredictor
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    classes = parse_class_list("red, green, blue")
+    plain = DensePredictor(ClsColourModel(), classes)
+    corrected = DensePredictor(ClsColourModel(), classes, cls_lambda=-0.3)
+    feats, cls = ClsColourModel().dense_features(imgs, return_cls=True)
+    q = torch.eye(3)
+    want = torch.einsum("bdhw,pd->bphw", feats, q) - 0.3 * (cls @ q.T)[:, :, None, None]
+    torch.testing.assert_close(corrected.dense_logits(imgs), want)
+    assert not torch.allclose(plain.dense_logits(imgs), want)
+    probs = corrected(imgs)
+    assert probs.shape == (2, 3, 32, 32)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_cls_correction_flips_a_globally_biased_pixel():
+    from rsvl.tasks.segment import DensePredictor
+
+    # a mostly-red image with one purple-ish patch that leans red: subtracting the red
+    # image bias makes the patch blue
+    img = np.zeros((1, 3, 16, 16), np.uint8)
+    img[0, 0] = 200
+    img[0, :, :4, :4] = np.array([200, 0, 180])[:, None, None]
+    classes = parse_class_list("red, green, blue")
+    before = DensePredictor(ClsColourModel(), classes)(img).argmax(axis=1)[0]
+    after = DensePredictor(ClsColourModel(), classes, cls_lambda=-0.3)(img).argmax(axis=1)[0]
+    assert before[0, 0] == 0 and after[0, 0] == 2
+    assert (after[8:, 8:] == 0).all()
+
+
+def test_cls_correction_needs_a_model_with_a_cls_token(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", scene(), nodata=0)
+    with pytest.raises(PromptError, match="no CLS embedding") as e:
+        segment(ColourModel(), src, parse_class_list("red, green"), tmp_path / "out", cls_lambda=-0.3)
+    assert "--cls-lambda 0" in e.value.hint
+
+
+def test_threshold_must_be_a_probability(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", scene(), nodata=0)
+    with pytest.raises(PromptError, match="not a probability"):
+        segment(ColourModel(), src, parse_class_list("red, green"), tmp_path / "out", threshold=1.5)

@@ -143,7 +143,7 @@ def ovss(
     data: Path = typer.Argument(..., help="images/ + labels/ folder, or mmseg img_dir/ + ann_dir/."),
     classes_file: str = typer.Option(None, "--classes-file", help="Class file path or built-in name (loveda, potsdam, ...; default: the preset's)."),
     preset: str = typer.Option(None, "--preset", help="Dataset label encoding: loveda, potsdam, vaihingen, whu_building."),
-    protocol: str = typer.Option("farslip", "--protocol", help="farslip (RS-OVSS), segearth (+ per-dataset prob_thd/bg_idx), or rsvl."),
+    protocol: str = typer.Option("farslip", "--protocol", help="farslip (RS-OVSS), segearth (+ per-dataset prob_thd/bg_idx, CLS correction -0.3), or rsvl."),
     split: str = typer.Option("val", "--split", help="mmseg layout split."),
     resize: str = typer.Option(None, "--resize", help="mmseg keep-ratio scale 'N' or 'LONG,SHORT'; 0 = native (protocol default: 448; rsvl: native)."),
     crop: int = typer.Option(None, "--crop", help="Sliding-window size (protocol default: 224; rsvl: 256)."),
@@ -151,6 +151,7 @@ def ovss(
     logit_scale: float = typer.Option(None, "--logit-scale", help="Logit scale before the softmax (protocol default: 50; rsvl: the model's)."),
     prob_thd: float = typer.Option(None, "--prob-thd", help="Pixels below this probability become --bg-idx (segearth: per dataset)."),
     bg_idx: int = typer.Option(None, "--bg-idx", help="Class index given to low-probability pixels."),
+    cls_lambda: float = typer.Option(None, "--cls-lambda", help="CLS-token correction weight (segearth: -0.3; others: 0)."),
     templates: str = typer.Option(None, "--templates", help="'imagenet' (protocol default), 'farslip', 'none', or one template with {}."),
     reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="Without a preset: label 0 ignored, others -1."),
     model: str = _MODEL,
@@ -181,7 +182,7 @@ def ovss(
             raise PromptError(f"--resize {resize!r} is not 'N' or 'LONG,SHORT'.", hint="Example: --resize 448") from None
         size = (parts[0], parts[-1]) if parts and parts[0] > 0 else (0, 0)
     proto = ovss_protocol(protocol, preset, resize=size, crop=crop, stride=stride, logit_scale=logit_scale,
-                          prob_thd=prob_thd, bg_idx=bg_idx, templates=templates)
+                          prob_thd=prob_thd, bg_idx=bg_idx, templates=templates, cls_lambda=cls_lambda)
     ds = open_segmentation_dataset(data, preset, split, reduce_zero_label)
     n = len(subset_indices(len(ds), limit))
     m = _load_model(model, weights, device)

@@ -30,6 +30,15 @@ def segment(
     overlap: int = typer.Option(None, "--overlap", help="Tile overlap in pixels (default: a quarter of the tile)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-class probability bands."),
+    cls_lambda: float = typer.Option(
+        0.0, "--cls-lambda", help="SegEarth-OV CLS correction: add lambda x cos(CLS, class) to every pixel (SegEarth: -0.3; ViT CLIPs only)."
+    ),
+    threshold: float = typer.Option(
+        0.0, "--threshold", help="Pixels whose best class probability is below this become --background (SegEarth: 0.1-0.4)."
+    ),
+    background: str = typer.Option(
+        "background", "--background", help="Class for low-confidence pixels: a class of the list, else added as an extra class."
+    ),
     min_pixels: int = typer.Option(16, "--min-pixels", help="Drop polygons smaller than this many pixels."),
     simplify: float = typer.Option(0.0, "--simplify", help="Simplify polygons (tolerance in pixels)."),
     vector_format: str = typer.Option("gpkg", "--vector-format", help="gpkg, geojson or parquet."),
@@ -59,7 +68,7 @@ def segment(
         m, raster, specs, prefix, templates=templates, bands=parse_bands(bands), gsd=gsd, tile=tile,
         overlap=overlap, batch_size=batch_size, probabilities=probabilities, min_pixels=min_pixels,
         simplify=simplify, vector_format=vector_format, to_crs=to_crs, overwrite=overwrite, resume=resume,
-        progress=progress, model_name=model,
+        progress=progress, model_name=model, cls_lambda=cls_lambda, threshold=threshold, background=background,
     )
     if as_json:
         emit_json(result.to_dict())

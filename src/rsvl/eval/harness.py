@@ -454,6 +454,7 @@ class OvssProtocol:
     prob_thd: float = 0.0
     bg_idx: int = 0
     templates: str | None = "imagenet"
+    cls_lambda: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -464,17 +465,18 @@ class OvssProtocol:
             "logit_scale": self.logit_scale,
             "prob_thd": self.prob_thd,
             "bg_idx": self.bg_idx,
+            "cls_lambda": self.cls_lambda,
         }
 
 
 #: ``farslip``: RS-OVSS as FarSLIP evaluates (no threshold, background only from the text
 #: classes). ``segearth``: SegEarth-OV's per-dataset ``prob_thd`` / ``bg_idx`` (applied by
-#: :func:`ovss_protocol` from the preset; no FeatUp, no cls-token term: those belong to the
-#: CLIP model, not the harness). ``rsvl``: rsvl's own defaults for its models (native
+#: :func:`ovss_protocol` from the preset) and its CLS-token term ``cls_lambda=-0.3`` (models
+#: without a CLS embedding run without it, and the settings say so); no FeatUp upsampler. ``rsvl``: rsvl's own defaults for its models (native
 #: resolution, windows of the model's preferred tile, the model's dense logit scale).
 OVSS_PROTOCOLS: dict[str, OvssProtocol] = {
     "farslip": OvssProtocol("farslip"),
-    "segearth": OvssProtocol("segearth"),
+    "segearth": OvssProtocol("segearth", cls_lambda=-0.3),
     "rsvl": OvssProtocol("rsvl", resize=None, crop=256, stride=192, logit_scale=None, templates=None),
 }
 
@@ -570,8 +572,8 @@ def ovss_predict(
 ) -> np.ndarray:
     """Class index map (H, W) of one (H0, W0, 3) uint8 image, sliding-window protocol.
 
-    ``predictor`` is a :class:`rsvl.tasks.segment.DensePredictor` (its model, queries,
-    synonym index and scale are used per window).
+    ``predictor`` is a :class:`rsvl.tasks.segment.DensePredictor` (its per-window cosine
+    logits with its CLS correction, synonym index and scale are used).
     """
     import torch
     import torch.nn.functional as F
@@ -584,8 +586,7 @@ def ovss_predict(
     if (h, w) != (h0, w0):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     img = x.round().clamp(0, 255).to(torch.uint8)
-    q = predictor.queries
-    n_q = q.shape[0]
+    n_q = predictor.queries.shape[0]
     logits = torch.zeros((n_q, h, w), dtype=torch.float32)
     count = torch.zeros((1, h, w), dtype=torch.float32)
     wins = _windows(h, w, proto.crop, proto.stride)
@@ -598,9 +599,7 @@ def ovss_predict(
                 by_shape.setdefault((win[1] - win[0], win[3] - win[2]), []).append(win)
             for (ch, cw), group in by_shape.items():
                 crops = torch.cat([img[..., y1:y2, x1:x2] for y1, y2, x1, x2 in group]).numpy()
-                feats = predictor.model.dense_features(crops).float().cpu()
-                feats = F.normalize(feats, dim=1)
-                lg = torch.einsum("bdhw,pd->bphw", feats, q.cpu().float())
+                lg = predictor.dense_logits(crops).float().cpu()
                 lg = F.interpolate(lg, size=(ch, cw), mode="bilinear", align_corners=False)
                 for k, (y1, y2, x1, x2) in enumerate(group):
                     logits[:, y1:y2, x1:x2] += lg[k]
@@ -648,7 +647,18 @@ def run_ovss(
     if proto.prob_thd > 0 and not 0 <= proto.bg_idx < len(specs):
         raise PromptError(f"bg_idx {proto.bg_idx} is not a class index.", hint=f"Use 0..{len(specs) - 1}.")
     names = list(ds.classes) if ds.classes is not None else [c.name for c in specs]
-    predictor = DensePredictor(model, specs, proto.templates, logit_scale=proto.logit_scale)
+    cls_lambda = proto.cls_lambda
+    if cls_lambda:
+        from rsvl.tasks.segment import check_cls_support
+
+        try:
+            check_cls_support(model)
+        except PromptError as e:
+            from rsvl.console import state
+
+            state.warn(f"{e.message} The protocol's cls_lambda={cls_lambda} is not applied.")
+            cls_lambda = 0.0
+    predictor = DensePredictor(model, specs, proto.templates, logit_scale=proto.logit_scale, cls_lambda=cls_lambda)
     idx = subset_indices(len(ds), limit)
     conf = ConfusionMatrix(len(specs), ignore_index=ds.ignore_index)
     for i in idx:
@@ -665,6 +675,7 @@ def run_ovss(
     settings.update(model_settings(model, model_name, weights))
     settings.update(proto.to_dict())
     settings["logit_scale"] = predictor.scale
+    settings["cls_lambda"] = predictor.cls_lambda
     settings.update(
         {
             "preset": preset,

@@ -50,7 +50,15 @@ class SegmentResult:
 
 
 class DensePredictor:
-    """``predict(TileBatch) -> (B, K, T, T)`` class probabilities from an image-text model."""
+    """``predict(TileBatch) -> (B, K, T, T)`` class probabilities from an image-text model.
+
+    ``cls_lambda`` (SegEarth-OV's ``cls_token_lambda``; its default is -0.3) adds
+    ``cls_lambda * cos(CLS, query)`` to every location's logits: with a negative lambda it
+    removes the image-global bias that makes one class win everywhere. It needs a model whose
+    ``dense_features`` can return the CLS embedding (ViT CLIPs). ``extra_background`` appends
+    one class channel with probability 0: the class that the low-confidence threshold assigns
+    when the class list has no background class of its own.
+    """
 
     def __init__(
         self,
@@ -59,6 +67,8 @@ class DensePredictor:
         templates: str | Sequence[str] | None = None,
         logit_scale: float | None = None,
         device: str | None = None,
+        cls_lambda: float = 0.0,
+        extra_background: bool = False,
     ) -> None:
         import torch
 
@@ -69,27 +79,81 @@ class DensePredictor:
         self.scale = float(
             logit_scale if logit_scale is not None else getattr(model, "dense_logit_scale", model.logit_scale)
         )
+        self.cls_lambda = float(cls_lambda)
+        self.extra_background = bool(extra_background)
+        if self.cls_lambda:
+            check_cls_support(model)
         self.torch = torch
+
+    def dense_logits(self, images: np.ndarray) -> Any:
+        """(B, P, h, w) cosine similarities of every location with every query, plus the
+        CLS correction when ``cls_lambda`` is set (before the logit scale, as SegEarth-OV)."""
+        torch = self.torch
+        q = self.queries
+        if self.cls_lambda:
+            feats, cls = self.model.dense_features(images, return_cls=True)
+            feats, cls, q = feats.float(), cls.float(), q.to(feats.device)
+            logits = torch.einsum("bdhw,pd->bphw", feats, q)
+            return logits + self.cls_lambda * (cls @ q.T)[:, :, None, None]
+        feats = self.model.dense_features(images).float()  # (B, D, h, w)
+        return torch.einsum("bdhw,pd->bphw", feats, q.to(feats.device))
 
     def __call__(self, batch: TileBatch | np.ndarray) -> np.ndarray:
         torch = self.torch
         images = batch.images if isinstance(batch, TileBatch) else batch
         size = images.shape[-2:]
         with torch.no_grad():
-            feats = self.model.dense_features(images).float()  # (B, D, h, w)
-            q = self.queries.to(feats.device)
-            logits = torch.einsum("bdhw,pd->bphw", feats, q) * self.scale
+            logits = self.dense_logits(images) * self.scale
             logits = torch.nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
             # Max over synonyms first, then softmax over classes: the argmax is the same as
             # upstream's softmax-over-queries-then-max, and the result is a probability per
             # class (synonyms do not split the mass between them).
             logits = pool_synonyms(logits, self.index, len(self.classes), dim=1)
             probs = logits.softmax(dim=1)
+            if self.extra_background:
+                probs = torch.cat([probs, probs.new_zeros((probs.shape[0], 1, *probs.shape[2:]))], dim=1)
         return probs.cpu().numpy()
+
+
+def check_cls_support(model: Any) -> None:
+    """Raise a PromptError unless ``model.dense_features`` takes ``return_cls``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.dense_features).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        params = {}
+    if "return_cls" not in params:
+        name = getattr(model, "name", type(model).__name__)
+        raise PromptError(
+            f"{name} has no CLS embedding for the SegEarth CLS correction.",
+            hint="Use --cls-lambda 0 with this model (it applies to ViT CLIP models such as farslip2-vit-b16).",
+        )
+
+
+def find_background(classes: Sequence[ClassSpec], name: str) -> int | None:
+    """Index of the class named ``name`` (or having it as a synonym), case-insensitive."""
+    key = name.strip().lower()
+    for i, c in enumerate(classes):
+        if any(s.strip().lower() == key for s in c.synonyms):
+            return i
+    return None
 
 
 def _argmax_labels(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return values.argmax(axis=0).astype(np.uint8)
+
+
+def thresholded_labels(threshold: float, background: int):
+    """A finalize function: argmax, but pixels whose best probability is below
+    ``threshold`` get class ``background`` (SegEarth-OV's ``prob_thd`` / ``bg_idx``)."""
+
+    def finalize(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        labels = values.argmax(axis=0).astype(np.uint8)
+        labels[values.max(axis=0) < threshold] = background
+        return labels
+
+    return finalize
 
 
 def _confidence(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -154,8 +218,17 @@ def segment(
     resume: bool = False,
     progress: Any = None,  # progress(total) -> context manager yielding advance(n)
     model_name: str | None = None,
+    cls_lambda: float = 0.0,
+    threshold: float = 0.0,
+    background: str = "background",
 ) -> SegmentResult:
-    """Segment ``source`` (any raster or image GDAL reads) into ``classes``; see module doc."""
+    """Segment ``source`` (any raster or image GDAL reads) into ``classes``; see module doc.
+
+    SegEarth-OV's variant: ``cls_lambda=-0.3`` subtracts the CLS-token bias from every
+    location; ``threshold`` > 0 gives pixels whose best class probability is below it the
+    class ``background`` (a class of the list with that name or synonym, else an extra
+    class of that name appended to the list, with no text query).
+    """
     import time
 
     from rsvl.geo.vectors import polygonize_raster, write_vectors
@@ -173,30 +246,46 @@ def segment(
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise OutputError(f"{existing[0]} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
+    if not 0.0 <= threshold < 1.0:
+        raise PromptError(f"threshold {threshold} is not a probability in [0, 1).",
+                          hint="SegEarth-OV uses 0.1-0.4 depending on the dataset; 0 turns it off.")
     tile = int(tile or getattr(model, "preferred_tile", 256))
     overlap = int(overlap if overlap is not None else tile // 4)
-    names = [c.name for c in classes]
     prompt = format_class_list(classes)
-    predictor = DensePredictor(model, classes, templates)
+    bg_idx = find_background(classes, background) if threshold > 0 else None
+    extra_background = threshold > 0 and bg_idx is None
+    predictor = DensePredictor(model, classes, templates, cls_lambda=cls_lambda, extra_background=extra_background)
+    names = [c.name for c in classes]
+    if extra_background:
+        if not background.strip():
+            raise PromptError("--background needs a class name.", hint='E.g. --background "background".')
+        bg_idx = len(names)
+        names.append(background.strip())
+    if len(names) > 254:
+        raise PromptError(f"{len(names)} classes: at most 254 fit a uint8 class raster.")
     settings = {
         "task": "segment",
         "model": model_name or getattr(model, "name", type(model).__name__),
         "prompt": prompt,
         "templates": list(predictor.templates),
         "logit_scale": predictor.scale,
+        "cls_lambda": predictor.cls_lambda,
+        "threshold": threshold,
+        "background": names[bg_idx] if bg_idx is not None else None,
     }
     class_tags = {
         "classes": json.dumps({str(i): n for i, n in enumerate(names)}),
         "prompt": prompt,
     }
     outputs = [
-        RasterOutput(paths["classes"], 1, "uint8", finalize=_argmax_labels, nodata=NODATA,
+        RasterOutput(paths["classes"], 1, "uint8", nodata=NODATA,
+                     finalize=thresholded_labels(threshold, bg_idx) if bg_idx is not None else _argmax_labels,
                      colormap=colormap_for(names), tags=class_tags, descriptions=["class"]),
         RasterOutput(paths["confidence"], 1, "uint8", finalize=_confidence, nodata=NODATA, descriptions=["confidence"],
                      tags={"scale": "probability x 254"}),
     ]
     if probabilities:
-        outputs.append(RasterOutput(paths["probabilities"], len(classes), "float32", nodata=-1.0,
+        outputs.append(RasterOutput(paths["probabilities"], len(names), "float32", nodata=-1.0,
                                     descriptions=names, tags=class_tags, overview_resampling="average"))
     if gsd is None:
         gsd = _default_gsd(model, source)
