@@ -1,21 +1,153 @@
-"""The Python API: ``rsvl.load(name)`` gives a model ready for the tasks.
+"""The Python API: ``rsvl.load(name)`` gives a model with its tasks as methods.
 
     import rsvl
-    model = rsvl.load("mini-clip")                 # built in, offline
-    model = rsvl.load("farslip2-vit-b16")          # from the cache, or --weights PATH
+    model = rsvl.load("mini-clip")                          # built in, offline
+    model = rsvl.load("farslip2-vit-b16", weights="FarSLIP2_ViT-B-16.pt")
+
+    model.classify("scene.png", "farmland|cropland, forest, river, residential")
+    model.classify([rgb_array, other_array], ["farmland", "forest"], top_k=3)
+    model.segment("ortho.tif", "forest|trees, water, buildings", out="out/ortho")
+    model.encode_text(["a stadium next to a river"])        # the network's own methods
+
+The object returned is a :class:`Model`: the family's network (``model.module``) plus the
+task methods its card serves (``model.card.tasks``). Attribute access falls through to the
+network, so ``encode_image``, ``dense_features``, ``to`` and ``eval`` work as on the module.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "mini-clip"
 
+ClassesLike = Any  # "a|b, c" | ["a|b", "c"] | [ClassSpec, ...]
 
-def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device: str = "cpu", **kwargs: Any) -> Any:
-    """Load a registered model by name (``rsvl models`` lists them).
+
+def _classes(classes: ClassesLike) -> list[Any]:
+    """Class-list syntax everywhere the same: inline text, a list of names, or ClassSpecs."""
+    from rsvl.data.classes import ClassSpec, parse_class_list
+    from rsvl.errors import PromptError
+
+    if isinstance(classes, str):
+        return parse_class_list(classes)
+    items = list(classes) if classes is not None else []
+    if not items:
+        raise PromptError("no classes given.", hint='Pass e.g. "farmland|cropland, forest, river".')
+    if all(isinstance(c, ClassSpec) for c in items):
+        return items
+    if all(isinstance(c, str) for c in items):
+        if any("," in c for c in items):
+            raise PromptError(f"class {next(c for c in items if ',' in c)!r} contains a comma.",
+                              hint='In a list, give one class per item and join synonyms with "|".')
+        return parse_class_list(", ".join(items))
+    raise PromptError("classes must be a string, a list of strings, or a list of ClassSpec.")
+
+
+class Model:
+    """A loaded model: the network plus the tasks its card serves."""
+
+    def __init__(self, module: Any, card: Any) -> None:
+        object.__setattr__(self, "module", module)
+        object.__setattr__(self, "card", card)
+
+    # -- the network's own attributes -------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "module"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.module, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self.module)))
+
+    def __repr__(self) -> str:
+        return f"rsvl.Model({self.card.name!r}, family={self.card.family!r}, tasks={list(self.card.tasks)})"
+
+    def _require(self, task: str) -> None:
+        from rsvl.errors import UnknownModelError
+
+        if task not in self.card.tasks:
+            serving = ", ".join(c.name for c in _cards_for(task)) or "none yet"
+            raise UnknownModelError(
+                f"model {self.card.name} does not serve {task!r} (it serves {', '.join(self.card.tasks)}).",
+                hint=f"Models for {task}: {serving}.",
+            )
+
+    # -- tasks ------------------------------------------------------------------------------
+    def classify(
+        self,
+        images: str | os.PathLike[str] | Any | Sequence[Any],
+        classes: ClassesLike,
+        *,
+        templates: str | Sequence[str] | None = None,
+        top_k: int = 5,
+        **kwargs: Any,
+    ) -> Any:
+        """Zero-shot classification (:class:`rsvl.tasks.classify.ClassifyResult`).
+
+        ``images``: a path (image, folder of images, or raster: its tiles are classified, see
+        :func:`rsvl.tasks.classify.classify` for ``tile``, ``out``...), or in-memory uint8
+        arrays (H, W, 3) / PIL images, one or a list. ``classes``: ``"farmland|cropland,
+        forest"``, ``["farmland|cropland", "forest"]`` or ClassSpecs; synonyms are max-pooled.
+        """
+        from rsvl.tasks import classify as task
+
+        self._require("classify")
+        specs = _classes(classes)
+        if isinstance(images, (str, os.PathLike)):
+            return task.classify(self.module, images, specs, templates=templates, top_k=top_k, **kwargs)
+        import numpy as np
+
+        one = not isinstance(images, (list, tuple)) and np.asarray(images).ndim in (2, 3)
+        batch = [images] if one else list(images)
+        return task.classify_arrays(self.module, batch, specs, templates=templates, top_k=top_k, **kwargs)
+
+    def segment(self, source: str | os.PathLike[str], classes: ClassesLike, out: str | os.PathLike[str],
+                **kwargs: Any) -> Any:
+        """Open-vocabulary segmentation of a raster or image into ``classes``; writes
+        ``OUT_classes.tif``, ``OUT_confidence.tif``, polygons and an overlay
+        (:func:`rsvl.tasks.segment.segment` lists the options: ``cls_lambda``, ``threshold``,
+        ``gsd``, ``tile``, ``probabilities``...)."""
+        from rsvl.tasks.segment import segment
+
+        self._require("segment")
+        kwargs.setdefault("model_name", self.card.name)
+        return segment(self.module, source, _classes(classes), out, **kwargs)
+
+    def build_index(self, sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+                    **kwargs: Any) -> Any:
+        """Embed images, folders and every tile of rasters into an index at ``out``
+        (:func:`rsvl.tasks.search.build`: ``tile``, ``gsd``, ``overwrite``...)."""
+        from rsvl.tasks.search import build
+
+        self._require("search")
+        return build(self.module, sources, out, **kwargs)
+
+    def search(self, index: str | os.PathLike[str], text: str | None = None, *,
+               image: str | os.PathLike[str] | None = None, k: int = 10, **kwargs: Any) -> Any:
+        """The ``k`` entries of an index built with this model closest to ``text`` or to an
+        ``image`` file (:func:`rsvl.tasks.search.search`)."""
+        from rsvl.tasks.search import search
+
+        self._require("search")
+        return search(index, text, image=image, k=k, model=self.module, **kwargs)
+
+
+def _cards_for(task: str) -> list[Any]:
+    from rsvl.models.registry import list_cards
+
+    return list_cards(task=task)
+
+
+def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device: str = "cpu", **kwargs: Any) -> Model:
+    """Load a registered model by name (``rsvl models`` lists them) as a :class:`Model`.
 
     ``weights`` is a local checkpoint to use instead of the card's file (nothing is
     downloaded then). Unknown names raise :class:`rsvl.errors.UnknownModelError` with close
@@ -31,7 +163,7 @@ def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device
         raise UnknownModelError(f"model {card.name} has no loader yet.", hint="Run `rsvl models` to see what loads.")
     module, _, func = card.loader.partition(":")
     loader = getattr(importlib.import_module(module), func)
-    model = loader(card, weights=weights, device=device, **kwargs)
-    if not getattr(model, "name", None):
-        model.name = card.name
-    return model
+    net = loader(card, weights=weights, device=device, **kwargs)
+    if not getattr(net, "name", None):
+        net.name = card.name
+    return Model(net, card)

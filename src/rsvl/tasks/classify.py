@@ -153,6 +153,51 @@ def classify(
                             progress=progress)
 
 
+def classify_arrays(
+    model: Any,
+    images: Sequence[np.ndarray],
+    classes: Sequence[ClassSpec],
+    *,
+    templates: str | Sequence[str] | None = None,
+    top_k: int = 5,
+    batch_size: int = 16,
+    names: Sequence[str] | None = None,
+) -> ClassifyResult:
+    """Classify in-memory images: uint8 arrays (H, W, 3) or (3, H, W), or PIL images."""
+    from rsvl.errors import PromptError
+
+    if not len(images):
+        raise PromptError("no images given.", hint="Pass one or more (H, W, 3) uint8 arrays.")
+    clf = ZeroShotClassifier(model, classes, templates)
+    chw = [_as_chw(np.asarray(im), i) for i, im in enumerate(images)]
+    sources = list(names) if names is not None else [f"image[{i}]" for i in range(len(chw))]
+    preds: list[Prediction] = []
+    for i in range(0, len(chw), batch_size):
+        batch = np.stack([_square(a, model.image_size) for a in chw[i : i + batch_size]])
+        preds += clf.predictions(sources[i : i + batch_size], clf.scores(batch), top_k)
+    settings = {"task": "classify", "model": getattr(model, "name", type(model).__name__),
+                "prompt": format_class_list(classes), "templates": list(clf.templates)}
+    return ClassifyResult([c.name for c in classes], preds, settings=settings)
+
+
+def _as_chw(a: np.ndarray, i: int) -> np.ndarray:
+    from rsvl.errors import BandSelectionError
+
+    if a.ndim == 2:
+        a = np.repeat(a[None], 3, axis=0)
+    elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] not in (3, 4):
+        a = a[..., :3].transpose(2, 0, 1)
+    elif a.ndim == 3 and a.shape[0] == 4:
+        a = a[:3]
+    if a.ndim != 3 or a.shape[0] != 3:
+        raise BandSelectionError(f"image {i} has shape {a.shape}, not (H, W, 3) or (3, H, W).",
+                                 hint="Pass RGB images; select three bands of multispectral data first.")
+    if a.dtype != np.uint8:
+        raise BandSelectionError(f"image {i} is {a.dtype}, not uint8.",
+                                 hint="Scale it to 0-255 uint8 first, or pass a file path and let rsvl stretch it.")
+    return np.ascontiguousarray(a)
+
+
 def _square(rgb: np.ndarray, size: int) -> np.ndarray:
     """Images of any shape -> (3, size, size): resize the short side, centre crop (CLIP's way)."""
     import torch
