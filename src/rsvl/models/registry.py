@@ -130,7 +130,8 @@ REGISTRY: dict[str, ModelCard] = {}
 
 #: torch-free modules of other families that register their cards when imported; they are
 #: imported on the first lookup so that ``rsvl models`` lists every family without torch
-CARD_MODULES: list[str] = ["rsvl.models.mini_card", "rsvl.models.sam_cards", "rsvl.models.prompter_cards"]
+CARD_MODULES: list[str] = ["rsvl.models.mini_card", "rsvl.models.sam_cards", "rsvl.models.prompter_cards",
+                          "rsvl.models.refer_cards"]
 _card_modules_loaded: set[str] = set()
 
 
