@@ -352,3 +352,25 @@ def test_bundled_weights(net, monkeypatch):
     with pytest.raises(WeightsNotFoundError, match="reinstall"):
         weights.resolve_weights(missing)
     assert net.calls == []
+
+
+def test_unpublished_weights_say_how_to_get_them(net, monkeypatch):
+    registry.list_cards()
+    monkeypatch.setattr(registry, "REGISTRY", dict(REGISTRY))
+    card = ModelCard(
+        name="unpub-test", family="fianet", architecture="x", licence="unknown", description="x",
+        source=WeightsSource(filename="unpub.pth", unpublished="Train it with `rsvl train refer`."),
+    )
+    register(card)
+    assert card.source.download_url is None
+    with pytest.raises(WeightsNotFoundError, match="publish no weights") as e:
+        weights.resolve_weights(card)
+    assert "rsvl train refer" in e.value.hint and str(weights.cache_path(card)) in e.value.hint
+    assert net.calls == []  # nothing was downloaded
+    placed = weights.cache_path(card)
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"trained here")
+    assert weights.resolve_weights(card) == placed
+    assert weights.is_available_offline(card)
+    with pytest.raises(ValueError, match="exactly one"):
+        WeightsSource(filename="x", unpublished="y", url="https://example.org/x")

@@ -30,7 +30,7 @@ def models(
             "architecture": card.architecture,
             "tasks": list(card.tasks),
             "licence": card.licence,
-            "source": src.download_url if getattr(src, "download_url", None) else (src.bundled or ""),
+            "source": src.download_url if getattr(src, "download_url", None) else (src.bundled or ("unpublished" if src.unpublished else "")),
             "revision": src.revision,
             "sha256": card.sha256,
             "available_offline": bool(is_available_offline(card)),

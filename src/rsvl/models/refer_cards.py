@@ -68,7 +68,12 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
             f"FIANet (lavt_one): Swin-B window 12 + bert-base-uncased x3 passes, "
             f"PWAM + OPAB + channel gate per stage, TMEM x{d['num_tmem']}, LAVT decoder"
         ),
-        source=WeightsSource(filename=d["filename"], bundled=f"unpublished/{d['filename']}"),
+        source=WeightsSource(
+            filename=d["filename"],
+            unpublished="The FIANet authors publish no trained weights: train one with "
+            "`rsvl train refer --model fianet` or get a checkpoint from the authors "
+            "(with bert-base-uncased's vocab.txt beside it).",
+        ),
         licence="Not stated: the upstream README (Shaosifan/FIANet) names no licence; "
         "no weights are published",
         description=(

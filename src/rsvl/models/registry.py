@@ -38,12 +38,14 @@ KNOWN_TASKS = ("classify", "search", "segment", "refer", "instances", "chat")
 class WeightsSource:
     """Where a checkpoint comes from.
 
-    Exactly one of ``hf_repo``, ``url`` or ``bundled`` is set.
+    Exactly one of ``hf_repo``, ``url``, ``bundled`` or ``unpublished`` is set.
 
     * ``hf_repo`` + ``hf_filename`` (+ ``revision``): a Hugging Face Hub file.
     * ``url``: a plain HTTPS download; with ``archive_member`` the download is a zip from which
       that member (matched by its base name) is extracted.
     * ``bundled``: a path relative to the installed ``rsvl`` package (built-in models).
+    * ``unpublished``: the authors publish no weights; the text says how to get a file
+      (train it, ask the authors). rsvl loads it from ``--weights`` or from its cache.
 
     ``filename`` is the name the file gets in rsvl's cache
     (``$RSVL_CACHE/<card name>/<filename>``) and the name users are told to place.
@@ -56,12 +58,13 @@ class WeightsSource:
     url: str | None = None
     archive_member: str | None = None
     bundled: str | None = None
+    unpublished: str | None = None
 
     def __post_init__(self) -> None:
-        kinds = [k for k in (self.hf_repo, self.url, self.bundled) if k]
+        kinds = [k for k in (self.hf_repo, self.url, self.bundled, self.unpublished) if k]
         if len(kinds) != 1:
             raise ValueError(
-                f"WeightsSource({self.filename!r}) needs exactly one of hf_repo, url or bundled"
+                f"WeightsSource({self.filename!r}) needs exactly one of hf_repo, url, bundled or unpublished"
             )
         if self.archive_member and not self.url:
             raise ValueError("archive_member only applies to url sources")
@@ -130,8 +133,12 @@ REGISTRY: dict[str, ModelCard] = {}
 
 #: torch-free modules of other families that register their cards when imported; they are
 #: imported on the first lookup so that ``rsvl models`` lists every family without torch
-CARD_MODULES: list[str] = ["rsvl.models.mini_card", "rsvl.models.sam_cards", "rsvl.models.prompter_cards",
-                          "rsvl.models.refer_cards"]
+CARD_MODULES: list[str] = [
+    "rsvl.models.mini_card",
+    "rsvl.models.sam_cards",
+    "rsvl.models.prompter_cards",
+    "rsvl.models.refer_cards",
+]
 _card_modules_loaded: set[str] = set()
 
 

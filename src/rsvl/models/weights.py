@@ -68,6 +68,11 @@ def sha256_file(path: str | Path) -> str:
 def _fetch_instructions(card: ModelCard) -> str:
     src = card.source
     target = cache_path(card)
+    if src.unpublished:
+        return (
+            f"{src.unpublished} Then pass --weights PATH, or place the file as {target} "
+            "(set RSVL_CACHE to use another cache folder)."
+        )
     if src.bundled:
         return (
             f"The file ships with rsvl ({src.bundled} inside the package): reinstall rsvl, "
@@ -256,6 +261,8 @@ def fetch(card: ModelCard | str, *, force: bool = False) -> Path:
     final = cache_path(card)
     if final.is_file() and not force:
         return _check_cached(card, final)
+    if card.source.unpublished:
+        raise _missing(card, "its authors publish no weights, so there is nothing to download")
     if is_offline():
         raise _missing(
             card, "offline mode is on (RSVL_OFFLINE / HF_HUB_OFFLINE) and it is not cached"
