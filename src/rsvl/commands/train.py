@@ -20,6 +20,7 @@ train_app = typer.Typer(
 
 #: order here is the order in `rsvl train --help`
 TRAIN_MODULES: list[str] = [
+    "rsvl.commands.train_clip",
 ]
 
 
