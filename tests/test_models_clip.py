@@ -500,3 +500,22 @@ def test_dense_features_resnet():
     assert torch.allclose(dense.norm(dim=1), torch.ones(2, 2, 2), atol=1e-5)
     assert (cls - model.encode_image(images)).abs().max() <= TOL
     assert model.dense_features(_images(1, 96)).shape == (1, 32, 3, 3)
+
+
+def test_bare_open_clip_architecture_loads_with_weights(vit, tmp_path, monkeypatch):
+    """`--model ARCH --weights FILE`: what `rsvl train clip` writes from a bare architecture."""
+    from open_clip import factory
+
+    import rsvl
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-Test-ViT", copy.deepcopy(VIT_CFG))
+    path = _save(vit.state_dict(), tmp_path / "final.pt", "farslip")
+    model = rsvl.load("tiny-test-vit-quickgelu", weights=path)
+    assert model.card.architecture == "Tiny-Test-ViT" and model.card.quick_gelu and model.card.image_size == 32
+    images = _images(2, 32)
+    assert (model.encode_image(images) - _ref_image(vit, images, model.card)).abs().max() <= TOL
+    assert (model.encode_text(TEXTS) - _ref_text(vit, TEXTS)).abs().max() <= TOL
+    with pytest.raises(UnknownModelError, match="Unknown model"):
+        rsvl.load("tiny-test-vit")  # without weights an architecture is not a model
+    with pytest.raises(UnknownModelError, match="Unknown model"):
+        rsvl.load("no-such-arch", weights=path)

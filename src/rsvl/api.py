@@ -140,6 +140,26 @@ class Model:
         return search(index, text, image=image, k=k, model=self.module, **kwargs)
 
 
+def _architecture_card(name: str, weights: str | Path | None) -> Any:
+    """A card for a bare open_clip architecture when a checkpoint is given (``--model
+    ViT-S-32 --weights final.pt``, e.g. the output of ``rsvl train clip``)."""
+    if weights is None:
+        return None
+    import open_clip
+
+    from rsvl.models.registry import open_clip_architecture_card
+
+    card = open_clip_architecture_card(name, list(open_clip.list_models()))
+    if card is None:
+        return None
+    from dataclasses import replace
+
+    cfg = open_clip.get_model_config(card.architecture) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size", card.image_size)
+    ctx = cfg.get("text_cfg", {}).get("context_length", card.context_length)
+    return replace(card, image_size=int(size if isinstance(size, int) else size[0]), context_length=ctx)
+
+
 def _cards_for(task: str) -> list[Any]:
     from rsvl.models.registry import list_cards
 
@@ -150,13 +170,20 @@ def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device
     """Load a registered model by name (``rsvl models`` lists them) as a :class:`Model`.
 
     ``weights`` is a local checkpoint to use instead of the card's file (nothing is
-    downloaded then). Unknown names raise :class:`rsvl.errors.UnknownModelError` with close
+    downloaded then); with ``weights``, ``name`` may also be a bare open_clip architecture
+    (``"ViT-S-32"``, ``"ViT-B-16-quickgelu"``). Unknown names raise :class:`rsvl.errors.UnknownModelError` with close
     matches; missing weights raise :class:`rsvl.errors.WeightsNotFoundError` saying which
     file to place where.
     """
+    from rsvl.errors import UnknownModelError
     from rsvl.models.registry import get_card
 
-    card = get_card(name)
+    try:
+        card = get_card(name)
+    except UnknownModelError:
+        card = _architecture_card(name, weights)
+        if card is None:
+            raise
     if not card.loader:
         from rsvl.errors import UnknownModelError
 

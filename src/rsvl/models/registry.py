@@ -204,6 +204,31 @@ def get_card(name: str | ModelCard) -> ModelCard:
     )
 
 
+def open_clip_architecture_card(arch: str, known: list[str]) -> ModelCard | None:
+    """An unregistered card for a bare open_clip architecture name (``ViT-S-32``,
+    ``ViT-B-16-quickgelu``), for checkpoints the user trained (``rsvl train clip``) and
+    loads with ``--weights``; None when ``arch`` is not in ``known`` (open_clip's list)."""
+    base = arch.strip()
+    quick = base.lower().endswith("-quickgelu")
+    if quick:
+        base = base[: -len("-quickgelu")]
+    match = next((k for k in known if k.lower() == base.lower()), None)
+    if match is None:
+        return None
+    return ModelCard(
+        name=_normalise(arch),
+        family="clip",
+        architecture=match,
+        quick_gelu=quick,
+        source=WeightsSource(filename=f"{match}.pt", unpublished="A bare open_clip architecture has no weights file of its own."),
+        licence="as the checkpoint's",
+        description=f"open_clip {match} from a local checkpoint",
+        tasks=_CLIP_TASKS,
+        loader=_LOADER,
+        notes="Not a registered model: built from open_clip's architecture config and --weights.",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Built-in cards: published RS CLIPs (open_clip format) and the OpenAI baselines.
 # --------------------------------------------------------------------------------------------
