@@ -199,35 +199,95 @@ def ovss(
 
 @eval_app.command("refer")
 def refer(
-    predictions: Path = typer.Argument(..., help="Folder of predicted masks (PNG/TIFF/.npy), one per sample."),
-    ground_truth: Path = typer.Argument(..., help="Folder of ground-truth masks with the same file stems."),
-    size: int = typer.Option(480, "--size", help="Compare at size x size after NEAREST resizing (LAVT: 480); 0 = GT size."),
+    data: Path = typer.Argument(..., help="A REFER-format dataset root (RRSIS-D layout) with --model, or a folder of predicted masks."),
+    ground_truth: Path = typer.Argument(None, help="Mask-folder mode: folder of ground-truth masks with the same file stems."),
+    model: str = typer.Option(None, "--model", "-m", help="Run this referring model on DATA (e.g. mini-refer)."),
+    weights: Path = _WEIGHTS,
+    split: str = typer.Option("val", "--split", help="Dataset split (model mode)."),
+    size: int = typer.Option(480, "--size", help="Compare at size x size after NEAREST resizing (LAVT: 480); 0 = original size."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    limit: int = _LIMIT,
+    device: str = _DEVICE,
     as_json: bool = _JSON,
     out: Path = _OUT,
 ) -> None:
-    """Referring segmentation from mask files: mIoU, oIoU, Pr@0.5..0.9 (LAVT / FIANet)."""
-    from rsvl.eval.harness import run_refer
+    """Referring segmentation: mIoU, oIoU, Pr@0.5..0.9 (LAVT / FIANet), from a model or mask files."""
+    from rsvl.errors import PromptError
+    from rsvl.eval.harness import run_refer, run_refer_model
 
-    res = run_refer(predictions, ground_truth, size=size or None)
+    if ground_truth is not None:
+        if model is not None:
+            raise PromptError("Give either --model (with a dataset) or two mask folders, not both.",
+                              hint="rsvl eval refer DATA --model mini-refer, or rsvl eval refer PRED_DIR GT_DIR.")
+        res = run_refer(data, ground_truth, size=size or None)
+        title = f"referring {ground_truth.name}"
+    else:
+        if model is None:
+            raise PromptError("Nothing to evaluate: no --model and no ground-truth folder.",
+                              hint="rsvl eval refer DATA --model mini-refer, or rsvl eval refer PRED_DIR GT_DIR.")
+        from rsvl.eval.harness import open_refer_dataset, subset_indices
+
+        ds = open_refer_dataset(data, split)  # fail on the data before loading a model
+        n = len(subset_indices(len(ds), limit))
+        m = _load_model(model, weights, device)
+        with progress_bar(n, "refer") as advance:
+            res = run_refer_model(m, data, split=split, size=size or None, batch_size=batch_size,
+                                  limit=limit, model_name=model, weights=weights, progress=advance)
+        where = f"{size} px" if size else "original size"
+        title = f"referring {Path(data).name} ({split}, {where})"
     r = res.metrics
     rows = [("mIoU", r["mIoU"]), ("oIoU", r["oIoU"])] + [(k, v) for k, v in r.items() if k.startswith("Pr@")]
-    rows.append(("missing predictions", str(r["missing_predictions"])))
-    _finish(res, as_json, out, _table(f"referring {ground_truth.name}", rows))
+    if "missing_predictions" in r:
+        rows.append(("missing predictions", str(r["missing_predictions"])))
+    _finish(res, as_json, out, _table(title, rows))
 
 
 @eval_app.command("coco")
 def coco(
     ground_truth: Path = typer.Argument(..., help="COCO instances JSON (images, annotations, categories)."),
-    detections: Path = typer.Argument(..., help="COCO results JSON: a list of detections."),
-    iou_type: str = typer.Option("bbox", "--iou-type", help="bbox or segm."),
+    detections: Path = typer.Argument(None, help="COCO results JSON: a list of detections (or use --model)."),
+    iou_type: str = typer.Option("bbox", "--iou-type", help="bbox or segm (detections-file mode; --model reports both)."),
     max_dets: int = typer.Option(100, "--max-dets"),
+    model: str = typer.Option(None, "--model", "-m", help="Run this instance model (e.g. mini-instances) on the split's images."),
+    weights: Path = _WEIGHTS,
+    images: Path = typer.Option(None, "--images", help="Image folder (default: images/ or imgs/ next to the JSON)."),
+    split: str = typer.Option("val", "--split", help="Model mode: val or train of the seeded split `rsvl train instances` uses, or all."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", help="Model mode: the split's validation fraction."),
+    seed: int = typer.Option(0, "--seed", help="Model mode: the split's seed."),
+    save_detections: Path = typer.Option(None, "--save-detections", help="Model mode: also write the detections (COCO results JSON)."),
+    limit: int = _LIMIT,
+    device: str = _DEVICE,
     as_json: bool = _JSON,
     out: Path = _OUT,
 ) -> None:
-    """COCO AP, AP50, AP75, APs/m/l and per-class AP of a detections file."""
+    """COCO AP, AP50, AP75, APs/m/l and per-class AP of a detections file, or of a model run
+    over the images of the validation split (bbox and segm)."""
     from rsvl.errors import PromptError
     from rsvl.eval.harness import run_coco
 
+    if (detections is None) == (model is None):
+        raise PromptError("Give either a detections file or --model, not both or neither.",
+                          hint="rsvl eval coco GT.json DETS.json, or rsvl eval coco GT.json --model mini-instances.")
+    if model is not None:
+        from rsvl.eval.harness import run_coco_model
+        from rsvl.train.instances import open_coco, split_ids
+
+        ds = open_coco(ground_truth, images)  # fail on the data before loading a model
+        tr, va = split_ids(ds.image_ids, val_fraction, seed)
+        n = len({"val": va, "train": tr}.get(split, ds.image_ids))
+        n = min(n, limit) if limit else n
+        m = _load_model(model, weights, device)
+        with progress_bar(n, "coco") as advance:
+            res = run_coco_model(m, ground_truth, images=images, split=split, val_fraction=val_fraction,
+                                 seed=seed, limit=limit, max_dets=max_dets, model_name=model, weights=weights,
+                                 detections_out=save_detections, progress=advance)
+        rows = []
+        for kind in ("bbox", "segm"):
+            r = res.metrics[kind]
+            rows += [(f"{kind} {k}", r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        rows += [(f"  segm AP {k}", v) for k, v in res.metrics["segm"]["per_class"].items()]
+        _finish(res, as_json, out, _table(f"COCO {Path(ground_truth).name} ({split}, {model})", rows))
+        return
     if iou_type not in ("bbox", "segm"):
         raise PromptError(f"--iou-type {iou_type!r} is not bbox or segm.")
     res = run_coco(ground_truth, detections, iou_type=iou_type, max_dets=max_dets)

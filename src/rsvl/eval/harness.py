@@ -50,8 +50,10 @@ __all__ = [
     "open_segmentation_dataset",
     "prompt_name",
     "run_coco",
+    "run_coco_model",
     "run_ovss",
     "run_refer",
+    "run_refer_model",
     "run_retrieval",
     "run_zeroshot",
     "subset_indices",
@@ -787,6 +789,117 @@ def run_refer(
     return EvalResult("refer", metrics, settings)
 
 
+REFER_DATA_LAYOUT = ("a REFER-format root (RRSIS-D layout: ROOT/rrsisd/refs(unc).p, "
+                     "ROOT/rrsisd/instances.json, ROOT/images/rrsisd/JPEGImages/; e.g. written by "
+                     "python -m rsvl.data.refgen) or a RefSegRS root (images/, masks/, "
+                     "output_phrase_<split>.txt)")
+
+
+def open_refer_dataset(path: str | Path, split: str = "val") -> Any:
+    """An RRSIS-D (REFER) or RefSegRS dataset of ``split``, told apart by the layout."""
+    from rsvl.data.refer import RRSISD, RefSegRS
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder.", hint=f"Expected {REFER_DATA_LAYOUT}.")
+    if (root / "output_phrase_train.txt").is_file() or (root / f"output_phrase_{split}.txt").is_file():
+        return RefSegRS(root, split)
+    return RRSISD(root, split)
+
+
+def run_refer_model(
+    model: Any,
+    data: str | Path,
+    *,
+    split: str = "val",
+    size: int | None = 480,
+    batch_size: int = 8,
+    limit: int | None = None,
+    thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9),
+    model_name: str | None = None,
+    weights: str | Path | None = None,
+    progress: Progress = None,
+) -> EvalResult:
+    """Run a referring model on a dataset split and score it as LAVT / FIANet's ``test.py``.
+
+    Each image is resized to ``model.image_size`` squared (bilinear) and normalised with the
+    model's mean/std; the 2-class logits are bilinearly resized to the comparison size and
+    arg-maxed. ``size`` = 480 compares at 480x480 with the ground truth NEAREST-resized
+    (upstream); None compares at each image's original size. One sentence is one sample;
+    mIoU, oIoU and Pr@X come from :class:`rsvl.eval.metrics.ReferringAccumulator`.
+    """
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from rsvl.eval.metrics import ReferringAccumulator
+
+    t0 = time.perf_counter()
+    ds = open_refer_dataset(data, split)
+    idx = subset_indices(len(ds), limit)
+    if len(idx) == 0:
+        raise DatasetError(f"{data}: split {split!r} has no samples.", hint=f"Expected {REFER_DATA_LAYOUT}.")
+    S = int(model.image_size)
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1)
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    acc = ReferringAccumulator(thresholds)
+    per_sample: dict[str, float] = {}
+    if hasattr(model, "eval"):
+        model.eval()
+    for start in range(0, len(idx), batch_size):
+        samples = [ds[int(i)] for i in idx[start : start + batch_size]]
+        images = []
+        for s in samples:
+            try:
+                with Image.open(s.image_path) as im:
+                    rgb = im.convert("RGB").resize((S, S), Image.BILINEAR)
+            except (FileNotFoundError, OSError) as exc:
+                raise DatasetError(f"cannot read image {s.image_path}: {exc}",
+                                   hint=f"Expected {REFER_DATA_LAYOUT}.") from exc
+            images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
+        x = ((torch.stack(images).float() / 255.0 - mean) / std).to(device)
+        text = {k: v.to(device) for k, v in model.tokenize([s.sentence for s in samples]).items()}
+        with torch.no_grad():
+            logits = model(x, text).float().cpu()
+        for s, lg in zip(samples, logits, strict=True):
+            if size is None:
+                target = tuple(s.mask.shape)
+                gt = s.mask
+            else:
+                target = (size, size)
+                gt = np.asarray(Image.fromarray(s.mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
+            if tuple(lg.shape[-2:]) != target:
+                lg = F.interpolate(lg[None], size=target, mode="bilinear", align_corners=False)[0]
+            pred = lg.argmax(0).numpy().astype(bool)
+            per_sample[f"{s.ref_id}:{s.sent_id}"] = acc.update(pred, gt)
+        if progress is not None:
+            progress(len(samples))
+    metrics: dict[str, Any] = dict(acc.compute())
+    metrics["per_sample"] = per_sample
+    settings = _base_settings("refer", data)
+    settings.update(model_settings(model, model_name, weights))
+    settings.update({
+        "split": split,
+        "size": size,
+        "compare": "at size x size, ground truth NEAREST-resized (LAVT/FIANet)" if size else
+        "at each image's original size (logits bilinearly upsampled)",
+        "image_size": S,
+        "image_resize": "bilinear to image_size x image_size",
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "thresholds": list(thresholds),
+        "n_samples": len(idx),
+        "limit": limit,
+        "batch_size": batch_size,
+    })
+    settings["seconds"] = round(time.perf_counter() - t0, 3)
+    return EvalResult("refer", metrics, settings)
+
+
 def run_coco(
     ground_truth: str | Path, detections: str | Path, *, iou_type: str = "bbox", max_dets: int = 100
 ) -> EvalResult:
@@ -812,5 +925,73 @@ def run_coco(
             "n_detections": len(dets),
         }
     )
+    settings["seconds"] = round(time.perf_counter() - t0, 3)
+    return EvalResult("coco", metrics, settings)
+
+
+def run_coco_model(
+    model: Any,
+    ground_truth: str | Path,
+    *,
+    images: str | Path | None = None,
+    split: str = "val",
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    limit: int | None = None,
+    max_dets: int = 100,
+    model_name: str | None = None,
+    weights: str | Path | None = None,
+    detections_out: str | Path | None = None,
+    progress: Any = None,
+) -> EvalResult:
+    """Run an instance model (torchvision detection convention) over the images of a COCO
+    JSON and score it with pycocotools, bbox and segm. ``split``: "val" or "train" of the
+    seeded image split that ``rsvl train instances`` holds out
+    (:func:`rsvl.data.refgen.split_images`), or "all". Metrics are ``bbox`` and ``segm``
+    dicts as :func:`rsvl.eval.metrics.coco_evaluate` returns them."""
+    import torch
+
+    from rsvl.eval.metrics import coco_evaluate
+    from rsvl.train.instances import detections_to_coco, open_coco, read_rgb, split_ids, to_tensor
+
+    t0 = time.perf_counter()
+    if split not in ("val", "train", "all"):
+        raise DatasetError(f"--split {split!r} is not val, train or all.",
+                           hint="val is the split `rsvl train instances` never trains on.")
+    ds = open_coco(ground_truth, images)
+    train_ids, val_ids = split_ids(ds.image_ids, val_fraction, seed)
+    ids = {"val": val_ids, "train": train_ids, "all": list(ds.image_ids)}[split]
+    ids = [ids[i] for i in subset_indices(len(ids), limit)]
+    if not ids:
+        raise DatasetError(f"No images in the {split} split of {ground_truth}.",
+                           hint="Check --val-fraction, or use --split all.")
+    net = getattr(model, "module", model)
+    if hasattr(net, "eval"):
+        net.eval()
+    try:
+        device = next(net.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    dets: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for image_id in ids:
+            sample = ds.by_id(image_id)
+            out = net([to_tensor(read_rgb(sample.image)).to(device)])
+            dets += detections_to_coco(out, [image_id], ds.cat_ids)
+            if progress is not None:
+                progress(1)
+    gt = ds.subset(ids)
+    metrics = {iou: coco_evaluate(gt, dets, iou, max_dets=max_dets) for iou in ("bbox", "segm")}
+    if detections_out is not None:
+        p = Path(detections_out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.parent / f".{p.name}.tmp"
+        tmp.write_text(json.dumps(dets), encoding="utf-8")
+        os.replace(tmp, p)
+    settings = _base_settings("coco", ground_truth)
+    settings.update(model_settings(net, model_name, weights))
+    settings.update({"split": split, "val_fraction": val_fraction, "seed": seed,
+                     "n_samples": len(ids), "n_detections": len(dets), "max_dets": max_dets,
+                     "detections": None if detections_out is None else str(detections_out)})
     settings["seconds"] = round(time.perf_counter() - t0, 3)
     return EvalResult("coco", metrics, settings)

@@ -1,0 +1,387 @@
+"""Referring segmentation: "the ship closest to the bridge" -> the mask of that one object.
+
+Works with any model of the referring interface (mini-refer, FIANet): ``image_size``,
+``mean``/``std`` (0-1 scale), ``tokenize(list[str])`` and ``forward(images, text) ->
+(B, 2, S, S)`` logits. A window is resized to ``image_size`` squared (bilinear, as in
+training), normalised, and the softmax probability of class 1 ("referred") is resized back.
+
+* Small inputs (both sides <= ``tile``) go through whole.
+* Larger rasters are cut into tiles (:class:`rsvl.geo.TileGrid`, read with
+  :class:`rsvl.geo.RasterSource`, so memory depends on the tile, not the scene); every tile
+  proposes candidate objects, and the task returns the best one. The model only ever sees
+  one tile, so "the leftmost ..." is judged within a tile.
+
+Candidates are the 4-connected components of ``probability >= threshold`` with at least
+``min_pixels`` pixels; a candidate's **score** is its mean probability. With
+``keep="best"`` (default) only the best-scoring candidate is returned (a component that
+touches an inner tile edge, i.e. may be cut, ranks below one that does not); with
+``keep="all"`` every candidate is kept.
+
+Outputs, named from the prefix ``out``:
+
+* georeferenced raster: ``PREFIX_mask.tif`` (uint8, 1 = referred object, source CRS and
+  transform, expression/model/score in tags), ``PREFIX.gpkg`` (or .geojson / .parquet; one
+  polygon per kept object with expression, score and pixels, in the source CRS or
+  ``to_crs``), ``PREFIX_overlay.png`` (a preview) and ``PREFIX.json`` (the result);
+* plain image: ``PREFIX_mask.png`` (0/255), ``PREFIX_overlay.png``, ``PREFIX.geojson``
+  (polygons in pixel coordinates, x right, y down) and ``PREFIX.json``.
+
+Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsvl.errors import InputNotFoundError, OutputError, PromptError
+
+__all__ = ["Candidate", "ReferPredictor", "ReferResult", "find_candidates", "refer"]
+
+
+@dataclass
+class Candidate:
+    """One connected component of the thresholded probability, in working-grid pixels."""
+
+    score: float
+    pixels: int
+    row0: int
+    col0: int
+    mask: np.ndarray  # (h, w) bool crop starting at (row0, col0)
+    cut: bool = False  # touches an inner tile edge (may be part of a larger object)
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int]:
+        """(row0, col0, row1, col1), end exclusive."""
+        return self.row0, self.col0, self.row0 + self.mask.shape[0], self.col0 + self.mask.shape[1]
+
+
+@dataclass
+class ReferResult:
+    expression: str
+    found: bool
+    score: float
+    pixels: int
+    #: (minx, miny, maxx, maxy) of the kept object(s) in CRS units (pixels for plain images)
+    bounds: list[float] | None
+    candidates: int
+    tiles: int
+    outputs: dict[str, str]
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ReferPredictor:
+    """``predict(uint8 (B, 3, H, W)) -> (B, H, W)`` float32 probability of "referred"."""
+
+    def __init__(self, model: Any, expression: str, device: str | None = None) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.expression = check_expression(expression)
+        self.text = model.tokenize([self.expression])
+        self.size = int(model.image_size)
+        self.device = torch.device(device) if device else _model_device(model)
+        self.mean = torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        F = torch.nn.functional
+        x = torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0
+        b, _, h, w = x.shape
+        if (h, w) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        x = ((x - self.mean) / self.std).to(self.device)
+        text = {k: v.expand(b, *v.shape[1:]).to(self.device) for k, v in self.text.items()}
+        with torch.no_grad():
+            logits = self.model(x, text).float()
+            if tuple(logits.shape[-2:]) != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            prob = logits.softmax(1)[:, 1]
+        return prob.cpu().numpy().astype(np.float32)
+
+
+def _model_device(model: Any) -> Any:
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def check_expression(expression: str | None) -> str:
+    """The stripped expression; a PromptError when it is empty."""
+    if expression is None or not str(expression).strip():
+        raise PromptError("The referring expression is empty.",
+                          hint='Describe one object, e.g. "the ship closest to the bridge".')
+    return " ".join(str(expression).split())
+
+
+def find_candidates(prob: np.ndarray, valid: np.ndarray | None = None, *, threshold: float = 0.5,
+                    min_pixels: int = 16, row0: int = 0, col0: int = 0,
+                    inner_edges: tuple[bool, bool, bool, bool] = (False, False, False, False)) -> list[Candidate]:
+    """Connected components (4-connectivity) of ``prob >= threshold`` within ``valid``.
+
+    ``inner_edges`` = (top, bottom, left, right): which sides of this window are inside the
+    raster (a component touching one of them is marked ``cut``).
+    """
+    from scipy import ndimage
+
+    fg = prob >= threshold
+    if valid is not None:
+        fg &= valid
+    labels, n = ndimage.label(fg)
+    out: list[Candidate] = []
+    if n == 0:
+        return out
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    sums = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n + 1)
+    h, w = prob.shape
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or counts[i] < min_pixels:
+            continue
+        ys, xs = sl
+        top, bottom, left, right = inner_edges
+        cut = (top and ys.start == 0) or (bottom and ys.stop == h) or (left and xs.start == 0) \
+            or (right and xs.stop == w)
+        out.append(Candidate(score=float(sums[i] / counts[i]), pixels=int(counts[i]),
+                             row0=row0 + ys.start, col0=col0 + xs.start,
+                             mask=labels[sl] == i, cut=bool(cut)))
+    return out
+
+
+def _rank(c: Candidate) -> tuple[bool, float, int]:
+    return (not c.cut, c.score, c.pixels)
+
+
+def refer(
+    model: Any,
+    source: str | os.PathLike[str],
+    expression: str,
+    out: str | os.PathLike[str],
+    *,
+    tile: int = 1280,
+    overlap: int = 256,
+    batch_size: int = 1,
+    threshold: float = 0.5,
+    min_pixels: int = 16,
+    keep: str = "best",
+    bands: Sequence[int] | None = None,
+    gsd: float | None = None,
+    vector_format: str = "gpkg",
+    to_crs: str | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    model_name: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    predictor: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> ReferResult:
+    """Find the object ``expression`` refers to in ``source`` and write mask, polygon, overlay."""
+    from rasterio.windows import Window
+
+    from rsvl.geo.raster import RasterSource
+    from rsvl.geo.tiles import TileGrid
+
+    t0 = time.perf_counter()
+    expression = check_expression(expression)
+    if keep not in ("best", "all"):
+        raise PromptError(f"keep must be 'best' or 'all', not {keep!r}.")
+    if not 0.0 < threshold < 1.0:
+        raise PromptError(f"threshold must be between 0 and 1, got {threshold}.")
+    path = Path(source)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file.", hint="Check the path of the image or raster.")
+    prefix = Path(out)
+    if prefix.suffix.lower() in (".tif", ".tiff", ".png", ".gpkg", ".geojson", ".json"):
+        prefix = prefix.with_suffix("")
+    if not prefix.parent.exists():
+        raise OutputError(f"{prefix.parent}: output folder does not exist.", hint="Create it first.")
+    predict = predictor if predictor is not None else ReferPredictor(model, expression, device)
+
+    src = RasterSource(path, bands=bands, target_gsd=gsd)
+    try:
+        georef = src.crs is not None
+        vec_suffix = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}.get(vector_format.lower())
+        if vec_suffix is None:
+            raise OutputError(f"unknown vector format {vector_format!r}.", hint="Use gpkg, geojson or parquet.")
+        if not georef:
+            vec_suffix = ".geojson"
+        paths = {"mask": prefix.with_name(prefix.name + ("_mask.tif" if georef else "_mask.png")),
+                 "vector": prefix.with_name(prefix.name + vec_suffix),
+                 "overlay": prefix.with_name(prefix.name + "_overlay.png"),
+                 "json": prefix.with_name(prefix.name + ".json")}
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing and not overwrite:
+            raise OutputError(f"{existing[0]} exists.", hint="Pass --overwrite or choose another -o prefix.")
+
+        W, H = src.width, src.height
+        whole = W <= tile and H <= tile
+        candidates: list[Candidate] = []
+        n_tiles = 1
+        if whole:
+            rgb, valid = src.read(Window(0, 0, W, H))
+            prob = np.asarray(predict(rgb[None]))[0]
+            candidates = find_candidates(prob, valid, threshold=threshold, min_pixels=min_pixels)
+            if progress:
+                progress(1)
+        else:
+            grid = TileGrid(W, H, tile, overlap)
+            n_tiles = len(grid)
+            windows = list(grid)
+            with src.reader() as reader:
+                for i in range(0, len(windows), batch_size):
+                    chunk = windows[i : i + batch_size]
+                    reads = [reader.read(win) for _, _, win in chunk]
+                    probs = np.asarray(predict(np.stack([r[0] for r in reads])))
+                    for (_, _, win), (_, valid), prob in zip(chunk, reads, probs, strict=True):
+                        r0, c0 = int(win.row_off), int(win.col_off)
+                        edges = (r0 > 0, r0 + tile < H, c0 > 0, c0 + tile < W)
+                        found = find_candidates(prob, valid, threshold=threshold, min_pixels=min_pixels,
+                                                row0=r0, col0=c0, inner_edges=edges)
+                        if keep == "best" and found:
+                            found = [max(found + candidates, key=_rank)]
+                            candidates = []
+                        candidates.extend(found)
+                    if progress:
+                        progress(len(chunk))
+        n_candidates = len(candidates)
+        kept = sorted(candidates, key=_rank, reverse=True)[:1] if keep == "best" else candidates
+        if keep == "best" and not whole:
+            n_candidates = len(kept)  # tiles only keep their running best
+        outputs = _write_outputs(src, kept, paths, expression, georef, to_crs=to_crs,
+                                 model_name=model_name or getattr(model, "name", None),
+                                 threshold=threshold, tile=tile, overlap=overlap, overwrite=overwrite)
+        transform = src.transform
+        bounds = None
+        if kept:
+            r0 = min(c.row0 for c in kept)
+            c0 = min(c.col0 for c in kept)
+            r1 = max(c.bounds[2] for c in kept)
+            c1 = max(c.bounds[3] for c in kept)
+            if georef:
+                xs, ys = zip(transform * (c0, r0), transform * (c1, r1), strict=True)
+                bounds = [min(xs), min(ys), max(xs), max(ys)]
+            else:
+                bounds = [float(c0), float(r0), float(c1), float(r1)]
+        total = sum(c.pixels for c in kept)
+        score = float(sum(c.score * c.pixels for c in kept) / total) if total else 0.0
+        result = ReferResult(
+            expression=expression, found=bool(kept), score=score, pixels=int(total), bounds=bounds,
+            candidates=n_candidates, tiles=n_tiles, outputs={k: str(v) for k, v in outputs.items()},
+            seconds=round(time.perf_counter() - t0, 3),
+            settings={"model": model_name or getattr(model, "name", None), "source": str(path.resolve()),
+                      "crs": src.crs.to_string() if georef else None, "width": W, "height": H,
+                      "tile": tile, "overlap": overlap, "tiled": not whole, "threshold": threshold,
+                      "min_pixels": min_pixels, "keep": keep, "gsd": gsd, "bands": list(bands) if bands else None,
+                      "image_size": getattr(model, "image_size", None)},
+        )
+        _write_json(result.to_dict(), paths["json"])
+        result.outputs["json"] = str(paths["json"])
+        return result
+    finally:
+        src.close()
+
+
+def _write_json(doc: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _paint(target: np.ndarray, kept: Sequence[Candidate], scale: float = 1.0) -> None:
+    """Write the kept masks into ``target`` (value 1), optionally downscaled by ``scale``."""
+    for c in kept:
+        if scale == 1.0:
+            r0, c0, r1, c1 = c.bounds
+            target[r0:r1, c0:c1] |= c.mask.astype(target.dtype)
+            continue
+        ys, xs = np.nonzero(c.mask)
+        ty = np.clip(((ys + c.row0) * scale).astype(int), 0, target.shape[0] - 1)
+        tx = np.clip(((xs + c.col0) * scale).astype(int), 0, target.shape[1] - 1)
+        target[ty, tx] = 1
+
+
+def _write_outputs(src: Any, kept: Sequence[Candidate], paths: dict[str, Path], expression: str,
+                   georef: bool, *, to_crs: str | None, model_name: str | None, threshold: float,
+                   tile: int, overlap: int, overwrite: bool) -> dict[str, Path]:
+    from affine import Affine
+    from PIL import Image
+
+    from rsvl.geo.vectors import mask_to_polygon, write_vectors
+    from rsvl.tasks.render import overlay_png
+
+    W, H = src.width, src.height
+    transform = src.transform if georef else Affine.identity()
+    # mask raster (a disk-backed array: the scene never needs to be in memory at once)
+    with tempfile.TemporaryDirectory(dir=paths["mask"].parent, prefix=".rsvl-refer-") as tmpdir:
+        full = np.memmap(Path(tmpdir) / "mask.u8", dtype=np.uint8, mode="w+", shape=(H, W))
+        _paint(full, kept)
+        if georef:
+            from rsvl.geo.runner import write_geotiff_from_array
+
+            tags = {"rsvl_task": "refer", "expression": expression, "model": str(model_name),
+                    "threshold": str(threshold), "tile": str(tile), "overlap": str(overlap),
+                    "score": f"{_score(kept):.4f}", "values": "0 = other, 1 = referred object"}
+            if paths["mask"].exists() and overwrite:
+                paths["mask"].unlink()
+            write_geotiff_from_array(full.reshape(1, H, W), paths["mask"], crs=src.crs,
+                                     transform=src.transform, tags=tags,
+                                     descriptions=[f"referred: {expression}"])
+        else:
+            tmp = paths["mask"].with_name(f".{paths['mask'].name}.tmp")
+            Image.fromarray(np.asarray(full) * 255).save(tmp, format="PNG")
+            os.replace(tmp, paths["mask"])
+        del full
+    # polygons
+    import geopandas as gpd
+
+    rows, geoms = [], []
+    for rank, c in enumerate(sorted(kept, key=_rank, reverse=True)):
+        r0, c0, _, _ = c.bounds
+        geoms.append(mask_to_polygon(c.mask, transform * Affine.translation(c0, r0)))
+        rows.append({"expression": expression, "score": round(c.score, 6), "pixels": c.pixels,
+                     "rank": rank, "model": model_name})
+    gdf = gpd.GeoDataFrame(rows, geometry=geoms, crs=src.crs if georef else None) if rows else \
+        gpd.GeoDataFrame({"expression": [], "score": [], "pixels": [], "rank": [], "model": []},
+                         geometry=[], crs=src.crs if georef else None)
+    import warnings
+
+    with warnings.catch_warnings():  # plain images: pixel coordinates, no CRS on purpose
+        warnings.filterwarnings("ignore", message=".*crs.*was not provided", category=UserWarning)
+        write_vectors(gdf, paths["vector"], to_crs=to_crs if georef else None, overwrite=overwrite)
+    # overlay (the whole image, or a preview of at most 1024 pixels for large rasters)
+    scale = min(1.0, 1024.0 / max(W, H))
+    pw, ph = max(1, round(W * scale)), max(1, round(H * scale))
+    if scale == 1.0:
+        from rasterio.windows import Window
+
+        rgb, _ = src.read(Window(0, 0, W, H))
+    else:
+        rgb = src.read_preview(pw, ph)
+    small = np.zeros((ph, pw), dtype=np.uint8)
+    _paint(small, kept, scale)
+    labels = np.where(small > 0, 0, 255).astype(np.uint8)
+    title = expression if len(expression) <= 40 else expression[:37] + "..."
+    overlay_png(rgb, labels, [title], paths["overlay"], nodata=255, alpha=0.55,
+                title=f"score {_score(kept):.2f}" if kept else "not found")
+    return {k: v for k, v in paths.items() if k != "json"}
+
+
+def _score(kept: Sequence[Candidate]) -> float:
+    total = sum(c.pixels for c in kept)
+    return float(sum(c.score * c.pixels for c in kept) / total) if total else 0.0
