@@ -121,3 +121,16 @@ def test_build_index_and_search_round_trip(tmp_path):
     hits = m.search(tmp_path / "idx", image=folder / "1.png", k=2).hits
     assert hits[0].source.endswith("1.png") and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert len(m.search(tmp_path / "idx", "a forest", k=3).hits) == 3
+
+
+def test_refer_goes_to_a_referring_model(tmp_path):
+    clip = colour_model()
+    with pytest.raises(UnknownModelError, match="does not serve 'refer'") as e:
+        clip.refer("x.png", "the ship", tmp_path / "o")
+    assert "mini-refer" in e.value.hint
+    m = rsvl.load("mini-refer")
+    Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(tmp_path / "grey.png")
+    with pytest.raises(PromptError):
+        m.refer(tmp_path / "grey.png", "   ", tmp_path / "o")
+    res = m.refer(tmp_path / "grey.png", "the storage tank on the left", tmp_path / "o")
+    assert res.to_dict()["expression"] == "the storage tank on the left"

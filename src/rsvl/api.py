@@ -140,6 +140,17 @@ class Model:
         return search(index, text, image=image, k=k, model=self.module, **kwargs)
 
 
+    def refer(self, source: str | os.PathLike[str], expression: str, out: str | os.PathLike[str],
+              **kwargs: Any) -> Any:
+        """Referring segmentation: the object ``expression`` describes in an image or raster;
+        writes its mask, polygon and overlay (:func:`rsvl.tasks.refer.refer`)."""
+        from rsvl.tasks.refer import refer
+
+        self._require("refer")
+        kwargs.setdefault("model_name", self.card.name)
+        return refer(self.module, source, expression, out, **kwargs)
+
+
 def _architecture_card(name: str, weights: str | Path | None) -> Any:
     """A card for a bare open_clip architecture when a checkpoint is given (``--model
     ViT-S-32 --weights final.pt``, e.g. the output of ``rsvl train clip``)."""
