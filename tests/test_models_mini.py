@@ -55,7 +55,7 @@ def test_shipped_heads_are_small_and_documented() -> None:
     assert DEFAULT_WEIGHTS.is_file()
     assert DEFAULT_WEIGHTS.stat().st_size < 8 * 2**20
     card = json.loads((DEFAULT_WEIGHTS.parent / "card.json").read_text())
-    assert "rsvl.train.mini_clip" in card["training"]["command"]
+    assert card["training"]["command"].startswith("rsvl train mini-clip ")
     assert card["val"]["zero_shot_top1"] >= 85.0
 
 

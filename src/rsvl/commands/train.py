@@ -21,6 +21,7 @@ train_app = typer.Typer(
 #: order here is the order in `rsvl train --help`
 TRAIN_MODULES: list[str] = [
     "rsvl.commands.train_clip",
+    "rsvl.commands.train_mini_clip",
     "rsvl.commands.train_refer",
 ]
 

