@@ -1,7 +1,68 @@
-"""rsvl instances (being written)."""
+"""``rsvl instances IMAGE|FOLDER|RASTER``: instance segmentation (boxes, masks, polygons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from rsvl.commands.options import parse_bands
+from rsvl.console import emit_json, progress_bar
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("instances")(instances)
+
+
+def instances(
+    source: Path = typer.Argument(..., help="Image, folder of images, or georeferenced raster (GeoTIFF, COG, VRT...)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output prefix (a folder for a folder input; default: the input's name in the current folder)."),
+    model: str = typer.Option("mini-instances", "--model", "-m", help="Model name (see `rsvl models`)."),
+    weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
+    classes: str = typer.Option(None, "--classes", help="Keep only these classes, e.g. airplane,ship (default: all)."),
+    score: float = typer.Option(0.5, "--score", help="Minimum detection score."),
+    tile: int = typer.Option(768, "--tile", help="Tile size in pixels for rasters and large images."),
+    overlap: int = typer.Option(None, "--overlap", help="Tile overlap in pixels (default: a quarter of the tile)."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Tiles per model call."),
+    bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
+    gsd: float = typer.Option(None, "--gsd", help="Resample the raster to this GSD (metres) first; default: native."),
+    instance_tif: bool = typer.Option(False, "--instance-tif", help="Also write an instance-id GeoTIFF (0 = background)."),
+    vector_format: str = typer.Option("gpkg", "--vector-format", help="gpkg, geojson or parquet (rasters)."),
+    to_crs: str = typer.Option(None, "--to-crs", help="Reproject polygons, e.g. EPSG:4326."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Find object instances: PNG overlay + GeoJSON for images; polygons in the source CRS
+    (GeoPackage) and optionally an instance-id GeoTIFF for rasters."""
+    import rsvl
+    from rsvl.errors import InputNotFoundError
+    from rsvl.tasks.instances import instances as run_instances
+
+    if not source.exists():
+        raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
+    m = rsvl.load(model, weights=weights, device=device)
+
+    def progress(total: int):
+        return progress_bar(total, "instances", enabled=True)
+
+    result = run_instances(
+        m, source, out, classes=classes, score=score, tile=tile, overlap=overlap,
+        batch_size=batch_size, bands=parse_bands(bands), gsd=gsd, vector_format=vector_format,
+        to_crs=to_crs, instance_tif=instance_tif, overwrite=overwrite, progress=progress,
+        model_name=model,
+    )
+    results = result if isinstance(result, list) else [result]
+    if as_json:
+        doc = [r.to_dict() for r in results]
+        emit_json(doc if isinstance(result, list) else doc[0])
+        return
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for r in results:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items())) or "none"
+        console.print(f"{Path(r.source).name}: {r.instances} instance(s) ({counts}); "
+                      f"{r.tiles} tile(s), {r.seconds:.1f} s", markup=False)
+        for k, v in r.outputs.items():
+            console.print(f"  {k}: {v}", markup=False)

@@ -22,6 +22,7 @@ train_app = typer.Typer(
 TRAIN_MODULES: list[str] = [
     "rsvl.commands.train_clip",
     "rsvl.commands.train_mini_clip",
+    "rsvl.commands.train_instances",
     "rsvl.commands.train_refer",
 ]
 

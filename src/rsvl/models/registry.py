@@ -135,6 +135,7 @@ REGISTRY: dict[str, ModelCard] = {}
 #: imported on the first lookup so that ``rsvl models`` lists every family without torch
 CARD_MODULES: list[str] = [
     "rsvl.models.mini_card",
+    "rsvl.models.mini_instances_card",
     "rsvl.models.mini_refer_card",
     "rsvl.models.sam_cards",
     "rsvl.models.prompter_cards",
