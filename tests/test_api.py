@@ -134,3 +134,9 @@ def test_refer_goes_to_a_referring_model(tmp_path):
         m.refer(tmp_path / "grey.png", "   ", tmp_path / "o")
     res = m.refer(tmp_path / "grey.png", "the storage tank on the left", tmp_path / "o")
     assert res.to_dict()["expression"] == "the storage tank on the left"
+
+
+def test_instances_goes_to_an_instance_model(tmp_path):
+    with pytest.raises(UnknownModelError, match="does not serve 'instances'") as e:
+        colour_model().instances("x.png", tmp_path / "o")
+    assert "mini-instances" in e.value.hint

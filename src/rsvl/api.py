@@ -151,6 +151,18 @@ class Model:
         return refer(self.module, source, expression, out, **kwargs)
 
 
+    def instances(self, source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                  **kwargs: Any) -> Any:
+        """Instance segmentation of an image, folder or raster: every object as a polygon with
+        class and score (:func:`rsvl.tasks.instances.instances`: ``classes``, ``score``,
+        ``tile``, ``instance_tif``...)."""
+        from rsvl.tasks.instances import instances
+
+        self._require("instances")
+        kwargs.setdefault("model_name", self.card.name)
+        return instances(self.module, source, out, **kwargs)
+
+
 def _architecture_card(name: str, weights: str | Path | None) -> Any:
     """A card for a bare open_clip architecture when a checkpoint is given (``--model
     ViT-S-32 --weights final.pt``, e.g. the output of ``rsvl train clip``)."""
