@@ -191,3 +191,18 @@ def test_shipped_weights_find_objects_on_a_real_nwpu_val_image(tmp_path):
     res = instances(model, sample.image, tmp_path / "nwpu", score=0.3)
     assert res.instances >= 1
     assert set(res.counts) <= set(model.classes)
+
+
+def test_int8_export_round_trips_within_the_quantisation_step(tmp_path):
+    import torch
+
+    from rsvl.models.mini_instances import dequantize_state_dict, quantize_int8
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    back = dequantize_state_dict({"w": q, "w::scale": scale, "b": torch.ones(3)})
+    assert set(back) == {"w", "b"}
+    step = scale.view(-1, 1, 1, 1) / 2 + 1e-7
+    assert ((back["w"] - w).abs() <= step).all()

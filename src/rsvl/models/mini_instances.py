@@ -262,9 +262,39 @@ class MiniInstances(nn.Module):
         return {k: v for k, v in sd.items() if not k.startswith(FROZEN_PREFIXES)}
 
 
+#: suffix of the per-output-channel scale of an int8-quantised weight
+SCALE_SUFFIX = "::scale"
+#: weights with at least this many elements are stored as int8 when ``int8=True``
+INT8_MIN_NUMEL = 4096
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ~= q * scale[:, None, ...]``."""
+    w = weight.detach().float().cpu()
+    scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale.view(-1, *([1] * (w.dim() - 1)))).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo :func:`quantize_int8` for every ``NAME`` that has a ``NAME::scale``."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(SCALE_SUFFIX):
+            continue
+        scale = sd.get(k + SCALE_SUFFIX)
+        if scale is not None:
+            v = v.float() * scale.float().view(-1, *([1] * (v.dim() - 1)))
+        out[k] = v
+    return out
+
+
 def save_mini_instances(model: MiniInstances, path: str | Path, fp16: bool = True,
-                        extra: dict[str, Any] | None = None) -> Path:
-    """Write the trained parts as safetensors (config in the metadata), atomically."""
+                        extra: dict[str, Any] | None = None, int8: bool = False) -> Path:
+    """Write the trained parts as safetensors (config in the metadata), atomically.
+
+    ``int8``: large weight matrices and kernels as int8 with a per-output-channel scale
+    (what ships in the package: ~half the size of fp16); other floats as fp16 / fp32."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -272,10 +302,15 @@ def save_mini_instances(model: MiniInstances, path: str | Path, fp16: bool = Tru
     sd = {}
     for k, v in model.trainable_state_dict().items():
         v = v.detach().cpu()
-        if fp16 and v.is_floating_point():
+        if int8 and v.is_floating_point() and v.dim() >= 2 and v.numel() >= INT8_MIN_NUMEL:
+            q, scale = quantize_int8(v)
+            sd[k], sd[k + SCALE_SUFFIX] = q.contiguous(), scale.half().contiguous()
+            continue
+        if (fp16 or int8) and v.is_floating_point():
             v = v.half()
         sd[k] = v.contiguous()
-    meta = {"config": json.dumps(model.config.to_dict()), "format": "rsvl-mini-instances-1"}
+    meta = {"config": json.dumps(model.config.to_dict()),
+            "format": "rsvl-mini-instances-2" if int8 else "rsvl-mini-instances-1"}
     if extra:
         meta["extra"] = json.dumps(extra)
     tmp = path.with_name(path.name + ".tmp")
@@ -300,7 +335,7 @@ def load_mini_instances(weights: str | Path | None = None, device: str | torch.d
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = dequantize_state_dict({k: f.get_tensor(k) for k in f.keys()})
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointMismatchError(
             f"{path} is not a readable safetensors file ({exc}).",

@@ -2,7 +2,7 @@
 the road" -> mask), re-implemented after Lei et al., TGRS 2024 (Shaosifan/FIANet, ``lavt_one``).
 
 Architecture (module and parameter names follow the upstream checkpoint, which is the
-contract; see ``/work/shared/reference/farslip-fsvlm-fianet.md`` section 3):
+contract; see ``../shared/reference/farslip-fsvlm-fianet.md`` section 3):
 
 * ``text_encoder``: a transformers ``BertModel`` without pooler, run **three times** on the
   same token ids with three attention masks: the whole sentence (context, ``l``), the
