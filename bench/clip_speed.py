@@ -42,8 +42,8 @@ def main() -> None:
 
     import open_clip
 
-    from rsvl.models.clip import from_open_clip
-    from rsvl.models.mini import load_mini_clip
+    from rsvl.models.clip.model import from_open_clip
+    from rsvl.models.mini.clip import load_mini_clip
     from rsvl.models.registry import get_card
 
     rng = np.random.default_rng(0)

@@ -35,7 +35,7 @@ from rsvl.data.datasets import (
     segmentation_preset,
 )
 from rsvl.errors import DatasetError, InputNotFoundError, PromptError
-from rsvl.eval.metrics import ConfusionMatrix, retrieval_ground_truth
+from rsvl.metrics import ConfusionMatrix, retrieval_ground_truth
 
 SHARED = Path(__file__).parents[1] / "../shared/data"
 
@@ -143,7 +143,7 @@ def test_builtin_class_file_lookup():
 
 def test_classes_and_readers_do_not_import_torch():
     code = (
-        "import sys, rsvl.data.classes, rsvl.data.datasets, rsvl.eval.metrics; "
+        "import sys, rsvl.data.classes, rsvl.data.datasets, rsvl.metrics; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     src = Path(__file__).parents[1] / "src"

@@ -361,7 +361,7 @@ def test_bad_dataset_paths_name_the_expected_layout(tmp_path):
 
 @pytest.fixture
 def cli(monkeypatch):
-    from rsvl.commands import eval as eval_cmd
+    from rsvl.cli import eval as eval_cmd
 
     monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device: ColourModel())
     app = typer.Typer()

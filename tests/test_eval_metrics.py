@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rsvl.errors import DatasetError
-from rsvl.eval.metrics import (
+from rsvl.metrics import (
     ConfusionMatrix,
     ReferringAccumulator,
     coco_evaluate,

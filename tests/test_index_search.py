@@ -270,7 +270,7 @@ def test_cli_json_is_one_document(tmp_path, scene, pngs, monkeypatch):
     from typer.testing import CliRunner
 
     import rsvl.api
-    from rsvl.commands import index as cmd
+    from rsvl.cli import index as cmd
 
     model = FakeRGB()
     monkeypatch.setattr(rsvl.api, "load", lambda name, **kw: model if name == "fake-rgb" else FakeRGB(name))

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny():
-    from rsvl.models.mini_refer import tiny_mini_refer
+    from rsvl.models.mini.refer import tiny_mini_refer
 
     return tiny_mini_refer(32).eval()
 
@@ -63,7 +63,7 @@ def test_decoder_weights_round_trip_and_refuse_other_files(tiny, tmp_path):
     from safetensors.torch import save_file
 
     from rsvl.errors import CheckpointMismatchError, WeightsNotFoundError
-    from rsvl.models.mini_refer import load_decoder, save_decoder
+    from rsvl.models.mini.refer import load_decoder, save_decoder
 
     path = save_decoder(tiny.decoder, tmp_path / "d.safetensors", metadata={"val": {"mIoU": 0.1}}, half=False)
     dec = load_decoder(path)
@@ -82,7 +82,9 @@ def test_card_is_registered_for_refer():
 
     card = get_card("mini-refer")
     assert "refer" in card.tasks and card.image_size == 480
-    assert card.loader == "rsvl.models.mini_refer:load_mini_refer_card"
+    from rsvl.models import mini
+
+    assert card in mini.CARDS and mini.load(card).name == "mini-refer"
     assert card.source.bundled == "assets/mini-refer/decoder.safetensors"
 
 
@@ -90,7 +92,7 @@ def test_shipped_weights_beat_the_empty_and_full_baselines_on_real_val(tmp_path)
     """The shipped decoder on a few real (generated) NWPU val expressions."""
     from rsvl.data.refgen import main as refgen
     from rsvl.eval.harness import run_refer_model
-    from rsvl.models.mini_refer import DEFAULT_WEIGHTS, load_mini_refer
+    from rsvl.models.mini.refer import DEFAULT_WEIGHTS, load_mini_refer
     from rsvl.train.refer import reference_baselines
 
     coco = shared_data("nwpu_vhr10", "instances_train.json")

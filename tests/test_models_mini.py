@@ -12,7 +12,7 @@ import torch
 
 from rsvl.errors import BandSelectionError, PromptError, WeightsNotFoundError
 from rsvl.models.base import ImageTextModel
-from rsvl.models.mini import (
+from rsvl.models.mini.clip import (
     DEFAULT_WEIGHTS,
     HeadsConfig,
     MiniClip,
@@ -139,7 +139,7 @@ def test_dense_features_separate_a_real_mosaic(model: MiniClip) -> None:
 
 
 def test_training_loss_decreases_on_tiny_synthetic_data() -> None:
-    from rsvl.models.mini import CH8, CH16, CH32, POOLED_DIM, TEXT_DIM
+    from rsvl.models.mini.clip import CH8, CH16, CH32, POOLED_DIM, TEXT_DIM
     from rsvl.train.mini_clip import TrainConfig, fit_standardize, train_dense, train_global
 
     g = torch.Generator().manual_seed(0)

@@ -14,8 +14,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from rsvl.errors import CheckpointMismatchError, UnknownModelError
-from rsvl.models import prompter as rp
-from rsvl.models import sam as rs
+from rsvl.models.rsprompter import model as rp
+from rsvl.models.sam import model as rs
 
 TINY = rs.SamConfig(
     image_size=128,

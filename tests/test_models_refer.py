@@ -1,4 +1,4 @@
-"""FIANet (rsvl.models.refer) on tiny random models: checkpoint layout, the three masked BERT
+"""FIANet (rsvl.models.fianet.model) on tiny random models: checkpoint layout, the three masked BERT
 passes, pretrained initialisation from Swin / BERT files, parity of the Swin blocks with
 timm and of the text passes with transformers, and upstream's optimiser groups.
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
-from rsvl.models import refer as rf
-from rsvl.models.refer_text import text_role_masks
+from rsvl.models.fianet import model as rf
+from rsvl.data.refer_text import text_role_masks
 
 transformers = pytest.importorskip("transformers")
 timm_swin = pytest.importorskip("timm.models.swin_transformer")

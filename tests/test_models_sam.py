@@ -21,7 +21,7 @@ from rsvl.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from rsvl.models import sam as rs
+from rsvl.models.sam import model as rs
 
 sa = pytest.importorskip("segment_anything")
 transformers = pytest.importorskip("transformers")
@@ -472,7 +472,7 @@ def test_cards_are_registered_and_resolve(tmp_path):
     with pytest.raises(WeightsNotFoundError):
         rs.load_sam_model("sam-vit-b", weights=tmp_path / "absent.pth")
     other = next(c for c in list_cards() if c.family != "sam")
-    with pytest.raises(UnknownModelError, match="not SAM"):
+    with pytest.raises(UnknownModelError, match="not a sam model"):
         rs.load_sam_model(other.name, weights=tmp_path / "absent.pth")
 
 

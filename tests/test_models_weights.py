@@ -13,7 +13,8 @@ import pytest
 
 from rsvl.errors import UnknownModelError, WeightsNotFoundError
 from rsvl.models import registry, weights
-from rsvl.models.registry import REGISTRY, ModelCard, WeightsSource, get_card, list_cards, register
+from rsvl.models.cards import ModelCard, WeightsSource
+from rsvl.models.registry import REGISTRY, get_card, list_cards
 
 PAYLOAD = b"not really a checkpoint, but bytes with a known hash"
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -99,7 +100,7 @@ def test_builtin_cards():
     assert expected <= set(REGISTRY)
     for name in expected:
         card = REGISTRY[name]
-        assert card.family == "clip" and card.loader == "rsvl.models.clip:load_clip"
+        assert card.family == "clip" and card in registry.FAMILIES["clip"].CARDS
         assert card.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", card.sha256)
         rev = card.source.revision
         assert rev is None or re.fullmatch(r"[0-9a-f]{40}", rev)
@@ -120,30 +121,30 @@ def test_registry_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, rsvl.models.registry, rsvl.models.weights; print('torch' in sys.modules)"
+    code = "import sys, rsvl.models.cards, rsvl.models.weights; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_register(monkeypatch):
-    registry.list_cards()  # other families' card modules register into the real registry first
-    monkeypatch.setattr(registry, "REGISTRY", dict(REGISTRY))
+def test_registry_refuses_duplicate_and_misfiled_cards(monkeypatch):
+    import types
+
     card = ModelCard(
         name="mini-test",
-        family="mini-clip",
+        family="mini",
         architecture="tiny towers",
         source=WeightsSource(filename="heads.safetensors", bundled="assets/none.safetensors"),
         licence="Apache-2.0",
         description="x",
     )
-    register(card)
-    register(card)  # the same card twice is fine
-    assert registry.get_card("mini-test") is card
-    other = ModelCard(**{**card.__dict__, "description": "y"})
-    with pytest.raises(ValueError):
-        register(other)
-    register(other, replace=True)
-    assert registry.get_card("mini-test").description == "y"
+    monkeypatch.setattr(registry, "FAMILIES", {"mini": types.SimpleNamespace(CARDS=(card, card))})
+    with pytest.raises(ValueError, match="two model cards are named 'mini-test'"):
+        registry._collect()
+    monkeypatch.setattr(registry, "FAMILIES", {"clip": types.SimpleNamespace(CARDS=(card,))})
+    with pytest.raises(ValueError, match="says family 'mini'"):
+        registry._collect()
+    monkeypatch.setattr(registry, "FAMILIES", {"mini": types.SimpleNamespace(CARDS=(card,))})
+    assert registry._collect() == {"mini-test": card}
 
 
 def test_card_validation():
@@ -355,13 +356,10 @@ def test_bundled_weights(net, monkeypatch):
 
 
 def test_unpublished_weights_say_how_to_get_them(net, monkeypatch):
-    registry.list_cards()
-    monkeypatch.setattr(registry, "REGISTRY", dict(REGISTRY))
     card = ModelCard(
         name="unpub-test", family="fianet", architecture="x", licence="unknown", description="x",
         source=WeightsSource(filename="unpub.pth", unpublished="Train it with `rsvl train refer`."),
     )
-    register(card)
     assert card.source.download_url is None
     with pytest.raises(WeightsNotFoundError, match="publish no weights") as e:
         weights.resolve_weights(card)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rsvl.models.refer_text import (
+from rsvl.data.refer_text import (
     PP_GRAMMAR,
     REFSEGRS_CLASS_NAMES,
     RRSISD_CLASS_NAMES,

@@ -176,7 +176,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_shipped_weights_find_objects_on_a_real_nwpu_val_image(tmp_path):
     from rsvl.data.coco import CocoInstanceDataset
-    from rsvl.models.mini_instances import DEFAULT_WEIGHTS, load_mini_instances
+    from rsvl.models.mini.instances import DEFAULT_WEIGHTS, load_mini_instances
     from rsvl.train.instances import split_ids
 
     ann = shared_data("nwpu_vhr10", "instances_train.json")
@@ -196,7 +196,7 @@ def test_shipped_weights_find_objects_on_a_real_nwpu_val_image(tmp_path):
 def test_int8_export_round_trips_within_the_quantisation_step(tmp_path):
     import torch
 
-    from rsvl.models.mini_instances import dequantize_state_dict, quantize_int8
+    from rsvl.models.mini.instances import dequantize_state_dict, quantize_int8
 
     torch.manual_seed(0)
     w = torch.randn(64, 32, 3, 3)

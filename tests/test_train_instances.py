@@ -85,7 +85,7 @@ def test_tiny_model_trains_with_decreasing_loss_and_resumes(tmp_path):
     assert res2.last_loss is not None
 
     # the exported weights load and predict in the torchvision convention
-    from rsvl.models.mini_instances import load_mini_instances
+    from rsvl.models.mini.instances import load_mini_instances
 
     model = load_mini_instances(tmp_path / "run" / "model.safetensors")
     assert model.classes == ["airplane", "ship"]

@@ -48,7 +48,7 @@ def test_cli_trains_tiny_ucm_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     doc = json.loads(capsys.readouterr().out)
     assert 0.0 <= doc["val"]["zero_shot_top1"] <= 100.0 and "mean_recall" in doc["val"]
 
-    from rsvl.models.mini import MiniClip, load_heads
+    from rsvl.models.mini.clip import MiniClip, load_heads
 
     heads = load_heads(out)
     assert heads.config.pooling == "mean+max"

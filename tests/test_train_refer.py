@@ -98,7 +98,7 @@ def test_poly_schedule():
 def test_tiny_model_loss_decreases_through_the_lightning_module():
     import lightning as L
 
-    from rsvl.models.mini_refer import tiny_mini_refer
+    from rsvl.models.mini.refer import tiny_mini_refer
     from rsvl.train.refer import ReferLitModule
 
     model = tiny_mini_refer(32)
@@ -127,7 +127,7 @@ def test_tiny_model_loss_decreases_through_the_lightning_module():
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_train_refer_writes_weights_and_resumes(tmp_path, cached):
-    from rsvl.models.mini_refer import load_decoder, tiny_mini_refer
+    from rsvl.models.mini.refer import load_decoder, tiny_mini_refer
     from rsvl.train.refer import ReferTrainConfig, train_refer
 
     data = tmp_path / "data"
@@ -225,7 +225,7 @@ def test_eval_refer_model_matches_hand_computed_metrics(tmp_path):
 
 def test_eval_refer_cli_modes(tmp_path, capsys, monkeypatch):
     from rsvl.cli import main
-    from rsvl.commands import eval as eval_cmd
+    from rsvl.cli import eval as eval_cmd
 
     make_rrsisd(tmp_path / "data")
     monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device: LeftHalfModel())
@@ -240,7 +240,7 @@ def test_eval_refer_cli_modes(tmp_path, capsys, monkeypatch):
 
 def test_fianet_starts_from_swin_and_bert_not_random(monkeypatch, tmp_path):
     from rsvl.errors import WeightsNotFoundError
-    from rsvl.models import refer as fianet_module
+    from rsvl.models.fianet import model as fianet_module
     from rsvl.train.refer import build_model
 
     with pytest.raises(WeightsNotFoundError, match="Swin-B") as e:

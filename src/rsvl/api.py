@@ -16,11 +16,21 @@ network, so ``encode_image``, ``dense_features``, ``to`` and ``eval`` work as on
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from rsvl.data.classes import ClassSpec, parse_class_list
+from rsvl.errors import PromptError, UnknownModelError
+from rsvl.models import registry
+from rsvl.tasks import classify as task
+from rsvl.tasks.instances import instances
+from rsvl.tasks.refer import refer
+from rsvl.tasks.search import build, search
+from rsvl.tasks.segment import segment
 
 DEFAULT_MODEL = "mini-clip"
 
@@ -29,8 +39,6 @@ ClassesLike = Any  # "a|b, c" | ["a|b", "c"] | [ClassSpec, ...]
 
 def _classes(classes: ClassesLike) -> list[Any]:
     """Class-list syntax everywhere the same: inline text, a list of names, or ClassSpecs."""
-    from rsvl.data.classes import ClassSpec, parse_class_list
-    from rsvl.errors import PromptError
 
     if isinstance(classes, str):
         return parse_class_list(classes)
@@ -71,7 +79,6 @@ class Model:
         return f"rsvl.Model({self.card.name!r}, family={self.card.family!r}, tasks={list(self.card.tasks)})"
 
     def _require(self, task: str) -> None:
-        from rsvl.errors import UnknownModelError
 
         if task not in self.card.tasks:
             serving = ", ".join(c.name for c in _cards_for(task)) or "none yet"
@@ -97,13 +104,11 @@ class Model:
         arrays (H, W, 3) / PIL images, one or a list. ``classes``: ``"farmland|cropland,
         forest"``, ``["farmland|cropland", "forest"]`` or ClassSpecs; synonyms are max-pooled.
         """
-        from rsvl.tasks import classify as task
 
         self._require("classify")
         specs = _classes(classes)
         if isinstance(images, (str, os.PathLike)):
             return task.classify(self.module, images, specs, templates=templates, top_k=top_k, **kwargs)
-        import numpy as np
 
         one = not isinstance(images, (list, tuple)) and np.asarray(images).ndim in (2, 3)
         batch = [images] if one else list(images)
@@ -115,7 +120,6 @@ class Model:
         ``OUT_classes.tif``, ``OUT_confidence.tif``, polygons and an overlay
         (:func:`rsvl.tasks.segment.segment` lists the options: ``cls_lambda``, ``threshold``,
         ``gsd``, ``tile``, ``probabilities``...)."""
-        from rsvl.tasks.segment import segment
 
         self._require("segment")
         kwargs.setdefault("model_name", self.card.name)
@@ -125,7 +129,6 @@ class Model:
                     **kwargs: Any) -> Any:
         """Embed images, folders and every tile of rasters into an index at ``out``
         (:func:`rsvl.tasks.search.build`: ``tile``, ``gsd``, ``overwrite``...)."""
-        from rsvl.tasks.search import build
 
         self._require("search")
         return build(self.module, sources, out, **kwargs)
@@ -134,7 +137,6 @@ class Model:
                image: str | os.PathLike[str] | None = None, k: int = 10, **kwargs: Any) -> Any:
         """The ``k`` entries of an index built with this model closest to ``text`` or to an
         ``image`` file (:func:`rsvl.tasks.search.search`)."""
-        from rsvl.tasks.search import search
 
         self._require("search")
         return search(index, text, image=image, k=k, model=self.module, **kwargs)
@@ -144,7 +146,6 @@ class Model:
               **kwargs: Any) -> Any:
         """Referring segmentation: the object ``expression`` describes in an image or raster;
         writes its mask, polygon and overlay (:func:`rsvl.tasks.refer.refer`)."""
-        from rsvl.tasks.refer import refer
 
         self._require("refer")
         kwargs.setdefault("model_name", self.card.name)
@@ -156,37 +157,15 @@ class Model:
         """Instance segmentation of an image, folder or raster: every object as a polygon with
         class and score (:func:`rsvl.tasks.instances.instances`: ``classes``, ``score``,
         ``tile``, ``instance_tif``...)."""
-        from rsvl.tasks.instances import instances
 
         self._require("instances")
         kwargs.setdefault("model_name", self.card.name)
         return instances(self.module, source, out, **kwargs)
 
 
-def _architecture_card(name: str, weights: str | Path | None) -> Any:
-    """A card for a bare open_clip architecture when a checkpoint is given (``--model
-    ViT-S-32 --weights final.pt``, e.g. the output of ``rsvl train clip``)."""
-    if weights is None:
-        return None
-    import open_clip
-
-    from rsvl.models.registry import open_clip_architecture_card
-
-    card = open_clip_architecture_card(name, list(open_clip.list_models()))
-    if card is None:
-        return None
-    from dataclasses import replace
-
-    cfg = open_clip.get_model_config(card.architecture) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size", card.image_size)
-    ctx = cfg.get("text_cfg", {}).get("context_length", card.context_length)
-    return replace(card, image_size=int(size if isinstance(size, int) else size[0]), context_length=ctx)
-
-
 def _cards_for(task: str) -> list[Any]:
-    from rsvl.models.registry import list_cards
 
-    return list_cards(task=task)
+    return registry.list_cards(task=task)
 
 
 def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device: str = "cpu", **kwargs: Any) -> Model:
@@ -198,22 +177,6 @@ def load(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, device
     matches; missing weights raise :class:`rsvl.errors.WeightsNotFoundError` saying which
     file to place where.
     """
-    from rsvl.errors import UnknownModelError
-    from rsvl.models.registry import get_card
-
-    try:
-        card = get_card(name)
-    except UnknownModelError:
-        card = _architecture_card(name, weights)
-        if card is None:
-            raise
-    if not card.loader:
-        from rsvl.errors import UnknownModelError
-
-        raise UnknownModelError(f"model {card.name} has no loader yet.", hint="Run `rsvl models` to see what loads.")
-    module, _, func = card.loader.partition(":")
-    loader = getattr(importlib.import_module(module), func)
-    net = loader(card, weights=weights, device=device, **kwargs)
-    if not getattr(net, "name", None):
-        net.name = card.name
+    card = registry.resolve_card(name, weights)
+    net = registry.load(card, weights=weights, device=device, **kwargs)
     return Model(net, card)

@@ -353,7 +353,7 @@ class GenerationResult:
 def generate(coco: dict[str, Any], *, val_fraction: float = 0.15, seed: int = 0,
              group_sentences: bool = False) -> GenerationResult:
     """Generate refs (REFER format) for every image of ``coco``; deterministic in ``seed``."""
-    from rsvl.models.refer_text import word_tokenize
+    from rsvl.data.refer_text import word_tokenize
 
     images = {im["id"]: im for im in coco["images"]}
     by_image = _instances_by_image(coco)

@@ -1,7 +1,7 @@
 """Evaluation harness: benchmark protocols run end to end on a model and a dataset.
 
 Each ``run_*`` function opens a dataset in one of the supported layouts, runs the model as
-the protocol says, scores it with :mod:`rsvl.eval.metrics`, and returns an
+the protocol says, scores it with :mod:`rsvl.metrics`, and returns an
 :class:`EvalResult` holding every number and the full settings (model, weights and their
 sha256, templates, class names, split, protocol parameters, rsvl version, dataset path,
 number of samples, seconds). Nothing is random: samples are taken in the reader's order
@@ -12,7 +12,7 @@ Protocols (see ``../shared/reference/farslip-fsvlm-fianet.md`` 1.4, 1.5 and 3.4)
 - zero-shot classification: resize the short side, centre crop (``_square``), class-name
   embeddings averaged over templates; top-1, top-5, per-class accuracy and its mean.
 - retrieval: images deduplicated by path, texts by string; R@1/5/10 both directions and
-  mean recall (:func:`rsvl.eval.metrics.retrieval_recall`).
+  mean recall (:func:`rsvl.metrics.retrieval_recall`).
 - OVSS: mmseg ``Resize(scale, keep_ratio=True)``, sliding windows (crop, stride, windows
   clamped to the image edge), per-query cosine logits averaged over windows, bilinear
   upsampling to the label size, ``x logit_scale``, softmax over the queries, max over the
@@ -269,7 +269,7 @@ def run_zeroshot(
     progress: Progress = None,
 ) -> EvalResult:
     """Zero-shot scene classification (FarSLIP / SkyScript protocol); see module doc."""
-    from rsvl.eval.metrics import zeroshot_report
+    from rsvl.metrics import zeroshot_report
     from rsvl.tasks.classify import ZeroShotClassifier
 
     t0 = time.perf_counter()
@@ -378,7 +378,7 @@ def run_retrieval(
     import torch
 
     from rsvl.data.captions import RetrievalSet
-    from rsvl.eval.metrics import retrieval_recall
+    from rsvl.metrics import retrieval_recall
 
     t0 = time.perf_counter()
     ds, layout, used_split = open_caption_dataset(dataset_path, split, caption_key)
@@ -634,7 +634,7 @@ def run_ovss(
     progress: Progress = None,
 ) -> EvalResult:
     """Open-vocabulary semantic segmentation, RS-OVSS / SegEarth-OV protocol; see module doc."""
-    from rsvl.eval.metrics import ConfusionMatrix, segmentation_report
+    from rsvl.metrics import ConfusionMatrix, segmentation_report
     from rsvl.tasks.segment import DensePredictor
 
     t0 = time.perf_counter()
@@ -750,7 +750,7 @@ def run_refer(
     the prediction must have the same size. A GT without a prediction counts as an empty
     prediction (IoU 0), as a model that answered nothing.
     """
-    from rsvl.eval.metrics import ReferringAccumulator
+    from rsvl.metrics import ReferringAccumulator
 
     t0 = time.perf_counter()
     pred_files = _mask_files(Path(predictions), "Prediction folder")
@@ -826,13 +826,13 @@ def run_refer_model(
     model's mean/std; the 2-class logits are bilinearly resized to the comparison size and
     arg-maxed. ``size`` = 480 compares at 480x480 with the ground truth NEAREST-resized
     (upstream); None compares at each image's original size. One sentence is one sample;
-    mIoU, oIoU and Pr@X come from :class:`rsvl.eval.metrics.ReferringAccumulator`.
+    mIoU, oIoU and Pr@X come from :class:`rsvl.metrics.ReferringAccumulator`.
     """
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
-    from rsvl.eval.metrics import ReferringAccumulator
+    from rsvl.metrics import ReferringAccumulator
 
     t0 = time.perf_counter()
     ds = open_refer_dataset(data, split)
@@ -905,7 +905,7 @@ def run_coco(
 ) -> EvalResult:
     """COCO AP of a detections JSON (list of results) against a COCO instances JSON."""
     from rsvl.data._common import load_json
-    from rsvl.eval.metrics import coco_evaluate
+    from rsvl.metrics import coco_evaluate
 
     t0 = time.perf_counter()
     layout = "a COCO results JSON: [{'image_id', 'category_id', 'score', 'bbox' or 'segmentation'}]"
@@ -948,10 +948,10 @@ def run_coco_model(
     JSON and score it with pycocotools, bbox and segm. ``split``: "val" or "train" of the
     seeded image split that ``rsvl train instances`` holds out
     (:func:`rsvl.data.refgen.split_images`), or "all". Metrics are ``bbox`` and ``segm``
-    dicts as :func:`rsvl.eval.metrics.coco_evaluate` returns them."""
+    dicts as :func:`rsvl.metrics.coco_evaluate` returns them."""
     import torch
 
-    from rsvl.eval.metrics import coco_evaluate
+    from rsvl.metrics import coco_evaluate
     from rsvl.train.instances import detections_to_coco, open_coco, read_rgb, split_ids, to_tensor
 
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """The interface every image-text (CLIP-like) model in rsvl offers to the tasks.
 
-Published RS CLIPs (``rsvl.models.clip``) and the built-in mini-clip (``rsvl.models.mini``)
+Published RS CLIPs (``rsvl.models.clip.model``) and the built-in mini-clip (``rsvl.models.mini.clip``)
 both implement it, so classify / search / segment never care which family they run.
 
 Images cross this boundary as uint8 RGB arrays shaped (B, 3, H, W): the tasks and the

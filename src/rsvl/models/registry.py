@@ -1,181 +1,62 @@
-"""Model cards: what every model rsvl can run is, where its weights come from, and what it
-expects as input.
+"""The one registry of model families: every card, and ``build`` / ``load`` by name.
 
-A card is pure data (no torch import here, so ``import rsvl`` and ``rsvl models`` stay cheap).
-``rsvl.models.weights`` turns a card's :class:`WeightsSource` into a local file and the family
-module (``clip.py``, ``mini.py``, ``sam.py`` ...) builds the network.
+Each family is a package under ``rsvl.models`` (segment-anything's ``build_sam`` style) that
+exposes the same three names:
 
-Provenance rules for the built-in cards below:
+* ``CARDS``: its :class:`~rsvl.models.cards.ModelCard` objects (pure data, next to the builder);
+* ``build(name, **overrides)``: the architecture with random or initialised weights (what
+  training starts from);
+* ``load(card, weights=None, device="cpu", **options)``: the network with a checkpoint as
+  published (``weights`` is a local file; else the card's file from rsvl's cache or a download).
 
-* ``revision`` is a full 40-hex Hugging Face commit only where that commit was read from a
-  public source (tree / commit pages, or the snapshot path another project checked in). Where
-  no commit could be confirmed offline it is ``None`` (download follows ``main``) and the card's
-  ``notes`` say so.
-* ``sha256`` is ``None`` for every published checkpoint: none of the upstream projects publish
-  a checksum, and rsvl does not invent one. ``weights.fetch`` records the sha256 of what it
-  downloaded next to the file (``<file>.sha256``) so that a site can pin it.
+The families are imported here at module level: an import error in a family is a bug and
+surfaces at once, never as a silently shorter model list.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rsvl.errors import UnknownModelError
+from rsvl.models import clip, fianet, mini, rsprompter, sam
+from rsvl.models.cards import ModelCard
 
-#: OpenAI CLIP normalisation (used by every open_clip RS model at inference).
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-#: task names a card can serve (the ``tasks/`` layer keys on these)
-KNOWN_TASKS = ("classify", "search", "segment", "refer", "instances", "chat")
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where a checkpoint comes from.
-
-    Exactly one of ``hf_repo``, ``url``, ``bundled`` or ``unpublished`` is set.
-
-    * ``hf_repo`` + ``hf_filename`` (+ ``revision``): a Hugging Face Hub file.
-    * ``url``: a plain HTTPS download; with ``archive_member`` the download is a zip from which
-      that member (matched by its base name) is extracted.
-    * ``bundled``: a path relative to the installed ``rsvl`` package (built-in models).
-    * ``unpublished``: the authors publish no weights; the text says how to get a file
-      (train it, ask the authors). rsvl loads it from ``--weights`` or from its cache.
-
-    ``filename`` is the name the file gets in rsvl's cache
-    (``$RSVL_CACHE/<card name>/<filename>``) and the name users are told to place.
-    """
-
-    filename: str
-    hf_repo: str | None = None
-    hf_filename: str | None = None
-    revision: str | None = None
-    url: str | None = None
-    archive_member: str | None = None
-    bundled: str | None = None
-    unpublished: str | None = None
-
-    def __post_init__(self) -> None:
-        kinds = [k for k in (self.hf_repo, self.url, self.bundled, self.unpublished) if k]
-        if len(kinds) != 1:
-            raise ValueError(
-                f"WeightsSource({self.filename!r}) needs exactly one of hf_repo, url, bundled or unpublished"
-            )
-        if self.archive_member and not self.url:
-            raise ValueError("archive_member only applies to url sources")
-        if self.revision is not None and not self.hf_repo:
-            raise ValueError("revision only applies to Hugging Face sources")
-
-    @property
-    def repo_filename(self) -> str:
-        """Path of the file inside the Hugging Face repository."""
-        return self.hf_filename or self.filename
-
-    @property
-    def download_url(self) -> str | None:
-        """A URL a person can open in a browser to get the file (None for bundled weights)."""
-        if self.hf_repo:
-            rev = self.revision or "main"
-            return f"https://huggingface.co/{self.hf_repo}/resolve/{rev}/{self.repo_filename}"
-        return self.url
+#: family name -> package, in the order `rsvl models` lists them
+FAMILIES: dict[str, ModuleType] = {
+    "clip": clip,
+    "mini": mini,
+    "sam": sam,
+    "rsprompter": rsprompter,
+    "fianet": fianet,
+}
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """Everything rsvl knows about one model, independent of how it is built."""
-
-    name: str
-    family: str
-    #: e.g. the open_clip architecture name ("ViT-B-16", "RN50") or a free description
-    architecture: str
-    source: WeightsSource
-    licence: str
-    description: str
-    #: open_clip: build the towers with QuickGELU (OpenAI-initialised checkpoints)
-    quick_gelu: bool = False
-    sha256: str | None = None
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-    image_size: int = 224
-    #: text context length in tokens (None for models without a text tower)
-    context_length: int | None = 77
-    tasks: tuple[str, ...] = ("classify", "search")
-    #: provenance caveats: unpinned revision, inferred activation, protocol notes ...
-    notes: str = ""
-    #: "package.module:function" that builds the model from (card, weights path, device)
-    loader: str | None = None
-    #: free-form extra facts (published metrics, training data); not used for loading
-    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if not self.name or self.name != self.name.strip().lower():
-            raise ValueError(f"model card names are lower-case without spaces: {self.name!r}")
-        if self.sha256 is not None and (
-            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
-        ):
-            raise ValueError(f"{self.name}: sha256 must be 64 lower-case hex digits")
-        unknown = [t for t in self.tasks if t not in KNOWN_TASKS]
-        if unknown:
-            raise ValueError(f"{self.name}: unknown task(s) {unknown}; known: {KNOWN_TASKS}")
-
-    @property
-    def filename(self) -> str:
-        return self.source.filename
+def _collect() -> dict[str, ModelCard]:
+    cards: dict[str, ModelCard] = {}
+    for family, module in FAMILIES.items():
+        for card in module.CARDS:
+            if card.family != family:
+                raise ValueError(f"card {card.name!r} of package {family!r} says family {card.family!r}")
+            if card.name in cards:
+                raise ValueError(f"two model cards are named {card.name!r}")
+            cards[card.name] = card
+    return cards
 
 
-#: every registered card by name
-REGISTRY: dict[str, ModelCard] = {}
-
-#: torch-free modules of other families that register their cards when imported; they are
-#: imported on the first lookup so that ``rsvl models`` lists every family without torch
-CARD_MODULES: list[str] = [
-    "rsvl.models.mini_card",
-    "rsvl.models.mini_instances_card",
-    "rsvl.models.mini_refer_card",
-    "rsvl.models.sam_cards",
-    "rsvl.models.prompter_cards",
-    "rsvl.models.refer_cards",
-]
-_card_modules_loaded: set[str] = set()
+#: every card by name
+REGISTRY: dict[str, ModelCard] = _collect()
 
 
-def _load_card_modules() -> None:
-    for module in CARD_MODULES:
-        if module in _card_modules_loaded:
-            continue
-        _card_modules_loaded.add(module)
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # that family is not installed / not written yet
-            if exc.name != module:
-                raise
-
-
-def _normalise(name: str) -> str:
+def normalise_name(name: str) -> str:
+    """A model name as the registry keys it (lower case, ``_`` -> ``-``)."""
     return name.strip().lower().replace("_", "-")
-
-
-def register(card: ModelCard, *, replace: bool = False) -> ModelCard:
-    """Add ``card`` to the registry (other families call this when their module is imported).
-
-    Registering a different card under an existing name is a programming error unless
-    ``replace=True``; registering the identical card twice is a no-op.
-    """
-    existing = REGISTRY.get(card.name)
-    if existing is not None and existing != card and not replace:
-        raise ValueError(f"a different model card named {card.name!r} is already registered")
-    REGISTRY[card.name] = card
-    return card
 
 
 def list_cards(family: str | None = None, task: str | None = None) -> list[ModelCard]:
     """Registered cards sorted by name, optionally filtered by family and task."""
-    _load_card_modules()
     cards = sorted(REGISTRY.values(), key=lambda c: c.name)
     if family is not None:
         cards = [c for c in cards if c.family == family]
@@ -191,8 +72,7 @@ def get_card(name: str | ModelCard) -> ModelCard:
     """
     if isinstance(name, ModelCard):
         return name
-    _load_card_modules()
-    key = _normalise(name)
+    key = normalise_name(name)
     card = REGISTRY.get(key)
     if card is not None:
         return card
@@ -206,287 +86,52 @@ def get_card(name: str | ModelCard) -> ModelCard:
     )
 
 
-def open_clip_architecture_card(arch: str, known: list[str]) -> ModelCard | None:
-    """An unregistered card for a bare open_clip architecture name (``ViT-S-32``,
-    ``ViT-B-16-quickgelu``), for checkpoints the user trained (``rsvl train clip``) and
-    loads with ``--weights``; None when ``arch`` is not in ``known`` (open_clip's list)."""
-    base = arch.strip()
-    quick = base.lower().endswith("-quickgelu")
-    if quick:
-        base = base[: -len("-quickgelu")]
-    match = next((k for k in known if k.lower() == base.lower()), None)
-    if match is None:
-        return None
-    return ModelCard(
-        name=_normalise(arch),
-        family="clip",
-        architecture=match,
-        quick_gelu=quick,
-        source=WeightsSource(filename=f"{match}.pt", unpublished="A bare open_clip architecture has no weights file of its own."),
-        licence="as the checkpoint's",
-        description=f"open_clip {match} from a local checkpoint",
-        tasks=_CLIP_TASKS,
-        loader=_LOADER,
-        notes="Not a registered model: built from open_clip's architecture config and --weights.",
-    )
+def resolve_card(name: str | ModelCard, weights: str | Path | None = None) -> ModelCard:
+    """:func:`get_card`, plus the one unregistered kind of name: a bare open_clip
+    architecture (``ViT-S-32``, ``ViT-B-16-quickgelu``) given with a local ``weights`` file."""
+    try:
+        return get_card(name)
+    except UnknownModelError:
+        card = clip.architecture_card(str(name)) if weights is not None else None
+        if card is None:
+            raise
+        return card
 
 
-# --------------------------------------------------------------------------------------------
-# Built-in cards: published RS CLIPs (open_clip format) and the OpenAI baselines.
-# --------------------------------------------------------------------------------------------
-
-_CLIP_TASKS = ("classify", "search", "segment")
-_LOADER = "rsvl.models.clip:load_clip"
-
-_FARSLIP_NOTES = (
-    "Hugging Face revision not pinned: no commit of ZhenShiL/FarSLIP could be confirmed "
-    "offline, so downloads follow 'main'. No published sha256. "
-    "Evaluate with QuickGELU (the checkpoints are fine-tuned from OpenAI CLIP; nn.GELU silently "
-    "degrades results, open_clip #771)."
-)
+def family_of(card: ModelCard) -> ModuleType:
+    """The family package that builds and loads ``card``."""
+    return FAMILIES[card.family]
 
 
-def _farslip(stage: int, patch: int) -> ModelCard:
-    arch = f"ViT-B-{patch}"
-    fname = f"FarSLIP{stage}_ViT-B-{patch}.pt"
-    long_text = stage == 2
-    text = (
-        "Long-CLIP text encoder: 248 positions (positional_embedding + positional_embedding_res, "
-        "first 20 positions from the first table); detected from the checkpoint."
-        if long_text
-        else "Standard 77-token text encoder."
-    )
-    return ModelCard(
-        name=f"farslip{stage}-vit-b{patch}",
-        family="clip",
-        architecture=arch,
-        quick_gelu=True,
-        source=WeightsSource(filename=fname, hf_repo="ZhenShiL/FarSLIP"),
-        licence="MIT",
-        image_size=224,
-        context_length=248 if long_text else 77,
-        tasks=_CLIP_TASKS,
-        description=(
-            f"FarSLIP stage {stage} ({arch}, NJU-LHRS 2025): CLIP fine-tuned for fine-grained RS "
-            + (
-                "alignment on RS5M (stage 1, global ITC + patch-to-crop distillation). "
-                if stage == 1
-                else "alignment on MGRS-200k (stage 2, global + region ITC, from stage 1). "
-            )
-            + text
-            + " Checkpoint layout: {'state_dict': {'module.*': ...}} from open_clip training."
-        ),
-        notes=_FARSLIP_NOTES,
-        loader=_LOADER,
-        metadata={
-            "paper": "arXiv:2511.14901",
-            "code": "https://github.com/NJU-LHRS/FarSLIP",
-            "published": {
-                (1, 32): {"ovss_miou_mean8": 29.87, "zsc_top1_mean8": 58.64},
-                (2, 32): {"ovss_miou_mean8": 30.49, "zsc_top1_mean8": 60.12},
-                (1, 16): {"ovss_miou_mean8": 35.44, "zsc_top1_mean8": 61.89},
-                (2, 16): {"ovss_miou_mean8": 35.41, "zsc_top1_mean8": 62.24},
-            }[(stage, patch)],
-        },
-    )
+def build(name: str | ModelCard, **overrides: Any) -> Any:
+    """The architecture of ``name`` with random or initialised weights (see the family's
+    ``build`` for the overrides it accepts)."""
+    card = get_card(name)
+    return FAMILIES[card.family].build(card.name, **overrides)
 
 
-_REMOTECLIP_REV = "bf1d8a3ccf2ddbf7c875705e46373bfe542bce38"  # "Upload 3 files", 2023-07-27
+def load(
+    name: str | ModelCard,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> Any:
+    """The network of ``name`` with its published checkpoint (or ``weights``), on ``device``."""
+    card = resolve_card(name, weights)
+    net = FAMILIES[card.family].load(card, weights=weights, device=device, **options)
+    if not getattr(net, "name", None):
+        net.name = card.name
+    return net
 
-
-def _remoteclip(arch: str) -> ModelCard:
-    name = {
-        "RN50": "remoteclip-rn50",
-        "ViT-B-32": "remoteclip-vit-b32",
-        "ViT-L-14": "remoteclip-vit-l14",
-    }[arch]
-    return ModelCard(
-        name=name,
-        family="clip",
-        architecture=arch,
-        quick_gelu=False,
-        source=WeightsSource(
-            filename=f"RemoteCLIP-{arch}.pt",
-            hf_repo="chendelong/RemoteCLIP",
-            revision=_REMOTECLIP_REV,
-        ),
-        licence="Apache-2.0",
-        image_size=224,
-        context_length=77,
-        tasks=("classify", "search") if arch == "RN50" else _CLIP_TASKS,
-        description=(
-            f"RemoteCLIP {arch} (TGRS 2024): CLIP continually trained on RET-3 + DET-10 + SEG-4 "
-            "(165k RS image-text pairs). Bare open_clip state dict. Its retrieval training "
-            "includes the RSICD/RSITMD/UCM train splits (FarSLIP marks it 'in-hold supervision')."
-        ),
-        notes=(
-            f"Revision {_REMOTECLIP_REV[:7]} is the repository's only upload commit (also the "
-            "snapshot path RS-OVSS checks in). No published sha256. Built with nn.GELU as the "
-            "authors' own loading code does (open_clip.create_model_and_transforms"
-            f"('{arch}')) and as FarSLIP's benchmark loads it; whether training used QuickGELU is "
-            "not documented - pass quick_gelu=True to load_clip to compare."
-        ),
-        loader=_LOADER,
-    )
-
-
-_GEORSCLIP_REV = "4920188e6eba4e711ef9848cfd7cb77e874ee33f"  # "Upload RS5M_ViT-B-32_RSICD.pt"
-
-
-def _georsclip(arch: str) -> ModelCard:
-    b32 = arch == "ViT-B-32"
-    return ModelCard(
-        name="georsclip-vit-b32" if b32 else "georsclip-vit-h14",
-        family="clip",
-        architecture=arch,
-        quick_gelu=b32,
-        source=WeightsSource(
-            filename=f"RS5M_{arch}.pt",
-            hf_repo="Zilun/GeoRSCLIP",
-            hf_filename=f"ckpt/RS5M_{arch}.pt",
-            revision=_GEORSCLIP_REV,
-        ),
-        licence="CC-BY-4.0 (Hugging Face model card; the RS5M code repository is MIT)",
-        image_size=224,
-        context_length=77,
-        tasks=_CLIP_TASKS,
-        description=(
-            f"GeoRSCLIP {arch} (RS5M, TGRS 2024): CLIP fine-tuned on the 5M-pair RS5M dataset. "
-            "Bare open_clip state dict. Inference normalisation is OpenAI's (the RS5M "
-            "inference_tool default subset 'clip'; RS5M statistics exist but are not the default)."
-        ),
-        notes=(
-            f"Revision {_GEORSCLIP_REV[:7]} (head of Zilun/GeoRSCLIP as read from its tree page). "
-            "No published sha256. "
-            + (
-                "QuickGELU: the authors load it into open_clip 'ViT-B/32' with pretrained='openai', "
-                "which builds QuickGELU (FarSLIP's benchmark loaded it with nn.GELU instead)."
-                if b32
-                else "nn.GELU is inferred (ViT-H-14 has no OpenAI initialisation; the LAION "
-                "open_clip ViT-H-14 uses nn.GELU); not confirmed from the authors' code."
-            )
-        ),
-        loader=_LOADER,
-    )
-
-
-_SKYSCRIPT_CKPT = "https://opendatasharing.s3.us-west-2.amazonaws.com/SkyScript/ckpt/"
-
-
-def _skyclip(arch: str) -> ModelCard:
-    b32 = arch == "ViT-B-32"
-    stem = (
-        "SkyCLIP_ViT_B32_top50pct" if b32 else "SkyCLIP_ViT_L14_top30pct_filtered_by_CLIP_laion_RS"
-    )
-    return ModelCard(
-        name="skyclip-vit-b32" if b32 else "skyclip-vit-l14",
-        family="clip",
-        architecture=arch,
-        quick_gelu=not b32,
-        source=WeightsSource(
-            filename=f"{stem}_epoch_20.pt",
-            url=f"{_SKYSCRIPT_CKPT}{stem}.zip",
-            archive_member="epoch_20.pt",
-        ),
-        licence="MIT (SkyScript repository; the checkpoints carry no separate licence)",
-        image_size=224,
-        context_length=77,
-        tasks=_CLIP_TASKS,
-        description=(
-            f"SkyCLIP {arch} (SkyScript, AAAI 2024): CLIP continually pre-trained on SkyScript "
-            + (
-                "top-50% pairs (filtered by OpenAI CLIP), initialised from LAION-2B e16. "
-                if b32
-                else "top-30% pairs filtered by the CLIP-LAION-RS model, initialised from OpenAI "
-                "(the best SkyScript L/14: 60.69 mean top-1 on its 7 scene datasets). "
-            )
-            + "Published as a zip of an open_clip training checkpoint "
-            "({'epoch', 'state_dict', 'optimizer'})."
-        ),
-        notes=(
-            "Not on Hugging Face: an S3 zip without checksum or version, so it cannot be pinned. "
-            "The member name 'epoch_20.pt' follows the paths RS-OVSS and SegEarth-OV check in; "
-            "rsvl extracts the *.pt whose name matches (or the only *.pt). "
-            + (
-                "nn.GELU: initialised from LAION-2B ViT-B-32 (nn.GELU)."
-                if b32
-                else "QuickGELU is inferred from the OpenAI initialisation (SkyScript trains with "
-                "--pretrained openai); FarSLIP's benchmark loaded SkyCLIP with nn.GELU."
-            )
-        ),
-        loader=_LOADER,
-    )
-
-
-_OPENAI_B32_REV = "ab5b8ef490e86faa07d3523926b842c765de1de5"  # tree with open_clip files
-
-
-def _openai(arch: str) -> ModelCard:
-    repo = {
-        "ViT-B-16": "timm/vit_base_patch16_clip_224.openai",
-        "ViT-B-32": "timm/vit_base_patch32_clip_224.openai",
-        "ViT-L-14": "timm/vit_large_patch14_clip_224.openai",
-    }[arch]
-    rev = _OPENAI_B32_REV if arch == "ViT-B-32" else None
-    return ModelCard(
-        name="openai-" + arch.lower().replace("vit-b-", "vit-b").replace("vit-l-", "vit-l"),
-        family="clip",
-        architecture=arch,
-        quick_gelu=True,
-        source=WeightsSource(
-            filename=f"openai_{arch}.bin",
-            hf_repo=repo,
-            hf_filename="open_clip_pytorch_model.bin",
-            revision=rev,
-        ),
-        licence="MIT (OpenAI CLIP release; the timm mirror is tagged Apache-2.0)",
-        image_size=224,
-        context_length=77,
-        tasks=_CLIP_TASKS,
-        description=(
-            f"OpenAI CLIP {arch} (WIT-400M), the general-domain baseline every RS CLIP is compared "
-            "with, as the JIT-free open_clip state dict that open_clip itself downloads."
-        ),
-        notes=(
-            f"Revision {rev[:7]} is a tree of {repo} that holds open_clip_pytorch_model.bin. "
-            if rev
-            else "Revision not pinned: no commit of this timm repository could be confirmed "
-            "offline, so downloads follow 'main'. "
-        )
-        + "No published sha256 for this file (OpenAI's own URLs hash the TorchScript archives, "
-        "which rsvl does not load).",
-        loader=_LOADER,
-    )
-
-
-for _card in (
-    _farslip(1, 16),
-    _farslip(1, 32),
-    _farslip(2, 16),
-    _farslip(2, 32),
-    _remoteclip("RN50"),
-    _remoteclip("ViT-B-32"),
-    _remoteclip("ViT-L-14"),
-    _georsclip("ViT-B-32"),
-    _georsclip("ViT-H-14"),
-    _skyclip("ViT-B-32"),
-    _skyclip("ViT-L-14"),
-    _openai("ViT-B-16"),
-    _openai("ViT-B-32"),
-    _openai("ViT-L-14"),
-):
-    register(_card)
-del _card
 
 __all__ = [
-    "CARD_MODULES",
-    "KNOWN_TASKS",
-    "OPENAI_MEAN",
-    "OPENAI_STD",
+    "FAMILIES",
     "REGISTRY",
-    "ModelCard",
-    "WeightsSource",
+    "build",
+    "family_of",
     "get_card",
     "list_cards",
-    "register",
+    "load",
+    "normalise_name",
+    "resolve_card",
 ]

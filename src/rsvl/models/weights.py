@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from rsvl.errors import WeightsNotFoundError
-from rsvl.models.registry import ModelCard, get_card
+from rsvl.models.cards import ModelCard
 
 _TRUE = {"1", "true", "yes", "on"}
 _CHUNK = 1 << 20
@@ -37,9 +37,8 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rsvl"
 
 
-def cache_path(card: ModelCard | str) -> Path:
+def cache_path(card: ModelCard) -> Path:
     """Where ``card``'s checkpoint lives (or must be placed) in rsvl's cache."""
-    card = get_card(card)
     return cache_root() / card.name / card.source.filename
 
 
@@ -182,9 +181,8 @@ def _local_path(card: ModelCard) -> Path | None:
     return None
 
 
-def is_available_offline(card: ModelCard | str) -> bool:
+def is_available_offline(card: ModelCard) -> bool:
     """True when the checkpoint is on this machine (bundled, in rsvl's or HF's cache)."""
-    card = get_card(card)
     if _bundled_path(card) is not None or cache_path(card).is_file():
         return True
     return _hf_cached_path(card) is not None
@@ -245,14 +243,13 @@ def _extract_member(archive: Path, member: str, dest: Path) -> None:
             shutil.copyfileobj(fin, fout, _CHUNK)
 
 
-def fetch(card: ModelCard | str, *, force: bool = False) -> Path:
+def fetch(card: ModelCard, *, force: bool = False) -> Path:
     """Make sure ``card``'s checkpoint is in rsvl's cache and return its path.
 
     Downloads (respecting ``RSVL_OFFLINE``) when it is not already there or ``force`` is set;
     verifies the sha256 when the card pins one; never leaves a partial or corrupt file under
     the final name.
     """
-    card = get_card(card)
     bundled = _bundled_path(card)
     if bundled is not None:
         return bundled
@@ -299,14 +296,13 @@ def fetch(card: ModelCard | str, *, force: bool = False) -> Path:
     return final
 
 
-def resolve_weights(card: ModelCard | str, path: str | Path | None = None) -> Path:
+def resolve_weights(card: ModelCard, path: str | Path | None = None) -> Path:
     """The checkpoint file to load for ``card``.
 
     ``path`` (the user's ``--weights``) wins and must exist; a folder is searched for the
     card's file name. Otherwise the bundled file, rsvl's cache, the Hugging Face cache and
     finally a download are tried, in that order.
     """
-    card = get_card(card)
     if path is not None:
         given = Path(path).expanduser()
         if given.is_dir():

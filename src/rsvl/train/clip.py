@@ -68,7 +68,8 @@ from rsvl.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from rsvl.models.registry import OPENAI_MEAN, OPENAI_STD, ModelCard, WeightsSource, get_card
+from rsvl.models.cards import OPENAI_MEAN, OPENAI_STD, ModelCard, WeightsSource
+from rsvl.models.registry import get_card
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def encode_image_and_dense(
     ``out_proj(A·v)`` on ``ln_1(x)`` (no residual, no MLP) -> ``ln_post`` -> ``proj``, patch
     tokens reshaped to (B, D, gh, gw). With ``with_global=False`` the global part is skipped.
     """
-    from rsvl.models.clip import _last_block_attention
+    from rsvl.models.clip.model import _last_block_attention
 
     v = _check_vit(model)
     x = v._embeds(images)
@@ -378,7 +379,7 @@ def build_train_model(
     """
     import open_clip
 
-    from rsvl.models.clip import build_clip, read_checkpoint, to_long_text_state_dict
+    from rsvl.models.clip.model import build_clip, read_checkpoint, to_long_text_state_dict
     from rsvl.models.weights import resolve_weights
 
     card, registered = _resolve_card(model, quick_gelu, model_cfg)

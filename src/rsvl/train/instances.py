@@ -262,16 +262,16 @@ def build_instance_model(name: str, classes: Sequence[str], *, sam: str | None =
     """A trainable model in the torchvision detection convention for ``classes``."""
     key = name.strip().lower().replace("_", "-")
     if key == "mini-instances":
-        from rsvl.models.mini_instances import MiniInstancesConfig, build_mini_instances
+        from rsvl.models.mini.instances import MiniInstancesConfig, build_mini_instances
 
         cfg = MiniInstancesConfig.from_dict({**(model_config or {}), "classes": list(classes)})
         return build_mini_instances(cfg, pretrained=cfg.backbone == "lite0")
     if key in PROMPTER_MODELS:
         try:
-            from rsvl.models.prompter import build_instance_model as build_prompter
+            from rsvl.models.rsprompter.model import build_instance_model as build_prompter
         except ImportError as exc:
             raise UnknownModelError(
-                f"{name} needs rsvl.models.prompter, which is not available ({exc}).",
+                f"{name} needs rsvl.models.rsprompter.model, which is not available ({exc}).",
                 hint="Update rsvl, or train --model mini-instances.",
             ) from exc
         return build_prompter(key, len(classes), sam=sam, sam_checkpoint=sam_checkpoint,
@@ -317,7 +317,7 @@ def _pct(x: Any) -> float | None:
 
 def coco_metrics(gt: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, Any]:
     """bbox and segm AP / AP50 / AP75 (percent) of COCO results against a COCO dict."""
-    from rsvl.eval.metrics import coco_evaluate
+    from rsvl.metrics import coco_evaluate
 
     out: dict[str, Any] = {}
     for iou in ("bbox", "segm"):
@@ -520,7 +520,7 @@ def save_last(trainer: Any, out: Path) -> Path:
 def export_weights(module: Any, out: Path) -> Path:
     """Final weights: mini-instances as its shipped format; other models as a safetensors
     state dict with the classes in the metadata."""
-    from rsvl.models.mini_instances import MiniInstances, save_mini_instances
+    from rsvl.models.mini.instances import MiniInstances, save_mini_instances
 
     model = module.model
     extra = {"train_seconds": round(module.train_seconds, 1), "steps": int(module.global_step)}

@@ -163,7 +163,7 @@ def apply_view(img: np.ndarray, view: str) -> np.ndarray:
 
 
 def _to_input(batch: list[np.ndarray]) -> torch.Tensor:
-    from rsvl.models.mini import LITE_MEAN, LITE_STD
+    from rsvl.models.mini.clip import LITE_MEAN, LITE_STD
 
     x = torch.from_numpy(np.stack([np.ascontiguousarray(b) for b in batch])).permute(0, 3, 1, 2)
     return (x.float() - LITE_MEAN) / LITE_STD
@@ -185,7 +185,7 @@ def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int
     """(n_views, n_images, 2864) pooled features ("mean+max": global averages then global
     maxima of the stride 8/16/32 maps; "mean" heads use the first 1432), computed once and
     kept on disk."""
-    from rsvl.models.mini import pool_features
+    from rsvl.models.mini.clip import pool_features
 
     out = []
     for view in VIEWS:
@@ -312,13 +312,13 @@ def cache_mosaic_features(data: UcmData, split: str, n: int, seed: int, cache: P
 
 
 # --------------------------------------------------------------------------------------
-# metrics (rsvl.eval.metrics when present)
+# metrics (rsvl.metrics when present)
 # --------------------------------------------------------------------------------------
 
 
 def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Top-k accuracy in % (``rsvl.eval.metrics.topk_accuracy``)."""
-    from rsvl.eval.metrics import topk_accuracy
+    """Top-k accuracy in % (``rsvl.metrics.topk_accuracy``)."""
+    from rsvl.metrics import topk_accuracy
 
     res = topk_accuracy(scores.float().cpu().numpy(), labels.cpu().numpy(), ks)
     return {k: 100.0 * res[f"top{k}"] for k in ks}
@@ -326,10 +326,10 @@ def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
 
 def _retrieval(sim: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
                texts: Sequence[str] | None = None) -> dict[str, float]:
-    """Recall@k in % (``rsvl.eval.metrics.retrieval_recall``): sim (n_images, n_texts); an
+    """Recall@k in % (``rsvl.metrics.retrieval_recall``): sim (n_images, n_texts); an
     image is a hit if any of its captions ranks in the top k. With ``texts``, also the
     deduplicated protocol (equal caption strings merged, FarSLIP/SkyScript), as ``dedup_*``."""
-    from rsvl.eval.metrics import retrieval_ground_truth, retrieval_recall
+    from rsvl.metrics import retrieval_ground_truth, retrieval_recall
 
     s = sim.float().cpu().numpy()
     owner = text_to_image.cpu().numpy()
@@ -566,7 +566,7 @@ def majority_miou(semseg_dir: str | Path, preset: str) -> dict[str, float]:
     """mIoU / pixel accuracy of predicting each image's own majority class (an oracle baseline:
     it knows the labels), scored like ``rsvl eval ovss`` (same reader, ignore index, metric)."""
     from rsvl.eval.harness import open_segmentation_dataset
-    from rsvl.eval.metrics import ConfusionMatrix, segmentation_report
+    from rsvl.metrics import ConfusionMatrix, segmentation_report
 
     ds = open_segmentation_dataset(semseg_dir, preset, "val")
     n = len(ds.classes)
@@ -620,7 +620,7 @@ def evaluate_semseg(model: Any, semseg_root: str | Path, datasets: Sequence[str]
 
 
 def _class_prompts(classes: Sequence[str], raw: bool = False) -> list[str]:
-    from rsvl.models.mini import TEMPLATES
+    from rsvl.models.mini.clip import TEMPLATES
 
     return [t.format(c if raw else readable(c)) for c in classes for t in TEMPLATES]
 
@@ -628,7 +628,7 @@ def _class_prompts(classes: Sequence[str], raw: bool = False) -> list[str]:
 def prepare_features(data_root: str | Path, cache_dir: str | Path | None = None, n_mosaics: int = 1600,
                      n_val_mosaics: int = 200, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
     """Compute (or load from the cache) every tower output the heads are trained on."""
-    from rsvl.models.mini import TEMPLATES, ImageTower, TextTower
+    from rsvl.models.mini.clip import TEMPLATES, ImageTower, TextTower
 
     data = load_ucm(data_root)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -682,7 +682,7 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
     Returns a dict with the val metrics, the losses and the config.
     """
-    from rsvl.models.mini import HeadsConfig, MiniClipHeads, pooled_dim, save_heads
+    from rsvl.models.mini.clip import HeadsConfig, MiniClipHeads, pooled_dim, save_heads
 
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -789,7 +789,7 @@ def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfi
     res = train_mini_clip(data_root, out_path, cfg, cache_dir=cache_dir, quiet=quiet)
     heads = res.pop("heads")
     if semseg:
-        from rsvl.models.mini import MiniClip
+        from rsvl.models.mini.clip import MiniClip
 
         _progress("  dense quality on the semseg crops (evaluation only)", quiet)
         res["semseg"] = evaluate_semseg(MiniClip(heads), semseg)

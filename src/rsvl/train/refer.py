@@ -345,7 +345,7 @@ def reference_baselines(data: str | Path, split: str = "val", size: int | None =
     ``class_union`` (the union of every instance of the referred object's class in the
     image: what knowing the class name, but not which one, gives)."""
     from rsvl.data.refer import RRSISD, decode_segmentation
-    from rsvl.eval.metrics import ReferringAccumulator
+    from rsvl.metrics import ReferringAccumulator
 
     ds = RRSISD(data, split)
     accs = {k: ReferringAccumulator() for k in ("empty", "full", "class_union")}
@@ -507,17 +507,17 @@ def build_model(name: str, weights: str | Path | None = None, device: str = "cpu
                 swin: str | Path | None = None, bert: str | Path | None = None,
                 vocab: str | Path | None = None) -> Any:
     """A trainable model: ``mini-refer`` (fresh decoder, or ``weights`` to fine-tune) or
-    ``fianet`` (imported lazily from :mod:`rsvl.models.refer`): from a FIANet checkpoint
+    ``fianet`` (imported lazily from :mod:`rsvl.models.fianet.model`): from a FIANet checkpoint
     (``weights``), or from upstream's starting point, Swin-B 22k (``swin``) and
     bert-base-uncased (``bert``: its weights file or folder; ``vocab``: its vocab.txt)."""
     key = name.strip().lower().replace("_", "-")
     if key == "mini-refer":
-        from rsvl.models.mini_refer import build_mini_refer, load_decoder
+        from rsvl.models.mini.refer import build_mini_refer, load_decoder
 
         decoder = load_decoder(weights) if weights is not None else None
         return build_mini_refer(decoder=decoder).to(device)
     if key == "fianet":
-        from rsvl.models import refer as fianet_module
+        from rsvl.models.fianet import model as fianet_module
 
         if weights is not None:
             return fianet_module.load_fianet("fianet-rrsisd", weights=weights, device=device,
@@ -663,7 +663,7 @@ def _export(model: Any, state: dict[str, torch.Tensor], out: Path, summary: dict
     """Best weights in a loadable file: mini-refer's decoder format, else safetensors of the
     trained tensors."""
     if hasattr(model, "decoder") and getattr(model, "name", "") == "mini-refer":
-        from rsvl.models.mini_refer import ReferDecoder, save_decoder
+        from rsvl.models.mini.refer import ReferDecoder, save_decoder
 
         dec = ReferDecoder(model.decoder.config)
         dec.load_state_dict({k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")})

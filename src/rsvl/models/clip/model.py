@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rsvl.errors import CheckpointMismatchError, PromptError, UnknownModelError
-from rsvl.models.registry import ModelCard, get_card
+from rsvl.models.cards import ModelCard, pick_card
+from rsvl.models.clip.cards import CARDS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -864,7 +865,7 @@ def from_open_clip(
 
     The module is moved to ``device``/``dtype`` in place and put in eval mode.
     """
-    return ClipModel(model, get_card(card), device=device, dtype=dtype)
+    return ClipModel(model, pick_card(CARDS, card, "clip"), device=device, dtype=dtype)
 
 
 def load_clip(
@@ -885,7 +886,7 @@ def load_clip(
     """
     from rsvl.models.weights import resolve_weights
 
-    card = get_card(name_or_card)
+    card = pick_card(CARDS, name_or_card, "clip")
     path = resolve_weights(card, weights)
     sd = read_checkpoint(path)
     model = build_clip(card, sd, quick_gelu=quick_gelu, model_cfg=model_cfg, source=path)

@@ -20,10 +20,10 @@ train_app = typer.Typer(
 
 #: order here is the order in `rsvl train --help`
 TRAIN_MODULES: list[str] = [
-    "rsvl.commands.train_clip",
-    "rsvl.commands.train_mini_clip",
-    "rsvl.commands.train_instances",
-    "rsvl.commands.train_refer",
+    "rsvl.cli.train_clip",
+    "rsvl.cli.train_mini_clip",
+    "rsvl.cli.train_instances",
+    "rsvl.cli.train_refer",
 ]
 
 

@@ -40,7 +40,8 @@ from rsvl.errors import (
     RsvlError,
     UnknownModelError,
 )
-from rsvl.models.sam_cards import SAM_CARDS  # importing SAM registers its model cards
+from rsvl.models.cards import pick_card
+from rsvl.models.sam.cards import CARDS, SAM_CARDS
 
 __all__ = [
     "SAM_CARDS",
@@ -1382,10 +1383,9 @@ def load_sam_model(
     ``weights`` is the user's local file (else rsvl's cache / a download, see
     :func:`rsvl.models.weights.resolve_weights`).
     """
-    from rsvl.models.registry import get_card
     from rsvl.models.weights import resolve_weights
 
-    card = get_card(name_or_card)
+    card = pick_card(CARDS, name_or_card, "sam")
     if card.family != "sam":
         raise UnknownModelError(
             f"{card.name} is a {card.family} model, not SAM.",

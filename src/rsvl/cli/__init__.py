@@ -8,7 +8,7 @@ Conventions every command keeps:
   the traceback appears only with ``rsvl --debug``.
 * ``rsvl --quiet`` silences progress bars and notices.
 
-Command groups live in ``rsvl.commands.*``; each module exposes ``register(app)``.
+Command groups live in ``rsvl.cli.*``; each module exposes ``register(app)``.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ app = typer.Typer(
 
 # Order here is the order in `rsvl --help`.
 COMMAND_MODULES = [
-    "rsvl.commands.info",
-    "rsvl.commands.classify",
-    "rsvl.commands.segment",
-    "rsvl.commands.index",
-    "rsvl.commands.instances",
-    "rsvl.commands.refer",
-    "rsvl.commands.models",
-    "rsvl.commands.eval",
-    "rsvl.commands.train",
+    "rsvl.cli.info",
+    "rsvl.cli.classify",
+    "rsvl.cli.segment",
+    "rsvl.cli.index",
+    "rsvl.cli.instances",
+    "rsvl.cli.refer",
+    "rsvl.cli.models",
+    "rsvl.cli.eval",
+    "rsvl.cli.train",
 ]
 
 
@@ -98,6 +98,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 ``SAM_CARDS`` lists them as plain dicts; importing this module also registers them as
 :class:`rsvl.models.registry.ModelCard`s (family ``sam``), built the same way as the CLIP
-cards. ``rsvl.models.sam`` imports this module, so the cards are registered whenever SAM is
+cards. ``rsvl.models.sam.model`` imports this module, so the cards are registered whenever SAM is
 used; ``registry.py`` may import it too so that ``rsvl models`` lists them without torch.
 
 Provenance: Meta publishes no checksum for ``sam_vit_*.pth`` (the hex suffix of each filename
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from rsvl.models.registry import ModelCard, WeightsSource, register
+from rsvl.models.cards import ModelCard, WeightsSource
 
 #: SAM's normalisation on the 0-1 scale (the model applies it on 0-255: 123.675 / 58.395 ...)
 SAM_MEAN_01: tuple[float, float, float] = (0.485, 0.456, 0.406)
 SAM_STD_01: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _META_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-_LOADER = "rsvl.models.sam:load_sam_model"
 _HF_REVISIONS: dict[str, str | None] = {
     "base": "d0d9250bd6a38ebbb901aa29e8d37787e366f7be",  # "Adding safetensors variant (#5)"
     "large": None,
@@ -101,11 +100,10 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
         tasks=_TASKS,
         notes=pin + "No published sha256. Longest side resized to 1024 (bilinear), "
         "normalised, zero-padded bottom/right to 1024 x 1024.",
-        loader=_LOADER,
         metadata={"layout": d["layout"], "repo": d["repo"], "url": d["url"]},
     )
 
 
-SAM_MODEL_CARDS: tuple[ModelCard, ...] = tuple(register(_to_card(d)) for d in SAM_CARDS)
+CARDS: tuple[ModelCard, ...] = tuple(_to_card(d) for d in SAM_CARDS)
 
-__all__ = ["SAM_CARDS", "SAM_MEAN_01", "SAM_MODEL_CARDS", "SAM_STD_01"]
+__all__ = ["SAM_CARDS", "SAM_MEAN_01", "CARDS", "SAM_STD_01"]

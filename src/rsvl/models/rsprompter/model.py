@@ -1,6 +1,6 @@
 """RSPrompter (TGRS 2024) and its SAM baselines: instance segmentation with learned SAM prompts.
 
-Four models, all built on rsvl's one SAM (:mod:`rsvl.models.sam`) and torchvision's detection
+Four models, all built on rsvl's one SAM (:mod:`rsvl.models.sam.model`) and torchvision's detection
 parts, all speaking torchvision's detection convention so that one trainer serves them::
 
     model.train(); losses = model(images, targets)   # dict[str, Tensor], already weighted
@@ -68,7 +68,9 @@ from rsvl.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from rsvl.models.sam import (
+from rsvl.models.cards import pick_card
+from rsvl.models.rsprompter.cards import CARDS
+from rsvl.models.sam.model import (
     LayerNorm2d,
     ResizeLongestSide,
     Sam,
@@ -1480,9 +1482,8 @@ def load_prompter_model(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Build a registered RSPrompter card's model and load the user's trained checkpoint."""
-    from rsvl.models.registry import get_card
 
-    card = get_card(name_or_card)
+    card = pick_card(CARDS, name_or_card, "rsprompter")
     if card.family != "rsprompter":
         raise UnknownModelError(f"{card.name} is a {card.family} model, not an RSPrompter one.")
     if weights is None:

@@ -12,7 +12,7 @@ next to the checkpoint (upstream's ``--bert_tokenizer ./bert-base-uncased``).
 
 The cards' ``source`` is marked ``bundled`` with a path that does not exist in the package:
 ``WeightsSource`` has no "unpublished" kind, and a URL source would make ``rsvl fetch``
-download a web page as a checkpoint. ``rsvl.models.refer.load_fianet`` checks for the file
+download a web page as a checkpoint. ``rsvl.models.fianet.model.load_fianet`` checks for the file
 first and says that the weights are unpublished and must be given with ``--weights``.
 """
 
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rsvl.models.registry import ModelCard, WeightsSource, register
+from rsvl.models.cards import ModelCard, WeightsSource
 
 #: ImageNet normalisation on the 0-1 scale (upstream ``T.Normalize``)
 FIANET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 FIANET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-_LOADER = "rsvl.models.refer:load_fianet"
 _CODE = "https://github.com/Shaosifan/FIANet"
 BERT_VOCAB_URL = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main/vocab.txt"
 SWIN_22K_URL = (
@@ -80,7 +79,7 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
             f"FIANet referring segmentation trained on {d['data']}: a referring expression "
             "('the large storage tank next to the road') -> a binary mask. "
             f"{d['max_tokens']} BERT tokens; ground-object and spatial-phrase masks from the "
-            "upstream rules (rsvl.models.refer_text). Checkpoint layout: upstream's training "
+            "upstream rules (rsvl.data.refer_text). Checkpoint layout: upstream's training "
             "file {'model': {backbone.*, classifier.*, text_encoder.*}, 'optimizer', 'epoch', "
             "'args', ...} or its bare 'model' dict."
         ),
@@ -100,7 +99,6 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
             "normalisation; prediction = argmax of 2 logits at 480 x 480. Published numbers "
             "are quoted by a third paper (RS2-SAM2) and were selected on the test split."
         ),
-        loader=_LOADER,
         metadata={
             "dataset": d["dataset"],
             "num_tmem": d["num_tmem"],
@@ -115,6 +113,6 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
     )
 
 
-FIANET_MODEL_CARDS: tuple[ModelCard, ...] = tuple(register(_to_card(d)) for d in FIANET_CARDS)
+CARDS: tuple[ModelCard, ...] = tuple(_to_card(d) for d in FIANET_CARDS)
 
-__all__ = ["BERT_VOCAB_URL", "FIANET_CARDS", "FIANET_MEAN", "FIANET_MODEL_CARDS", "FIANET_STD"]
+__all__ = ["BERT_VOCAB_URL", "FIANET_CARDS", "FIANET_MEAN", "CARDS", "FIANET_STD"]

@@ -6,7 +6,7 @@ layout). Each card therefore names the weights the model *starts from*, SAM ViT-
 transformers layout (``facebook/sam-vit-base``, as RSPrompter's dataset configs), and its
 loader needs the user's own trained checkpoint (``--weights``; MMDetection
 ``{'state_dict', 'meta'}`` layout with RSPrompter's key names, see
-:func:`rsvl.models.prompter.load_prompter_checkpoint`). No sha256 is published for anything.
+:func:`rsvl.models.rsprompter.model.load_prompter_checkpoint`). No sha256 is published for anything.
 
 Published numbers (paper v1 tables, AP box / AP mask in %, likely SAM ViT-H) are kept in each
 card's metadata for reference, not as rsvl measurements.
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from rsvl.models.registry import ModelCard, WeightsSource, register
+from rsvl.models.cards import ModelCard, WeightsSource
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 _SAM_BASE_REVISION = "d0d9250bd6a38ebbb901aa29e8d37787e366f7be"  # as the sam-vit-base-hf card
-_LOADER = "rsvl.models.prompter:load_prompter_model"
 
 _CLASSES: dict[str, tuple[str, ...]] = {
     "nwpu": (
@@ -96,7 +95,6 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
         notes="No trained checkpoint is published upstream: the card's download is only the SAM "
         "ViT-B initialisation; train the model (or obtain RSPrompter's MMDetection checkpoint) and "
         "pass it with --weights. Input: longest side 1024, SAM mean/std, zero-padded to 1024 x 1024.",
-        loader=_LOADER,
         metadata={
             "variant": d["variant"],
             "dataset": d["dataset"],
@@ -111,8 +109,6 @@ def _to_card(d: dict[str, Any]) -> ModelCard:
     )
 
 
-PROMPTER_MODEL_CARDS: tuple[ModelCard, ...] = tuple(
-    register(_to_card(d), replace=True) for d in PROMPTER_CARDS
-)
+CARDS: tuple[ModelCard, ...] = tuple(_to_card(d) for d in PROMPTER_CARDS)
 
-__all__ = ["PROMPTER_CARDS", "PROMPTER_MODEL_CARDS"]
+__all__ = ["PROMPTER_CARDS", "CARDS"]

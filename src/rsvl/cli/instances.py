@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rsvl.commands.options import parse_bands
+from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, progress_bar
 
 

@@ -39,12 +39,13 @@ from rsvl.errors import (
     PromptError,
     WeightsNotFoundError,
 )
+from rsvl.models.mini.cards import assets_dir
 
 if TYPE_CHECKING:
     import numpy as np
 
 #: where the shipped heads live inside the package
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "mini-clip"
+ASSETS_DIR = assets_dir("mini-clip")
 DEFAULT_WEIGHTS = ASSETS_DIR / "heads.safetensors"
 
 #: EfficientNet-Lite normalisation (the TF-lite reference pipeline)
@@ -504,5 +505,3 @@ def load_mini_clip_card(card: Any = None, weights: str | Path | None = None,
     return load_mini_clip(weights, device)
 
 
-# The card lives in a torch-free module so `rsvl models` lists it without importing torch.
-from rsvl.models.mini_card import MINI_CLIP_CARD  # noqa: E402,F401

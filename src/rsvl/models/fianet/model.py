@@ -46,7 +46,7 @@ Checkpoints
   :func:`load_bert_pretrained`, :func:`init_fianet_pretrained`.
 
 Tokenizer: BERT WordPiece (``transformers.BertTokenizer``, lower-cased) from the
-bert-base-uncased ``vocab.txt``; the two role masks come from :mod:`rsvl.models.refer_text`
+bert-base-uncased ``vocab.txt``; the two role masks come from :mod:`rsvl.data.refer_text`
 (upstream's NLTK-based rules, re-implemented offline). Maximum length 22 tokens for RRSIS-D
 and 20 for RefSegRS, as upstream.
 """
@@ -65,6 +65,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rsvl.data.refer_text import (
+    REFSEGRS_CLASS_NAMES,
+    REFSEGRS_MAX_TOKENS,
+    RRSISD_CLASS_NAMES,
+    RRSISD_MAX_TOKENS,
+    text_role_masks,
+)
 from rsvl.errors import (
     CheckpointMismatchError,
     InputNotFoundError,
@@ -72,13 +79,8 @@ from rsvl.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from rsvl.models.refer_text import (
-    REFSEGRS_CLASS_NAMES,
-    REFSEGRS_MAX_TOKENS,
-    RRSISD_CLASS_NAMES,
-    RRSISD_MAX_TOKENS,
-    text_role_masks,
-)
+from rsvl.models.cards import pick_card
+from rsvl.models.fianet.cards import CARDS
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -1272,13 +1274,12 @@ def load_fianet(card: Any, weights: str | Path | None = None, device: str = "cpu
     else ``vocab.txt`` next to the checkpoint, else in the card's cache folder. Other keyword
     arguments override :class:`FianetConfig` fields (e.g. ``mask_alignment="corrected"``).
     """
-    from rsvl.models.registry import get_card
     from rsvl.models.weights import cache_path, resolve_weights
 
     if weights is None and isinstance(card, (str, Path)) and Path(card).expanduser().is_file():
         # load_fianet(PATH): a checkpoint given without a card -> the RRSIS-D card's settings
         weights, card = card, "fianet-rrsisd"
-    card = get_card(card)
+    card = pick_card(CARDS, card, "fianet")
     if card.family != "fianet":
         raise UnknownModelError(
             f"{card.name} is a {card.family} model, not FIANet.",

@@ -58,7 +58,7 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Embed images, folders and raster tiles into a new index folder."""
-    from rsvl.commands.options import parse_bands
+    from rsvl.cli.options import parse_bands
     from rsvl.console import progress_bar
     from rsvl.index.store import check_output
     from rsvl.tasks.search import build as run_build

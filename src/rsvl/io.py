@@ -1,0 +1,143 @@
+"""File helpers every layer shares: atomic writes, the image-suffix list and one image reader.
+
+Every file rsvl writes for a user appears under its final name only once it is complete:
+writers write to a temporary name next to the target (same folder, so the rename is atomic
+on one filesystem) and :func:`atomic_path` renames it when the block finishes without an
+exception. A crash, Ctrl-C or a full disk leaves at most a hidden ``.NAME.rsvl-tmp*`` file,
+never a half-written output under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from rsvl.errors import InputNotFoundError, RasterReadError
+
+#: suffixes of the files rsvl treats as images when it is given a folder (plain images and
+#: every raster format GDAL reads by extension that users keep scenes in, VRT mosaics included)
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".jp2",
+    ".bmp",
+    ".webp",
+    ".vrt",
+)
+
+#: marker in every temporary name, so leftovers of a killed run are recognisable
+TMP_MARK = ".rsvl-tmp"
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True for a visible file whose suffix is in :data:`IMAGE_SUFFIXES`."""
+    p = Path(path)
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    return sorted(p for p in Path(folder).iterdir() if is_image_file(p))
+
+
+def temporary_name(path: str | Path) -> Path:
+    """A hidden name next to ``path`` that keeps its suffix (GDAL and pyogrio choose the
+    format from it) and is unique to this process."""
+    p = Path(path)
+    return p.parent / f".{p.stem}{TMP_MARK}-{os.getpid()}{p.suffix}"
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write instead of ``path``; rename it onto ``path`` when the
+    block succeeds, delete it when the block raises.
+
+    Args:
+        path: the final file name.
+        fsync: flush the finished file to disk before the rename (for manifests whose
+            loss after a power cut would lose other files).
+
+    Example:
+        >>> with atomic_path(out / "table.csv") as tmp:  # doctest: +SKIP
+        ...     df.to_csv(tmp)
+    """
+    final = Path(path)
+    tmp = temporary_name(final)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a folder that must not exist yet: the block fills a hidden
+    temporary folder, which is renamed to ``path`` when the block succeeds."""
+    final = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}-", dir=final.parent))
+    try:
+        yield tmp
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: str | Path, text: str, *, fsync: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def read_rgb(path: str | Path, *, error: type[Exception] = RasterReadError) -> np.ndarray:
+    """Read a plain image file (PNG, JPEG, ...) as an (H, W, 3) uint8 RGB array.
+
+    Args:
+        path: the image.
+        error: the :class:`~rsvl.errors.RsvlError` subclass to raise for an unreadable file
+            (dataset readers pass ``DatasetError``).
+
+    Georeferenced rasters go through :mod:`rsvl.geo.raster` instead, which handles bands,
+    bit depth and nodata.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as exc:
+        if error is RasterReadError:
+            raise InputNotFoundError(f"{p} does not exist.", hint="Check the path.") from exc
+        raise error(f"Image not found: {p}.", hint="Check the dataset root.") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise error(
+            f"Cannot read image {p} ({exc}).", hint="Re-download or remove the file."
+        ) from exc
