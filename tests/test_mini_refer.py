@@ -91,7 +91,7 @@ def test_card_is_registered_for_refer():
 def test_shipped_weights_beat_the_empty_and_full_baselines_on_real_val(tmp_path):
     """The shipped decoder on a few real (generated) NWPU val expressions."""
     from rsvl.data.refgen import main as refgen
-    from rsvl.eval.harness import run_refer_model
+    from rsvl.eval import run_refer_model
     from rsvl.models.mini.refer import DEFAULT_WEIGHTS, load_mini_refer
     from rsvl.train.refer import reference_baselines
 

@@ -94,7 +94,7 @@ def test_tiny_model_trains_with_decreasing_loss_and_resumes(tmp_path):
     assert set(out) >= {"boxes", "labels", "scores", "masks"}
 
     # and evaluate through the harness on the val split
-    from rsvl.eval.harness import run_coco_model
+    from rsvl.eval import run_coco_model
 
     ev = run_coco_model(model, data, val_fraction=0.25, seed=0)
     assert ev.settings["n_samples"] == 2 and set(ev.metrics) == {"bbox", "segm"}

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rsvl.errors import InputNotFoundError, RasterReadError
+from rsvl.errors import InputNotFoundError, RasterReadError, RsvlError
 
 #: suffixes of the files rsvl treats as images when it is given a folder (plain images and
 #: every raster format GDAL reads by extension that users keep scenes in, VRT mosaics included)
@@ -39,10 +39,10 @@ IMAGE_SUFFIXES: tuple[str, ...] = (
 TMP_MARK = ".rsvl-tmp"
 
 
-def is_image_file(path: str | Path) -> bool:
-    """True for a visible file whose suffix is in :data:`IMAGE_SUFFIXES`."""
+def is_image_file(path: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> bool:
+    """True for a visible file whose suffix is in ``suffixes`` (:data:`IMAGE_SUFFIXES`)."""
     p = Path(path)
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    return p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -118,7 +118,7 @@ def write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
     return Path(path)
 
 
-def read_rgb(path: str | Path, *, error: type[Exception] = RasterReadError) -> np.ndarray:
+def read_rgb(path: str | Path, *, error: type[RsvlError] = RasterReadError) -> np.ndarray:
     """Read a plain image file (PNG, JPEG, ...) as an (H, W, 3) uint8 RGB array.
 
     Args:

@@ -32,6 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from rsvl.errors import DatasetError
 
 __all__ = [
     "ConfusionMatrix",
@@ -479,14 +484,12 @@ def _quiet() -> contextlib.AbstractContextManager[Any]:
 
 
 def _load_gt(gt: Any) -> Any:
-    from pycocotools.coco import COCO
 
     if isinstance(gt, COCO):
         return gt
     if isinstance(gt, str | Path):
         path = Path(gt)
         if not path.is_file():
-            from rsvl.errors import DatasetError
 
             raise DatasetError(
                 f"COCO annotation file not found: {path}.",
@@ -499,7 +502,6 @@ def _load_gt(gt: Any) -> Any:
     data = dict(gt)
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            from rsvl.errors import DatasetError
 
             raise DatasetError(
                 f"The COCO ground truth has no {key!r} list.",
@@ -523,7 +525,6 @@ def _load_gt(gt: Any) -> Any:
 
 
 def _to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
-    from pycocotools import mask as mask_utils
 
     if isinstance(seg, Mapping):
         rle = dict(seg)
@@ -560,7 +561,6 @@ def coco_evaluate(
     truth of that size), ``per_class`` {category name: AP over IoU .50:.95, area all,
     ``max_dets``}, and ``stats`` (the 12 COCOeval numbers, -1 kept).
     """
-    from pycocotools.cocoeval import COCOeval
 
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -573,7 +573,6 @@ def coco_evaluate(
     for d in detections:
         d = dict(d)
         if d["image_id"] not in img_ids:
-            from rsvl.errors import DatasetError
 
             raise DatasetError(
                 f"A detection refers to image_id {d['image_id']}, which the ground truth lacks.",

@@ -38,7 +38,7 @@ def _load_model(name: str, weights: Path | None, device: str) -> Any:
 
 
 def _finish(result: Any, as_json: bool, out: Path | None, table: Any) -> None:
-    from rsvl.eval.harness import write_result
+    from rsvl.eval import write_result
 
     if out is not None:
         write_result(result, out)
@@ -89,7 +89,7 @@ def zeroshot(
     out: Path = _OUT,
 ) -> None:
     """Zero-shot scene classification: top-1, top-5, per-class accuracy and its mean."""
-    from rsvl.eval.harness import open_scene_dataset, run_zeroshot, subset_indices
+    from rsvl.eval import open_scene_dataset, run_zeroshot, subset_indices
 
     ds, _, _ = open_scene_dataset(data, split, classes_file)  # fail on the data before loading a model
     n = len(subset_indices(len(ds), limit))
@@ -121,7 +121,7 @@ def retrieval(
 ) -> None:
     """Image-text retrieval: R@1/5/10 in both directions and mean recall."""
     from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
-    from rsvl.eval.harness import open_caption_dataset, run_retrieval, subset_indices
+    from rsvl.eval import open_caption_dataset, run_retrieval, subset_indices
 
     prefix = FARSLIP_CAPTION_PREFIX if caption_prefix.strip().lower() == "farslip" else caption_prefix
     ds, _, _ = open_caption_dataset(data, split, caption_key)
@@ -166,7 +166,7 @@ def ovss(
     from rsvl.data.classes import load_classes
     from rsvl.data.segmentation import SEG_PRESETS
     from rsvl.errors import PromptError
-    from rsvl.eval.harness import open_segmentation_dataset, ovss_protocol, run_ovss, subset_indices
+    from rsvl.eval import open_segmentation_dataset, ovss_protocol, run_ovss, subset_indices
 
     source = classes_file
     if source is None:
@@ -213,7 +213,7 @@ def refer(
 ) -> None:
     """Referring segmentation: mIoU, oIoU, Pr@0.5..0.9 (LAVT / FIANet), from a model or mask files."""
     from rsvl.errors import PromptError
-    from rsvl.eval.harness import run_refer, run_refer_model
+    from rsvl.eval import run_refer, run_refer_model
 
     if ground_truth is not None:
         if model is not None:
@@ -225,7 +225,7 @@ def refer(
         if model is None:
             raise PromptError("Nothing to evaluate: no --model and no ground-truth folder.",
                               hint="rsvl eval refer DATA --model mini-refer, or rsvl eval refer PRED_DIR GT_DIR.")
-        from rsvl.eval.harness import open_refer_dataset, subset_indices
+        from rsvl.eval import open_refer_dataset, subset_indices
 
         ds = open_refer_dataset(data, split)  # fail on the data before loading a model
         n = len(subset_indices(len(ds), limit))
@@ -263,13 +263,13 @@ def coco(
     """COCO AP, AP50, AP75, APs/m/l and per-class AP of a detections file, or of a model run
     over the images of the validation split (bbox and segm)."""
     from rsvl.errors import PromptError
-    from rsvl.eval.harness import run_coco
+    from rsvl.eval import run_coco
 
     if (detections is None) == (model is None):
         raise PromptError("Give either a detections file or --model, not both or neither.",
                           hint="rsvl eval coco GT.json DETS.json, or rsvl eval coco GT.json --model mini-instances.")
     if model is not None:
-        from rsvl.eval.harness import run_coco_model
+        from rsvl.eval import run_coco_model
         from rsvl.train.instances import open_coco, split_ids
 
         ds = open_coco(ground_truth, images)  # fail on the data before loading a model

@@ -9,12 +9,6 @@ from typing import Any, Generic, TypeVar
 
 from rsvl.errors import DatasetError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def is_image(path: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
-    return path.is_file() and path.suffix.lower() in extensions and not path.name.startswith(".")
-
 
 def require_dir(path: Path, what: str, layout: str) -> Path:
     if not path.is_dir():

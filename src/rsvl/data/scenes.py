@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from rsvl.data._common import (
-    IMAGE_EXTENSIONS,
     CheckedSamples,
     check_image,
-    is_image,
     load_json,
     require_dir,
     require_file,
 )
 from rsvl.data.captions import RetrievalSet
 from rsvl.errors import DatasetError
+from rsvl.io import IMAGE_SUFFIXES, is_image_file
+from rsvl.io import read_rgb as _read_any_rgb
 
 __all__ = [
     "SceneCsvDataset",
@@ -80,18 +80,9 @@ class SceneDataset(CheckedSamples[SceneSample]):
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read a plain image file as an (H, W, 3) uint8 RGB array (PIL)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError as e:
-        raise DatasetError(f"Image not found: {path}.", hint="Check the dataset root.") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(
-            f"Cannot read image {path} ({e}).", hint="Re-download or remove the file."
-        ) from e
+    """Read a dataset image as an (H, W, 3) uint8 RGB array; a missing or unreadable file is
+    a :class:`~rsvl.errors.DatasetError`."""
+    return _read_any_rgb(path, error=DatasetError)
 
 
 class UCMJsonDataset(SceneDataset):
@@ -186,7 +177,7 @@ class SceneFolderDataset(SceneDataset):
         self,
         root: str | Path,
         classes: Sequence[str] | None = None,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        extensions: Sequence[str] = IMAGE_SUFFIXES,
     ):
         root = require_dir(Path(root), "Dataset folder", FOLDER_LAYOUT)
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -206,7 +197,7 @@ class SceneFolderDataset(SceneDataset):
                     f"Class folder not found: {d}.", hint=f"Expected layout: {FOLDER_LAYOUT}"
                 )
             for f in sorted(d.rglob("*")):
-                if is_image(f, exts):
+                if is_image_file(f, exts):
                     samples.append(SceneSample(f, i, c))
         if not samples:
             raise DatasetError(

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from rsvl.data._common import IMAGE_EXTENSIONS, is_image, require_dir
+from rsvl.data._common import require_dir
+from rsvl.data.scenes import read_rgb
 from rsvl.errors import DatasetError
+from rsvl.io import IMAGE_SUFFIXES, is_image_file
 
 __all__ = [
     "SEG_PRESETS",
@@ -140,7 +143,7 @@ class SegmentationDataset(Sequence[SegSample]):
                     continue
                 stem = f.name[: -len(img_suffix)]
             else:
-                if not is_image(f, IMAGE_EXTENSIONS):
+                if not is_image_file(f, IMAGE_SUFFIXES):
                     continue
                 stem = f.stem
             lab = _find_label(label_dir, stem, label_suffix)
@@ -217,7 +220,6 @@ class SegmentationDataset(Sequence[SegSample]):
 
     def read_label(self, sample: SegSample | int) -> np.ndarray:
         """(H, W) uint8 label in class-index space (0..C-1, ``ignore_index``)."""
-        from PIL import Image, UnidentifiedImageError
 
         s = self.samples[sample] if isinstance(sample, int) else sample
         try:
@@ -258,7 +260,6 @@ class SegmentationDataset(Sequence[SegSample]):
 
     def read_image(self, sample: SegSample | int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of a plain image file (PNG/JPEG/3-band TIFF) via PIL."""
-        from rsvl.data.scenes import read_rgb
 
         s = self.samples[sample] if isinstance(sample, int) else sample
         return read_rgb(s.image)

@@ -22,6 +22,7 @@ import rasterio
 import rasterio._err
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from rsvl.errors import (
@@ -442,7 +443,6 @@ class WindowReader:
         self._ds = open_dataset(source.path)
         self._vrt = None
         if source.target_gsd is not None:
-            from rasterio.vrt import WarpedVRT
 
             self._vrt = WarpedVRT(
                 self._ds,

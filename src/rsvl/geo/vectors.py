@@ -18,11 +18,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import rasterio
+import shapely
 from affine import Affine
+from rasterio.features import shapes
 from rasterio.windows import Window
+from scipy import ndimage
+from shapely.geometry import shape
 
-from rsvl.errors import OutputError
+from rsvl.errors import NoCRSError, OutputError
+from rsvl.geo.raster import open_dataset
 
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".parquet": "Parquet", ".geoparquet": "Parquet"}
 
@@ -50,9 +57,6 @@ def _shapes_for_strip(
     confidence: np.ndarray | None,
 ) -> list[tuple[Any, int, int, float]]:
     """Polygons of one strip: (geometry, class value, pixel count, confidence sum)."""
-    from rasterio.features import shapes
-    from scipy import ndimage
-    from shapely.geometry import shape
 
     out: list[tuple[Any, int, int, float]] = []
     values = np.unique(labels[valid])
@@ -115,9 +119,7 @@ def polygonize_raster(
     pixels that never become polygons. ``confidence_path`` (a raster on the same grid)
     gives each polygon a ``score``: the mean of that raster over the polygon's pixels.
     """
-    import rasterio
 
-    from rsvl.geo.raster import open_dataset
 
     ds = open_dataset(path)
     cds = open_dataset(confidence_path) if confidence_path is not None else None
@@ -154,8 +156,6 @@ def _polygonize(
     strip_rows: int = 2048,
     attributes: Mapping[str, Any] | None = None,
 ):
-    import geopandas as gpd
-    import shapely
 
     ignore_set = {int(v) for v in ignore}
     keep = {int(k) for k in classes} if classes is not None else None
@@ -218,7 +218,6 @@ def _polygonize(
 
 def boxes_to_polygons(boxes: np.ndarray | Sequence[Sequence[float]], transform: Affine = Affine.identity()) -> list[Any]:
     """Pixel boxes ``(xmin, ymin, xmax, ymax)`` (pixel-edge coordinates) -> polygons in the CRS."""
-    import shapely
 
     out = []
     for xmin, ymin, xmax, ymax in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
@@ -229,9 +228,6 @@ def boxes_to_polygons(boxes: np.ndarray | Sequence[Sequence[float]], transform: 
 
 def mask_to_polygon(mask: np.ndarray, transform: Affine = Affine.identity()):
     """One instance mask (H, W) bool -> a (Multi)Polygon in the CRS covering its pixels."""
-    import shapely
-    from rasterio.features import shapes
-    from shapely.geometry import shape
 
     m = np.asarray(mask, dtype=bool)
     if not m.any():
@@ -264,7 +260,6 @@ def write_vectors(
         raise OutputError(f"{path.parent}: output folder does not exist.", hint="Create it first.")
     if to_crs is not None:
         if gdf.crs is None:
-            from rsvl.errors import NoCRSError
 
             raise NoCRSError(
                 "cannot reproject polygons that have no CRS (the input raster has none).",

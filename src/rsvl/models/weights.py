@@ -17,11 +17,17 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
+import huggingface_hub
+
 from rsvl.errors import WeightsNotFoundError
 from rsvl.models.cards import ModelCard
+
+#: the installed rsvl package (bundled weights are relative to it)
+_PACKAGE = Path(__file__).resolve().parents[1]
 
 _TRUE = {"1", "true", "yes", "on"}
 _CHUNK = 1 << 20
@@ -144,9 +150,7 @@ def _check_cached(card: ModelCard, path: Path, *, remember: bool = True) -> Path
 def _bundled_path(card: ModelCard) -> Path | None:
     if not card.source.bundled:
         return None
-    import rsvl
-
-    path = Path(rsvl.__file__).parent / card.source.bundled
+    path = _PACKAGE / card.source.bundled
     return path if path.is_file() else None
 
 
@@ -156,11 +160,7 @@ def _hf_cached_path(card: ModelCard) -> Path | None:
     if not src.hf_repo:
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return None
-    try:
-        found = try_to_load_from_cache(
+        found = huggingface_hub.try_to_load_from_cache(
             src.hf_repo, src.repo_filename, revision=src.revision or "main"
         )
     except Exception:  # a malformed cache must not break loading
@@ -202,9 +202,7 @@ def _download_to(card: ModelCard, dest: Path) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
     try:
         if src.hf_repo:
-            from huggingface_hub import hf_hub_download
-
-            got = hf_hub_download(
+            got = huggingface_hub.hf_hub_download(
                 repo_id=src.hf_repo,
                 filename=src.repo_filename,
                 revision=src.revision,
@@ -212,8 +210,6 @@ def _download_to(card: ModelCard, dest: Path) -> None:
             )
             shutil.move(got, dest)
         elif src.url:
-            import urllib.request
-
             raw = workdir / "download"
             with urllib.request.urlopen(src.url, timeout=60) as resp, open(raw, "wb") as out:
                 shutil.copyfileobj(resp, out, _CHUNK)

@@ -565,7 +565,7 @@ SEMSEG_PROTOCOLS: tuple[str, ...] = ("rsvl", "farslip")
 def majority_miou(semseg_dir: str | Path, preset: str) -> dict[str, float]:
     """mIoU / pixel accuracy of predicting each image's own majority class (an oracle baseline:
     it knows the labels), scored like ``rsvl eval ovss`` (same reader, ignore index, metric)."""
-    from rsvl.eval.harness import open_segmentation_dataset
+    from rsvl.eval import open_segmentation_dataset
     from rsvl.metrics import ConfusionMatrix, segmentation_report
 
     ds = open_segmentation_dataset(semseg_dir, preset, "val")
@@ -588,7 +588,7 @@ def evaluate_semseg(model: Any, semseg_root: str | Path, datasets: Sequence[str]
     numbers at the top level."""
     from rsvl.data.classes import load_classes
     from rsvl.data.segmentation import SEG_PRESETS
-    from rsvl.eval.harness import ovss_protocol, run_ovss
+    from rsvl.eval import ovss_protocol, run_ovss
 
     root = Path(semseg_root)
     res: dict[str, Any] = {}

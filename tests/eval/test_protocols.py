@@ -18,23 +18,23 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from rsvl import eval as harness
 from rsvl.data.classes import parse_class_list
 from rsvl.errors import DatasetError
-from rsvl.eval import harness
-from rsvl.eval.harness import (
-    _rescale_size,
-    _windows,
+from rsvl.eval import (
     ovss_protocol,
     prompt_name,
+    rescale_size,
     run_coco,
     run_ovss,
     run_refer,
     run_retrieval,
     run_zeroshot,
+    sliding_windows,
     subset_indices,
 )
 
-SHARED = Path(__file__).parents[1] / "../shared/data"
+SHARED = Path(__file__).parents[2] / "../shared/data"
 WORDS = ("red", "green", "blue")
 
 
@@ -193,13 +193,13 @@ def test_retrieval_karpathy_and_csv(tmp_path):
 
 def test_windows_and_resize_match_mmseg():
     # mmseg slide_inference: h_grids = max(h - crop + stride - 1, 0) // stride + 1, clamped
-    assert _windows(300, 224, 224, 112) == [(0, 224, 0, 224), (76, 300, 0, 224)]
-    assert _windows(100, 100, 224, 112) == [(0, 100, 0, 100)]
-    assert len(_windows(448, 448, 224, 112)) == 9
-    assert _rescale_size(1024, 1024, (448, 448)) == (448, 448)
-    assert _rescale_size(512, 1024, (448, 448)) == (224, 448)  # long side fits
-    assert _rescale_size(512, 1024, (2048, 448)) == (448, 896)  # short side 448
-    assert _rescale_size(512, 1024, None) == (512, 1024)
+    assert sliding_windows(300, 224, 224, 112) == [(0, 224, 0, 224), (76, 300, 0, 224)]
+    assert sliding_windows(100, 100, 224, 112) == [(0, 100, 0, 100)]
+    assert len(sliding_windows(448, 448, 224, 112)) == 9
+    assert rescale_size(1024, 1024, (448, 448)) == (448, 448)
+    assert rescale_size(512, 1024, (448, 448)) == (224, 448)  # long side fits
+    assert rescale_size(512, 1024, (2048, 448)) == (448, 896)  # short side 448
+    assert rescale_size(512, 1024, None) == (512, 1024)
 
 
 def seg_scene() -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +289,7 @@ def test_segearth_protocol_applies_the_cls_correction(tmp_path):
     # the harness uses the predictor's corrected logits: same argmax as computing them here
     ds_img = np.asarray(Image.open(next((tmp_path / "seg" / "images").iterdir())).convert("RGB"))
     pred = DensePredictor(ClsModel(), classes, "none", logit_scale=50.0, cls_lambda=-0.3)
-    from rsvl.eval.harness import ovss_predict
+    from rsvl.eval import ovss_predict
 
     want = pred(ds_img.transpose(2, 0, 1)[None]).argmax(axis=1)[0]
     got = ovss_predict(pred, ds_img, ds_img.shape[:2], proto)

@@ -37,7 +37,7 @@ from rsvl.data.datasets import (
 from rsvl.errors import DatasetError, InputNotFoundError, PromptError
 from rsvl.metrics import ConfusionMatrix, retrieval_ground_truth
 
-SHARED = Path(__file__).parents[1] / "../shared/data"
+SHARED = Path(__file__).parents[2] / "../shared/data"
 
 
 def _img(path: Path, size=(8, 6), value=0) -> Path:
@@ -146,7 +146,7 @@ def test_classes_and_readers_do_not_import_torch():
         "import sys, rsvl.data.classes, rsvl.data.datasets, rsvl.metrics; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
-    src = Path(__file__).parents[1] / "src"
+    src = Path(__file__).parents[2] / "src"
     env = {"PYTHONPATH": str(src), "PATH": ""}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
