@@ -14,8 +14,9 @@ __all__ = ["RsvlError", "__version__", "load"]
 
 
 def __getattr__(name: str):
-    # Lazy, so that `import rsvl` does not import torch.
     if name == "load":
+        # lazy: rsvl.api imports torch and every model family (see rsvl.cli for the cost);
+        # `import rsvl` stays cheap for the CLI and the geospatial layer
         from rsvl.api import load
 
         return load

@@ -6,8 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from rsvl.console import emit_json, progress_bar
+from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
+from rsvl.data.classes import load_classes
+from rsvl.data.segmentation import SEG_PRESETS
+from rsvl.errors import PromptError
 
 eval_app = typer.Typer(
     name="eval",
@@ -32,20 +38,19 @@ _OUT = typer.Option(None, "--out", "-o", help="Also write the JSON document to t
 
 
 def _load_model(name: str, weights: Path | None, device: str) -> Any:
-    import rsvl
+    import rsvl  # lazy: see rsvl.cli
 
     return rsvl.load(name, weights=weights, device=device)
 
 
 def _finish(result: Any, as_json: bool, out: Path | None, table: Any) -> None:
-    from rsvl.eval import write_result
+    from rsvl.eval import write_result  # lazy: see rsvl.cli
 
     if out is not None:
         write_result(result, out)
     if as_json:
         emit_json(result.to_dict())
         return
-    from rich.console import Console
 
     console = Console(highlight=False)
     console.print(table)
@@ -64,7 +69,6 @@ def _pct(v: Any) -> str:
 
 
 def _table(title: str, rows: list[tuple[str, Any]], value_header: str = "%") -> Any:
-    from rich.table import Table
 
     t = Table(title=title, show_edge=False)
     t.add_column("metric")
@@ -89,7 +93,7 @@ def zeroshot(
     out: Path = _OUT,
 ) -> None:
     """Zero-shot scene classification: top-1, top-5, per-class accuracy and its mean."""
-    from rsvl.eval import open_scene_dataset, run_zeroshot, subset_indices
+    from rsvl.eval import open_scene_dataset, run_zeroshot, subset_indices  # lazy: see rsvl.cli
 
     ds, _, _ = open_scene_dataset(data, split, classes_file)  # fail on the data before loading a model
     n = len(subset_indices(len(ds), limit))
@@ -120,8 +124,7 @@ def retrieval(
     out: Path = _OUT,
 ) -> None:
     """Image-text retrieval: R@1/5/10 in both directions and mean recall."""
-    from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
-    from rsvl.eval import open_caption_dataset, run_retrieval, subset_indices
+    from rsvl.eval import open_caption_dataset, run_retrieval, subset_indices  # lazy: see rsvl.cli
 
     prefix = FARSLIP_CAPTION_PREFIX if caption_prefix.strip().lower() == "farslip" else caption_prefix
     ds, _, _ = open_caption_dataset(data, split, caption_key)
@@ -163,10 +166,12 @@ def ovss(
     out: Path = _OUT,
 ) -> None:
     """Open-vocabulary semantic segmentation: per-class IoU and mIoU (background counted, 255 ignored)."""
-    from rsvl.data.classes import load_classes
-    from rsvl.data.segmentation import SEG_PRESETS
-    from rsvl.errors import PromptError
-    from rsvl.eval import open_segmentation_dataset, ovss_protocol, run_ovss, subset_indices
+    from rsvl.eval import (  # lazy: see rsvl.cli
+        open_segmentation_dataset,
+        ovss_protocol,
+        run_ovss,
+        subset_indices,
+    )
 
     source = classes_file
     if source is None:
@@ -212,8 +217,7 @@ def refer(
     out: Path = _OUT,
 ) -> None:
     """Referring segmentation: mIoU, oIoU, Pr@0.5..0.9 (LAVT / FIANet), from a model or mask files."""
-    from rsvl.errors import PromptError
-    from rsvl.eval import run_refer, run_refer_model
+    from rsvl.eval import run_refer, run_refer_model  # lazy: see rsvl.cli
 
     if ground_truth is not None:
         if model is not None:
@@ -225,7 +229,7 @@ def refer(
         if model is None:
             raise PromptError("Nothing to evaluate: no --model and no ground-truth folder.",
                               hint="rsvl eval refer DATA --model mini-refer, or rsvl eval refer PRED_DIR GT_DIR.")
-        from rsvl.eval import open_refer_dataset, subset_indices
+        from rsvl.eval import open_refer_dataset, subset_indices  # lazy: see rsvl.cli
 
         ds = open_refer_dataset(data, split)  # fail on the data before loading a model
         n = len(subset_indices(len(ds), limit))
@@ -262,15 +266,14 @@ def coco(
 ) -> None:
     """COCO AP, AP50, AP75, APs/m/l and per-class AP of a detections file, or of a model run
     over the images of the validation split (bbox and segm)."""
-    from rsvl.errors import PromptError
-    from rsvl.eval import run_coco
+    from rsvl.eval import run_coco  # lazy: see rsvl.cli
 
     if (detections is None) == (model is None):
         raise PromptError("Give either a detections file or --model, not both or neither.",
                           hint="rsvl eval coco GT.json DETS.json, or rsvl eval coco GT.json --model mini-instances.")
     if model is not None:
-        from rsvl.eval import run_coco_model
-        from rsvl.train.instances import open_coco, split_ids
+        from rsvl.eval import run_coco_model  # lazy: see rsvl.cli
+        from rsvl.train.instances import open_coco, split_ids  # lazy: see rsvl.cli
 
         ds = open_coco(ground_truth, images)  # fail on the data before loading a model
         tr, va = split_ids(ds.image_ids, val_fraction, seed)

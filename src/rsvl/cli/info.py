@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state
+from rsvl.geo.raster import RasterSource
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +24,6 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Print size, bands, dtype, CRS, GSD, nodata, overviews, and how rsvl will read it."""
-    from rsvl.geo.raster import RasterSource
 
     with RasterSource(raster, bands=parse_bands(bands), stretch=stretch) as src:
         meta = src.info()
@@ -34,8 +36,6 @@ def info(
 
 
 def _print(m) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     t = Table(show_header=False, box=None, pad_edge=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from rsvl.console import emit_json, state
 
@@ -18,8 +20,8 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """List every model rsvl knows, where its weights come from, and whether they are here."""
-    from rsvl.models.registry import list_cards
-    from rsvl.models.weights import is_available_offline
+    from rsvl.models.registry import list_cards  # lazy: see rsvl.cli
+    from rsvl.models.weights import is_available_offline  # lazy: see rsvl.cli
 
     rows = []
     for card in list_cards(family=family, task=task):
@@ -38,8 +40,6 @@ def models(
     if as_json:
         emit_json({"models": rows})
         return
-    from rich.console import Console
-    from rich.table import Table
 
     t = Table(show_edge=False)
     t.add_column("name", no_wrap=True)
@@ -58,9 +58,9 @@ def fetch(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Download a model's weights into the cache (pinned revision; sha256 checked where published)."""
-    from rsvl.models.registry import get_card
-    from rsvl.models.weights import fetch as do_fetch
-    from rsvl.models.weights import sha256_file
+    from rsvl.models.registry import get_card  # lazy: see rsvl.cli
+    from rsvl.models.weights import fetch as do_fetch  # lazy: see rsvl.cli
+    from rsvl.models.weights import sha256_file  # lazy: see rsvl.cli
 
     card = get_card(name)
     path = do_fetch(card, force=force)

@@ -1,6 +1,6 @@
 """``rsvl train ...``: one sub-command per trainable family.
 
-Each module in :data:`TRAIN_MODULES` exposes ``register(train_app)`` and adds its own
+Each sub-command module exposes ``register(train_app)`` and adds its own
 sub-command (``rsvl train clip``, ``rsvl train mini-clip``, ``rsvl train refer``,
 ``rsvl train instances``). The training code itself lives in ``rsvl.train.*``; these
 commands only parse options and report.
@@ -8,9 +8,9 @@ commands only parse options and report.
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from rsvl.cli import train_clip, train_instances, train_mini_clip, train_refer
 
 train_app = typer.Typer(
     help="Train or fine-tune models (Lightning: AMP, checkpoints, resume).",
@@ -18,16 +18,10 @@ train_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-#: order here is the order in `rsvl train --help`
-TRAIN_MODULES: list[str] = [
-    "rsvl.cli.train_clip",
-    "rsvl.cli.train_mini_clip",
-    "rsvl.cli.train_instances",
-    "rsvl.cli.train_refer",
-]
 
 
 def register(app: typer.Typer) -> None:
-    for name in TRAIN_MODULES:
-        importlib.import_module(name).register(train_app)
+    # order here is the order in `rsvl train --help`
+    for module in (train_clip, train_mini_clip, train_instances, train_refer):
+        module.register(train_app)
     app.add_typer(train_app, name="train")
