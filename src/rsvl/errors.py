@@ -60,6 +60,10 @@ class WeightsNotFoundError(RsvlError):
     """The weights of a model are not available locally and cannot be downloaded."""
 
 
+class WeightsChecksumError(WeightsNotFoundError):
+    """A checkpoint's sha256 differs from the one its model card pins."""
+
+
 class CheckpointMismatchError(RsvlError):
     """A checkpoint does not match the architecture it is loaded into."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rsvl.errors import UnknownModelError, WeightsNotFoundError
+from rsvl.errors import UnknownModelError, WeightsChecksumError, WeightsNotFoundError
 from rsvl.models import registry, weights
 from rsvl.models.cards import ModelCard, WeightsSource
 from rsvl.models.registry import REGISTRY, get_card, list_cards
@@ -250,7 +250,7 @@ def test_download_verify_and_reuse(net):
 def test_sha256_mismatch_leaves_nothing(net):
     net.payload = PAYLOAD
     card = _card(sha256="0" * 64)
-    with pytest.raises(weights.WeightsChecksumError) as err:
+    with pytest.raises(WeightsChecksumError) as err:
         weights.resolve_weights(card)
     assert PAYLOAD_SHA in str(err.value) and "0" * 64 in str(err.value)
     assert isinstance(err.value, WeightsNotFoundError)
@@ -273,7 +273,7 @@ def test_hand_placed_file_with_wrong_hash(net):
     target = weights.cache_path(card)
     target.parent.mkdir(parents=True)
     target.write_bytes(PAYLOAD)
-    with pytest.raises(weights.WeightsChecksumError, match="rsvl fetch"):
+    with pytest.raises(WeightsChecksumError, match="rsvl fetch"):
         weights.resolve_weights(card)
     good = _card(sha256=PAYLOAD_SHA)
     assert weights.resolve_weights(good) == target  # verified once, then remembered

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import huggingface_hub
 
-from rsvl.errors import WeightsNotFoundError
+from rsvl.errors import WeightsChecksumError, WeightsNotFoundError
 from rsvl.models.cards import ModelCard
 
 #: the installed rsvl package (bundled weights are relative to it)
@@ -31,10 +31,6 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 
 _TRUE = {"1", "true", "yes", "on"}
 _CHUNK = 1 << 20
-
-
-class WeightsChecksumError(WeightsNotFoundError):
-    """A checkpoint's sha256 differs from the one its model card pins."""
 
 
 def cache_root() -> Path:
@@ -323,7 +319,6 @@ def resolve_weights(card: ModelCard, path: str | Path | None = None) -> Path:
 
 
 __all__ = [
-    "WeightsChecksumError",
     "cache_path",
     "cache_root",
     "fetch",
