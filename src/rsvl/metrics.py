@@ -309,7 +309,6 @@ class ConfusionMatrix:
 
     ``matrix`` is (C, C), rows = ground truth, columns = prediction.
     """
-
     def __init__(self, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False):
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1")
@@ -422,7 +421,6 @@ class ReferringAccumulator:
     Masks are foreground booleans (anything non-zero is foreground), compared at whatever
     resolution they are given (LAVT/FIANet: 480x480).
     """
-
     def __init__(self, thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.reset()
@@ -561,7 +559,6 @@ def coco_evaluate(
     truth of that size), ``per_class`` {category name: AP over IoU .50:.95, area all,
     ``max_dets``}, and ``stats`` (the 12 COCOeval numbers, -1 kept).
     """
-
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     coco_gt = _load_gt(gt)

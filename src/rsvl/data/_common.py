@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,23 @@ def load_json(path: Path, what: str, layout: str) -> Any:
         raise DatasetError(
             f"{what} {path} is not valid JSON ({e}).", hint=f"Expected layout: {layout}"
         ) from e
+
+
+def read_csv_pairs(
+    csv_path: Path, keys: tuple[str, str], sep: str, layout: str, options: str
+) -> list[tuple[str, str]]:
+    """The ``(row[keys[0]], row[keys[1]])`` pairs of a CSV file, in file order; a missing
+    column is a DatasetError naming the columns found and the ``options`` that choose them."""
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        cols = reader.fieldnames or []
+        missing = [k for k in keys if k not in cols]
+        if missing:
+            raise DatasetError(
+                f"{csv_path} has no column {missing} (columns found: {cols}).",
+                hint=f"Expected {layout}; or pass {options}.",
+            )
+        return [(r[keys[0]], r[keys[1]]) for r in reader]
 
 
 def check_image(path: Path, layout: str) -> Path:

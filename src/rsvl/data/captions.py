@@ -9,14 +9,13 @@ texts, and the (image, text) ground-truth pairs, deduplicated as FarSLIP's
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rsvl.data._common import CheckedSamples, load_json, require_dir, require_file
+from rsvl.data._common import CheckedSamples, load_json, read_csv_pairs, require_dir, require_file
 from rsvl.errors import DatasetError
 
 __all__ = [
@@ -224,16 +223,7 @@ class RetrievalCsvDataset(_CaptionDataset):
     ):
         csv_path = require_file(Path(csv_path), "Retrieval CSV", CSV_LAYOUT)
         base = Path(root) if root is not None else csv_path.parent
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            cols = reader.fieldnames or []
-            missing = [k for k in (img_key, caption_key) if k not in cols]
-            if missing:
-                raise DatasetError(
-                    f"{csv_path} has no column {missing} (columns found: {cols}).",
-                    hint=f"Expected {CSV_LAYOUT}; or pass img_key/caption_key/sep.",
-                )
-            rows = [(r[img_key], r[caption_key]) for r in reader]
+        rows = read_csv_pairs(csv_path, (img_key, caption_key), sep, CSV_LAYOUT, "img_key/caption_key/sep")
         if not rows:
             raise DatasetError(f"{csv_path} has no rows.", hint=f"Expected {CSV_LAYOUT}.")
         grouped: dict[str, list[str]] = {}

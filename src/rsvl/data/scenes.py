@@ -6,7 +6,6 @@ Readers index paths and labels only; pixels are read by whoever iterates (``read
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from rsvl.data._common import (
     CheckedSamples,
     check_image,
     load_json,
+    read_csv_pairs,
     require_dir,
     require_file,
 )
@@ -250,16 +250,7 @@ class SceneCsvDataset(SceneDataset):
         base = Path(root) if root is not None else csv_path.parent
         exact = {c: i for i, c in enumerate(classes)}
         loose = {_norm(c): i for i, c in enumerate(classes)}
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            cols = reader.fieldnames or []
-            missing = [k for k in (img_key, label_key) if k not in cols]
-            if missing:
-                raise DatasetError(
-                    f"{csv_path} has no column {missing} (columns found: {cols}).",
-                    hint=f"Expected {CSV_LAYOUT}; or pass img_key/label_key/sep.",
-                )
-            rows = [(r[img_key], r[label_key]) for r in reader]
+        rows = read_csv_pairs(csv_path, (img_key, label_key), sep, CSV_LAYOUT, "img_key/label_key/sep")
         samples = []
         for n, (fp, lab) in enumerate(rows, start=2):
             lab = (lab or "").strip()

@@ -50,7 +50,6 @@ MMSEG_LAYOUT = (
 @dataclass(frozen=True)
 class SegSample:
     """One image and its label mask (paths only)."""
-
     image: Path
     label: Path
     name: str
@@ -59,7 +58,6 @@ class SegSample:
 @dataclass(frozen=True)
 class SegPreset:
     """How to read one benchmark's labels."""
-
     classes: tuple[str, ...]
     reduce_zero_label: bool = False
     binary: bool = False
@@ -116,7 +114,6 @@ class SegmentationDataset(Sequence[SegSample]):
     extension); each one's label is ``label_dir/<name><label_suffix>`` (default: the same
     name with .png/.tif/...). An image without a label raises a :class:`DatasetError`.
     """
-
     def __init__(
         self,
         image_dir: str | Path,
@@ -220,7 +217,6 @@ class SegmentationDataset(Sequence[SegSample]):
 
     def read_label(self, sample: SegSample | int) -> np.ndarray:
         """(H, W) uint8 label in class-index space (0..C-1, ``ignore_index``)."""
-
         s = self.samples[sample] if isinstance(sample, int) else sample
         try:
             with Image.open(s.label) as im:
@@ -260,7 +256,6 @@ class SegmentationDataset(Sequence[SegSample]):
 
     def read_image(self, sample: SegSample | int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of a plain image file (PNG/JPEG/3-band TIFF) via PIL."""
-
         s = self.samples[sample] if isinstance(sample, int) else sample
         return read_rgb(s.image)
 

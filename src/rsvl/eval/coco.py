@@ -26,7 +26,6 @@ def run_coco(
     ground_truth: str | Path, detections: str | Path, *, iou_type: str = "bbox", max_dets: int = 100
 ) -> EvalResult:
     """COCO AP of a detections JSON (list of results) against a COCO instances JSON."""
-
     t0 = time.perf_counter()
     layout = "a COCO results JSON: [{'image_id', 'category_id', 'score', 'bbox' or 'segmentation'}]"
     dets = load_json(Path(detections), "Detections file", layout)
@@ -69,7 +68,6 @@ def run_coco_model(
     seeded image split that ``rsvl train instances`` holds out
     (:func:`rsvl.data.refgen.split_images`), or "all". Metrics are ``bbox`` and ``segm``
     dicts as :func:`rsvl.metrics.coco_evaluate` returns them."""
-
 
     t0 = time.perf_counter()
     if split not in ("val", "train", "all"):

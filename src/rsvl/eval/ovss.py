@@ -39,7 +39,6 @@ class OvssProtocol:
     model's dense scale. ``prob_thd`` > 0: pixels whose best class probability is below it
     become ``bg_idx`` (original SegEarth-OV). ``templates``: see ``resolve_templates``.
     """
-
     name: str
     resize: tuple[int, int] | None = (448, 448)
     crop: int = 224
@@ -90,7 +89,6 @@ SEGEARTH_THRESHOLDS: dict[str, tuple[float, int]] = {
 def ovss_protocol(name: str, preset: str | None = None, **overrides: Any) -> OvssProtocol:
     """The named protocol, with SegEarth's per-dataset threshold for ``preset`` and any
     non-None ``overrides`` (resize, crop, stride, logit_scale, prob_thd, bg_idx, templates)."""
-
     key = name.lower()
     if key not in OVSS_PROTOCOLS:
         raise PromptError(f"Unknown OVSS protocol {name!r}.", hint=f"Use one of {sorted(OVSS_PROTOCOLS)}.")
@@ -123,7 +121,6 @@ def open_segmentation_dataset(
     reduce_zero_label: bool = False,
 ) -> Any:
     """Open a segmentation dataset (preset: its label encoding; else layout detection)."""
-
     p = Path(path)
     if not p.is_dir():
         raise DatasetError(f"Dataset folder not found: {p}.", hint=f"Expected {SEG_LAYOUTS}.")
@@ -167,7 +164,6 @@ def ovss_predict(
     ``predictor`` is a :class:`rsvl.tasks.segment.DensePredictor` (its per-window cosine
     logits with its CLS correction, synonym index and scale are used).
     """
-
 
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None]
     h0, w0 = x.shape[-2:]
@@ -221,7 +217,6 @@ def run_ovss(
     progress: Progress = None,
 ) -> EvalResult:
     """Open-vocabulary semantic segmentation, RS-OVSS / SegEarth-OV protocol; see module doc."""
-
     t0 = time.perf_counter()
     proto = ovss_protocol(protocol, preset) if isinstance(protocol, str) else protocol
     ds = open_segmentation_dataset(dataset_path, preset, split, reduce_zero_label)

@@ -67,7 +67,6 @@ def run_refer(
     the prediction must have the same size. A GT without a prediction counts as an empty
     prediction (IoU 0), as a model that answered nothing.
     """
-
     t0 = time.perf_counter()
     pred_files = _mask_files(Path(predictions), "Prediction folder")
     gt_files = _mask_files(Path(ground_truth), "Ground-truth folder")
@@ -113,7 +112,6 @@ REFER_DATA_LAYOUT = ("a REFER-format root (RRSIS-D layout: ROOT/rrsisd/refs(unc)
 
 def open_refer_dataset(path: str | Path, split: str = "val") -> Any:
     """An RRSIS-D (REFER) or RefSegRS dataset of ``split``, told apart by the layout."""
-
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder.", hint=f"Expected {REFER_DATA_LAYOUT}.")
@@ -143,7 +141,6 @@ def run_refer_model(
     (upstream); None compares at each image's original size. One sentence is one sample;
     mIoU, oIoU and Pr@X come from :class:`rsvl.metrics.ReferringAccumulator`.
     """
-
 
     t0 = time.perf_counter()
     ds = open_refer_dataset(data, split)

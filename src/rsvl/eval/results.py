@@ -75,7 +75,6 @@ def prompt_name(name: str) -> str:
 @dataclass
 class EvalResult:
     """One evaluation: ``metrics`` (every number) and ``settings`` (how it was run)."""
-
     task: str
     metrics: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)

@@ -37,7 +37,6 @@ def open_caption_dataset(
 
     Default split: ``val`` for ucm.json, ``test`` for a Karpathy JSON; CSVs have none.
     """
-
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"Dataset not found: {p}.", hint=f"Expected {CAPTION_LAYOUTS}.")
@@ -74,7 +73,6 @@ def run_retrieval(
     progress: Progress = None,
 ) -> EvalResult:
     """Image-text retrieval, FarSLIP / SkyScript protocol; ``limit`` keeps that many images."""
-
 
     t0 = time.perf_counter()
     ds, layout, used_split = open_caption_dataset(dataset_path, split, caption_key)

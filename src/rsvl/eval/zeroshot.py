@@ -40,7 +40,6 @@ def open_scene_dataset(
     is ``classes_file`` or ``classnames.txt`` next to it; no split. A folder of class
     folders: ``ROOT/<split>`` when that folder exists, else the whole folder.
     """
-
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"Dataset not found: {p}.", hint=f"Expected {SCENE_LAYOUTS}.")
@@ -80,7 +79,6 @@ def run_zeroshot(
     progress: Progress = None,
 ) -> EvalResult:
     """Zero-shot scene classification (FarSLIP / SkyScript protocol); see module doc."""
-
     t0 = time.perf_counter()
     ds, layout, used_split = open_scene_dataset(dataset_path, split, classes_file)
     prompts = [prompt_name(c) for c in ds.classes]

@@ -81,7 +81,6 @@ def _first_line(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class BandPlan:
     """Which bands become R, G, B, and why."""
-
     bands: tuple[int, int, int]  # 1-based
     alpha_band: int | None
     note: str
@@ -176,7 +175,6 @@ def gsd_metres(ds: rasterio.io.DatasetReader) -> float | None:
 @dataclass(frozen=True)
 class Stretch:
     """Per-band linear stretch to 0..255: ``(x - low) / (high - low) * 255``, clipped."""
-
     low: tuple[float, ...]
     high: tuple[float, ...]
     method: str  # "none" | "percentile" | "dtype"
@@ -236,7 +234,6 @@ class RasterSource:
         the working grid (``width``, ``height``, ``transform``) is then that of the resampled
         raster. None keeps the native resolution.
     """
-
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -437,7 +434,6 @@ class WindowReader:
     Windows may extend past the raster: the outside is zero-filled and marked invalid, so
     edge tiles are padded, never dropped.
     """
-
     def __init__(self, source: RasterSource) -> None:
         self.source = source
         self._ds = open_dataset(source.path)

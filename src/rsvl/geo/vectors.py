@@ -57,7 +57,6 @@ def _shapes_for_strip(
     confidence: np.ndarray | None,
 ) -> list[tuple[Any, int, int, float]]:
     """Polygons of one strip: (geometry, class value, pixel count, confidence sum)."""
-
     out: list[tuple[Any, int, int, float]] = []
     values = np.unique(labels[valid])
     for v in values.tolist():
@@ -119,7 +118,6 @@ def polygonize_raster(
     pixels that never become polygons. ``confidence_path`` (a raster on the same grid)
     gives each polygon a ``score``: the mean of that raster over the polygon's pixels.
     """
-
 
     ds = open_dataset(path)
     cds = open_dataset(confidence_path) if confidence_path is not None else None
@@ -218,7 +216,6 @@ def _polygonize(
 
 def boxes_to_polygons(boxes: np.ndarray | Sequence[Sequence[float]], transform: Affine = Affine.identity()) -> list[Any]:
     """Pixel boxes ``(xmin, ymin, xmax, ymax)`` (pixel-edge coordinates) -> polygons in the CRS."""
-
     out = []
     for xmin, ymin, xmax, ymax in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         corners = [transform * (xmin, ymin), transform * (xmax, ymin), transform * (xmax, ymax), transform * (xmin, ymax)]
@@ -228,7 +225,6 @@ def boxes_to_polygons(boxes: np.ndarray | Sequence[Sequence[float]], transform: 
 
 def mask_to_polygon(mask: np.ndarray, transform: Affine = Affine.identity()):
     """One instance mask (H, W) bool -> a (Multi)Polygon in the CRS covering its pixels."""
-
     m = np.asarray(mask, dtype=bool)
     if not m.any():
         return shapely.Polygon()
