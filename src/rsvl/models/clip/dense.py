@@ -67,15 +67,17 @@ def resize_pos_embed(table: torch.Tensor, gh: int, gw: int, grid: tuple[int, int
     return torch.cat([cls_row, spatial], dim=0)
 
 
-def vit_dense(
-    visual: Any, x: torch.Tensor, attn: str = "segearth", ignore_residual: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """(CLS (B, D), patch tokens (B, gh·gw, D), (gh, gw)) of an open_clip ViT on normalised
-    ``x`` whose sides are multiples of the patch, with the last block replaced by
-    :func:`last_block_attention` (``ignore_residual=False`` keeps its residual and MLP)."""
+def _batch_first(visual: Any) -> bool:
+    return bool(getattr(visual.transformer, "batch_first", False))
+
+
+def vit_trunk(visual: Any, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Batch-first tokens (B, 1 + gh·gw, C) of an open_clip ViT after blocks ``0..L-2``, and
+    the grid (gh, gw), for normalised ``x`` whose sides are multiples of the patch (the
+    positional table is resized when the grid differs from the training grid)."""
     v = visual
     if getattr(v, "attn_pool", None) is not None or getattr(v, "final_ln_after_pool", False):
-        raise NotImplementedError("dense_features supports CLIP ViTs with CLS pooling only")
+        raise NotImplementedError("dense features need a CLIP ViT with CLS pooling")
     x = v.conv1(x)
     gh, gw = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)
@@ -84,23 +86,50 @@ def vit_dense(
     grid = tuple(getattr(v, "grid_size", (gh, gw)))
     x = x + resize_pos_embed(v.positional_embedding, gh, gw, grid).to(x.dtype)
     x = v.ln_pre(x)
-    blocks = v.transformer.resblocks
-    batch_first = getattr(v.transformer, "batch_first", False)
+    batch_first = _batch_first(v)
     if not batch_first:
         x = x.transpose(0, 1)
-    for blk in blocks[:-1]:
+    for blk in v.transformer.resblocks[:-1]:
         x = blk(x)
     if not batch_first:
         x = x.transpose(0, 1)
-    last = blocks[-1]
-    y = last_block_attention(last.attn, last.ln_1(x), attn)
+    return x, (int(gh), int(gw))
+
+
+def vit_global(visual: Any, h: torch.Tensor) -> torch.Tensor:
+    """(B, D) global embedding from :func:`vit_trunk`'s tokens: the CLS of the unmodified
+    last block, ``ln_post``, ``proj`` (what ``encode_image`` computes)."""
+    v = visual
+    last = v.transformer.resblocks[-1]
+    g = last(h) if _batch_first(v) else last(h.transpose(0, 1)).transpose(0, 1)
+    g = v.ln_post(g[:, 0])
+    return g @ v.proj if v.proj is not None else g
+
+
+def vit_dense_head(
+    visual: Any, h: torch.Tensor, attn: str = "segearth", ignore_residual: bool = True
+) -> torch.Tensor:
+    """(B, 1 + gh·gw, D) from :func:`vit_trunk`'s tokens with the last block replaced by
+    :func:`last_block_attention` (``ignore_residual=False`` keeps its residual and MLP),
+    then ``ln_post`` and ``proj``."""
+    v = visual
+    last = v.transformer.resblocks[-1]
+    y = last_block_attention(last.attn, last.ln_1(h), attn)
     if not ignore_residual:
-        y = x + last.ls_1(y)
+        y = h + last.ls_1(y)
         y = y + last.ls_2(last.mlp(last.ln_2(y)))
     y = v.ln_post(y)
-    if v.proj is not None:
-        y = y @ v.proj
-    return y[:, 0], y[:, 1:], (int(gh), int(gw))
+    return y @ v.proj if v.proj is not None else y
+
+
+def vit_dense(
+    visual: Any, x: torch.Tensor, attn: str = "segearth", ignore_residual: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(CLS (B, D), patch tokens (B, gh·gw, D), (gh, gw)) of an open_clip ViT on normalised
+    ``x``: :func:`vit_trunk` then :func:`vit_dense_head`."""
+    h, grid = vit_trunk(visual, x)
+    y = vit_dense_head(visual, h, attn, ignore_residual)
+    return y[:, 0], y[:, 1:], grid
 
 
 def resnet_dense(visual: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -149,4 +178,7 @@ __all__ = [
     "resize_pos_embed",
     "resnet_dense",
     "vit_dense",
+    "vit_dense_head",
+    "vit_global",
+    "vit_trunk",
 ]

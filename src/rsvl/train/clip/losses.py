@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from rsvl.errors import UnknownModelError
-from rsvl.models.clip import last_block_attention
+from rsvl.models.clip.dense import vit_dense_head, vit_global, vit_trunk
 
 # --------------------------------------------------------------------------------------------
 # losses
@@ -141,27 +140,10 @@ def encode_image_and_dense(
     tokens reshaped to (B, D, gh, gw). With ``with_global=False`` the global part is skipped.
     """
     v = check_vit(model)
-    x = v._embeds(images)
-    blocks = v.transformer.resblocks
-    batch_first = getattr(v.transformer, "batch_first", True)
-    h = x if batch_first else x.transpose(0, 1)
-    for blk in blocks[:-1]:
-        h = blk(h)
-    glob = None
-    if with_global:
-        g = blocks[-1](h)
-        g = g if batch_first else g.transpose(0, 1)
-        glob = v.ln_post(g[:, 0])
-        if v.proj is not None:
-            glob = glob @ v.proj
-    h = h if batch_first else h.transpose(0, 1)
-    last = blocks[-1]
-    y = v.ln_post(last_block_attention(last.attn, last.ln_1(h), attn))
-    if v.proj is not None:
-        y = y @ v.proj
-    tokens = y[:, 1:]
-    gh, gw = v.grid_size if hasattr(v, "grid_size") else (int(math.isqrt(tokens.shape[1])),) * 2
-    dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], int(gh), int(gw))
+    h, (gh, gw) = vit_trunk(v, images)
+    glob = vit_global(v, h) if with_global else None
+    tokens = vit_dense_head(v, h, attn)[:, 1:]
+    dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
     return glob, dense
 
 
