@@ -348,6 +348,15 @@ def test_pickled_objects_are_refused(vit, tmp_path):
         rclip.read_checkpoint(path)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_torchscript_archive_points_at_the_jit_free_file(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(CheckpointMismatchError, match="TorchScript") as err:
+        rclip.read_checkpoint(path)
+    assert "open_clip_pytorch_model.bin" in err.value.hint
+
+
 def test_truncated_file(vit, tmp_path):
     path = _save(vit.state_dict(), tmp_path / "ok.pt", "bare")
     data = path.read_bytes()
