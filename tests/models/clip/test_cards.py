@@ -157,5 +157,18 @@ def test_card_loads_its_published_layout(card, tmp_path, monkeypatch):
     assert model.encode_text(["a satellite image of farmland"]).shape == (1, 32)
 
 
+@pytest.mark.parametrize("card", CARDS, ids=[c.name for c in CARDS])
+def test_registry_build_follows_the_card(card):
+    """``build``: the card's architecture with random weights (shrunk as above), its activation
+    and text layout; float32 in train mode, as training starts from it."""
+    net = registry.build(card.name, model_cfg=small_config(card.architecture))
+    assert net.training and all(p.dtype == torch.float32 for p in net.parameters())
+    assert net.positional_embedding.shape[0] == card.context_length
+    assert hasattr(net, "positional_embedding_res") == (card.context_length > 77)
+    assert bool([m for m in net.modules() if isinstance(m, QuickGELU)]) == card.quick_gelu
+    size = net.visual.image_size
+    assert (size if isinstance(size, int) else size[0]) == card.image_size
+
+
 def test_every_card_kind_has_a_layout():
     assert {_layout(c) for c in CARDS} == set(LAYOUTS.values())

@@ -95,7 +95,7 @@ def build(
     *,
     weights: str | Path | None = None,
     quick_gelu: bool | None = None,
-    long_text: bool = False,
+    long_text: bool | None = None,
     model_cfg: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The open_clip network of ``name`` (float32, train mode): what training starts from.
@@ -109,14 +109,16 @@ def build(
             open_clip's random initialisation.
         quick_gelu: QuickGELU (True) or nn.GELU (False) instead of the card's activation.
         long_text: turn a 77-position text tower into FarSLIP's 248-position Long-CLIP layout
-            (``load_from_clip``); a long-text checkpoint is detected and kept as it is.
+            (``load_from_clip``); a long-text checkpoint is detected and kept as it is. None
+            (the default): a random network follows the card (Long-CLIP when its context
+            length exceeds 77, as FarSLIP stage 2), a checkpoint is taken as stored.
         model_cfg: an open_clip architecture config (``{embed_dim, vision_cfg, text_cfg}``)
             used instead of the architecture's own (tests, custom configs).
     """
     card = card_for(name, model_cfg=model_cfg, quick_gelu=quick_gelu)
     if weights is None:
         net = build_random(card, quick_gelu=quick_gelu, model_cfg=model_cfg)
-        if long_text:
+        if long_text or (long_text is None and card.context_length > 77):
             sd = to_long_text_state_dict(net.state_dict())
             net = build_clip(card, sd, quick_gelu=quick_gelu, model_cfg=model_cfg)
     else:
