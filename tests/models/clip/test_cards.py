@@ -116,7 +116,6 @@ def _write_published(card: ModelCard, sd: dict, monkeypatch) -> tuple[Path, list
         monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
         monkeypatch.delenv("RSVL_OFFLINE", raising=False)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(weights, "_hf_cached_path", lambda card: None)
         return dest, seen  # written by rsvl's download path on load
     else:  # pragma: no cover - LAYOUTS and this function grow together
         raise AssertionError(kind)
