@@ -42,7 +42,7 @@ def main() -> None:
 
     import open_clip
 
-    from rsvl.models.clip.model import from_open_clip
+    from rsvl.models.clip import from_open_clip
     from rsvl.models.mini.clip import load_mini_clip
     from rsvl.models.registry import get_card
 

@@ -1,6 +1,6 @@
 """The interface every image-text (CLIP-like) model in rsvl offers to the tasks.
 
-Published RS CLIPs (``rsvl.models.clip.model``) and the built-in mini-clip (``rsvl.models.mini.clip``)
+Published RS CLIPs (``rsvl.models.clip.ClipModel``) and the built-in mini-clip (``rsvl.models.mini.clip``)
 both implement it, so classify / search / segment never care which family they run.
 
 Images cross this boundary as uint8 RGB arrays shaped (B, 3, H, W): the tasks and the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # torch is imported lazily by the implementations
+if TYPE_CHECKING:  # annotations only: the protocol itself needs neither
     import numpy as np
     import torch
 

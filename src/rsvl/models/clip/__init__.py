@@ -1,35 +1,58 @@
 """The RS CLIP family: every open_clip-format model (FarSLIP, RemoteCLIP, GeoRSCLIP, SkyCLIP,
-OpenAI CLIP) behind rsvl's image-text interface."""
+OpenAI CLIP) behind rsvl's image-text interface.
+
+Modules, one concern each:
+
+* :mod:`~rsvl.models.clip.cards`: the published cards (pure data);
+* :mod:`~rsvl.models.clip.layout`: checkpoint layouts (reading, key normalisation,
+  description, Long-CLIP 248-position tables);
+* :mod:`~rsvl.models.clip.network`: building the open_clip network, strict loading;
+* :mod:`~rsvl.models.clip.dense`: dense features (the modified last block used for OVSS);
+* :mod:`~rsvl.models.clip.model`: :class:`ClipModel`, the runtime wrapper the tasks use;
+* :mod:`~rsvl.models.clip.factory`: ``build`` and ``load`` by name or card.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import open_clip
-
 from rsvl.models.cards import ModelCard
-from rsvl.models.clip.cards import CARDS, open_clip_architecture_card
-from rsvl.models.clip.model import ClipModel, load_clip
-
-
-def architecture_card(name: str) -> ModelCard | None:
-    """An unregistered card for a bare open_clip architecture name (``--model ViT-S-32
-    --weights final.pt``, e.g. the output of ``rsvl train clip``), with the input size and
-    context length of open_clip's config; None when open_clip has no such architecture."""
-    card = open_clip_architecture_card(name, list(open_clip.list_models()))
-    if card is None:
-        return None
-    cfg = open_clip.get_model_config(card.architecture) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size", card.image_size)
-    ctx = cfg.get("text_cfg", {}).get("context_length", card.context_length)
-    return replace(card, image_size=int(size if isinstance(size, int) else size[0]), context_length=ctx)
+from rsvl.models.clip.cards import CARDS
+from rsvl.models.clip.dense import DENSE_ATTENTIONS, last_block_attention
+from rsvl.models.clip.factory import architecture_card, build, card_for, load_clip
+from rsvl.models.clip.layout import (
+    LONG_CLIP_KEEP,
+    describe_state_dict,
+    long_clip_positional_tables,
+    read_checkpoint,
+    to_long_text_state_dict,
+)
+from rsvl.models.clip.model import ClipModel, from_open_clip
+from rsvl.models.clip.network import build_clip
 
 
 def load(card: ModelCard, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> ClipModel:
-    """A published (or user-trained) open_clip checkpoint as a :class:`ClipModel`."""
+    """A published (or user-trained) open_clip checkpoint as a :class:`ClipModel`
+    (``options``: ``dtype``, ``quick_gelu``, ``model_cfg``; see :func:`load_clip`)."""
     return load_clip(card, weights, device, **options)
 
 
-__all__ = ["CARDS", "ClipModel", "architecture_card", "load"]
+__all__ = [
+    "CARDS",
+    "DENSE_ATTENTIONS",
+    "LONG_CLIP_KEEP",
+    "ClipModel",
+    "architecture_card",
+    "build",
+    "build_clip",
+    "card_for",
+    "describe_state_dict",
+    "from_open_clip",
+    "last_block_attention",
+    "load",
+    "load_clip",
+    "long_clip_positional_tables",
+    "read_checkpoint",
+    "to_long_text_state_dict",
+]

@@ -22,8 +22,9 @@ F = torch.nn.functional
 
 from rsvl.data.mgrs import MgrsDataset, MgrsRegion, select_regions  # noqa: E402
 from rsvl.errors import DatasetError, OutputError, ResumeError  # noqa: E402
+from rsvl.models import clip as rclip  # noqa: E402
 from rsvl.models.cards import ModelCard, WeightsSource  # noqa: E402
-from rsvl.models.clip import model as rclip  # noqa: E402
+from rsvl.models.clip.dense import vit_dense  # noqa: E402
 from rsvl.train import clip as tc  # noqa: E402
 
 torch.set_num_threads(1)
@@ -38,8 +39,8 @@ TINY_NAME = "rsvl-tiny-train-test"
 
 def _net(seed: int = 0):
     torch.manual_seed(seed)
-    net, card = tc.build_train_model(TINY_NAME, model_cfg=TINY, quick_gelu=True)
-    return net, card
+    net = rclip.build(TINY_NAME, model_cfg=TINY, quick_gelu=True)
+    return net, rclip.card_for(TINY_NAME, model_cfg=TINY, quick_gelu=True)
 
 
 def _card() -> ModelCard:
@@ -158,7 +159,7 @@ def test_training_forward_matches_inference_paths():
     with torch.no_grad():
         assert torch.allclose(glob, net.encode_image(x), atol=1e-6)
         ref = rclip.ClipModel(copy.deepcopy(net), _card())
-        _, tokens, (gh, gw) = ref._vit_dense(x, "segearth", True)
+        _, tokens, (gh, gw) = vit_dense(ref.model.visual, x, "segearth", True)
     assert dense.shape == (3, 32, 4, 4)
     assert torch.allclose(dense, tokens.transpose(1, 2).reshape(3, 32, gh, gw), atol=1e-6)
 
@@ -176,8 +177,8 @@ def test_module_terms_and_weighted_total():
         ref = rclip.ClipModel(copy.deepcopy(net), _card())
         g_ref = net.encode_image(batch["image"])
         t_ref = net.encode_text(batch["text"])
-        _, tok, _ = ref._vit_dense(batch["image"], "segearth", True)
-        _, ctok, _ = ref._vit_dense(batch["crops"].flatten(0, 1), "segearth", True)
+        _, tok, _ = vit_dense(ref.model.visual, batch["image"], "segearth", True)
+        _, ctok, _ = vit_dense(ref.model.visual, batch["crops"].flatten(0, 1), "segearth", True)
         dense = tok.transpose(1, 2).reshape(4, 32, 4, 4)
         target = ctok.mean(dim=1)
     assert float(losses["global_itc"]) == pytest.approx(float(tc.clip_infonce(g_ref, t_ref, scale)), abs=1e-5)
@@ -438,7 +439,7 @@ def test_cli_trains_stage2_on_mgrs_and_reports_errors(tmp_path, capsys):
 def test_long_text_init_and_reload_from_weights(tmp_path):
     net, _ = _net()
     path = tc.save_farslip_checkpoint(net, tmp_path / "short.pt", name="tiny")
-    long_net, _ = tc.build_train_model(TINY_NAME, path, model_cfg=TINY, quick_gelu=True, long_text=True)
+    long_net = rclip.build(TINY_NAME, weights=path, model_cfg=TINY, quick_gelu=True, long_text=True)
     assert long_net.positional_embedding.shape[0] == 248 and hasattr(long_net, "positional_embedding_res")
     assert not long_net.positional_embedding.requires_grad and long_net.positional_embedding_res.requires_grad
     # the short weights were taken as they are (vision tower untouched)

@@ -7,8 +7,8 @@ Long-CLIP text tower is checked against the formula tok + pos*mask1 + pos_res*ma
 
 from __future__ import annotations
 
-import argparse
 import copy
+import fractions
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,9 @@ open_clip = pytest.importorskip("open_clip")
 F = torch.nn.functional
 
 from rsvl.errors import CheckpointMismatchError, PromptError, UnknownModelError  # noqa: E402
+from rsvl.models import clip as rclip  # noqa: E402
 from rsvl.models.base import ImageTextModel  # noqa: E402
 from rsvl.models.cards import ModelCard, WeightsSource  # noqa: E402
-from rsvl.models.clip import model as rclip  # noqa: E402
 from rsvl.models.registry import list_cards  # noqa: E402
 
 torch.set_num_threads(1)
@@ -341,9 +341,20 @@ def test_not_a_state_dict(tmp_path):
 
 def test_pickled_objects_are_refused(vit, tmp_path):
     path = tmp_path / "args.pt"
-    torch.save({"state_dict": vit.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
+    # argparse.Namespace is read as data by rsvl.models.checkpoint (FIANet / LAVT training
+    # files pickle one); any other Python object is still refused
+    torch.save({"state_dict": vit.state_dict(), "args": fractions.Fraction(1, 3)}, path)
     with pytest.raises(CheckpointMismatchError, match="refuses to unpickle"):
         rclip.read_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_torchscript_archive_points_at_the_jit_free_file(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(CheckpointMismatchError, match="TorchScript") as err:
+        rclip.read_checkpoint(path)
+    assert "open_clip_pytorch_model.bin" in err.value.hint
 
 
 def test_truncated_file(vit, tmp_path):
