@@ -70,15 +70,12 @@ from rsvl.errors import (
 )
 from rsvl.models.cards import pick_card
 from rsvl.models.rsprompter.cards import CARDS
-from rsvl.models.sam.model import (
-    LayerNorm2d,
-    ResizeLongestSide,
-    Sam,
-    SamConfig,
-    build_sam,
-    hf_key_for,
-    load_sam,
-)
+from rsvl.models.sam.build import build_sam, load_sam
+from rsvl.models.sam.common import LayerNorm2d
+from rsvl.models.sam.config import SamConfig
+from rsvl.models.sam.convert import hf_key_for
+from rsvl.models.sam.sam import Sam
+from rsvl.models.sam.transforms import ResizeLongestSide
 
 __all__ = [
     "DATASET_CLASSES",

@@ -15,9 +15,9 @@ from scipy.optimize import linear_sum_assignment
 
 from rsvl.errors import CheckpointMismatchError, UnknownModelError
 from rsvl.models.rsprompter import model as rp
-from rsvl.models.sam import model as rs
+from rsvl.models.sam.config import SamConfig
 
-TINY = rs.SamConfig(
+TINY = SamConfig(
     image_size=128,
     patch_size=16,
     encoder_embed_dim=32,
