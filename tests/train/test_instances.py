@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rsvl.data.coco import split_ids
 from rsvl.errors import InputNotFoundError, ResumeError, UnknownModelError
 from rsvl.train.instances import (
     InstanceTrainConfig,
@@ -16,7 +17,6 @@ from rsvl.train.instances import (
     boxes_from_masks,
     flip_sample,
     large_scale_jitter,
-    split_ids,
     train_instances,
 )
 

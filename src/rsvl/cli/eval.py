@@ -270,7 +270,7 @@ def coco(
                           hint="rsvl eval coco GT.json DETS.json, or rsvl eval coco GT.json --model mini-instances.")
     if model is not None:
         from rsvl.eval.harness import run_coco_model
-        from rsvl.train.instances import open_coco, split_ids
+        from rsvl.data.coco import open_coco, split_ids
 
         ds = open_coco(ground_truth, images)  # fail on the data before loading a model
         tr, va = split_ids(ds.image_ids, val_fraction, seed)

@@ -26,11 +26,11 @@ import numpy as np
 
 from rsvl.data._common import require_dir
 from rsvl.errors import DatasetError
+from rsvl.io import IMAGE_SUFFIXES, write_text
 
 __all__ = ["mask_instances", "whu_to_coco", "write_coco"]
 
 WHU_LAYOUT = "ROOT/<split>/image/NAME.tif with ROOT/<split>/label/NAME.tif (binary building masks)"
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 def mask_instances(mask: np.ndarray, connectivity: int = 4, min_pixels: int = 1) -> list[np.ndarray]:
@@ -96,10 +96,7 @@ def whu_to_coco(root: str | os.PathLike[str], split: str, *, building_value: int
 
 
 def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a COCO dict as JSON under a temporary name, then rename."""
+    """Write a COCO dict as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(coco))

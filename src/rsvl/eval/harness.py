@@ -952,7 +952,8 @@ def run_coco_model(
     import torch
 
     from rsvl.metrics import coco_evaluate
-    from rsvl.train.instances import detections_to_coco, open_coco, read_rgb, split_ids, to_tensor
+    from rsvl.data.coco import detections_to_coco, open_coco, split_ids, to_tensor
+    from rsvl.io import read_rgb
 
     t0 = time.perf_counter()
     if split not in ("val", "train", "all"):
