@@ -269,8 +269,8 @@ def coco(
         raise PromptError("Give either a detections file or --model, not both or neither.",
                           hint="rsvl eval coco GT.json DETS.json, or rsvl eval coco GT.json --model mini-instances.")
     if model is not None:
-        from rsvl.eval.harness import run_coco_model
         from rsvl.data.coco import open_coco, split_ids
+        from rsvl.eval.harness import run_coco_model
 
         ds = open_coco(ground_truth, images)  # fail on the data before loading a model
         tr, va = split_ids(ds.image_ids, val_fraction, seed)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from rsvl.data._common import check_image, load_json, require_dir
 from rsvl.data.refgen import split_images
@@ -30,7 +31,6 @@ __all__ = [
     "detections_to_coco",
     "open_coco",
     "split_ids",
-    "to_tensor",
 ]
 
 COCO_LAYOUT = (
@@ -54,8 +54,6 @@ class CocoInstanceDataset(Sequence[CocoSample]):
     """A COCO instances JSON plus its image folder; images are read by the caller."""
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path | None = None):
-        from pycocotools.coco import COCO
-
         ann_file = Path(ann_file)
         data = load_json(ann_file, "COCO annotation file", COCO_LAYOUT)
         if not isinstance(data, dict) or any(
@@ -199,17 +197,10 @@ def split_ids(image_ids: Sequence[int], val_fraction: float, seed: int) -> tuple
     return train, val
 
 
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255.0)
-
-
-def detections_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
+def detections_to_coco(outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int],
                        cat_ids: Sequence[int], mask_threshold: float = 0.5) -> list[dict[str, Any]]:
-    """torchvision outputs -> COCO results (bbox xywh + RLE segmentation); labels 1..C map to
+    """torchvision outputs (tensors, or anything with their methods) -> COCO results (bbox xywh + RLE segmentation); labels 1..C map to
     ``cat_ids[label - 1]``."""
-    from pycocotools import mask as mask_utils
-
     res: list[dict[str, Any]] = []
     for out, image_id in zip(outputs, image_ids, strict=True):
         boxes = out["boxes"].detach().float().cpu().numpy()

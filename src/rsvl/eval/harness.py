@@ -951,9 +951,10 @@ def run_coco_model(
     dicts as :func:`rsvl.metrics.coco_evaluate` returns them."""
     import torch
 
-    from rsvl.metrics import coco_evaluate
-    from rsvl.data.coco import detections_to_coco, open_coco, split_ids, to_tensor
+    from rsvl.data.coco import detections_to_coco, open_coco, split_ids
     from rsvl.io import read_rgb
+    from rsvl.metrics import coco_evaluate
+    from rsvl.models.rsprompter.transforms import to_tensor
 
     t0 = time.perf_counter()
     if split not in ("val", "train", "all"):

@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from rsvl.data.coco import detections_to_coco, open_coco, split_ids, to_tensor
+from rsvl.data.coco import detections_to_coco, open_coco, split_ids
 from rsvl.errors import DatasetError, ResumeError, UnknownModelError
 from rsvl.io import atomic_path, read_rgb, write_text
 from rsvl.metrics import coco_evaluate
 from rsvl.models import registry, rsprompter
 from rsvl.models.mini.instances import MiniInstances, save_mini_instances
+from rsvl.models.rsprompter.transforms import to_tensor
 
 #: models ``rsvl train instances`` can build
 MINI_MODELS = ("mini-instances",)

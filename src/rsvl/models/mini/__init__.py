@@ -9,7 +9,11 @@ from typing import Any
 from rsvl.models.cards import ModelCard
 from rsvl.models.mini.cards import CARDS
 from rsvl.models.mini.clip import load_mini_clip
-from rsvl.models.mini.instances import MiniInstancesConfig, build_mini_instances, load_mini_instances
+from rsvl.models.mini.instances import (
+    MiniInstancesConfig,
+    build_mini_instances,
+    load_mini_instances,
+)
 from rsvl.models.mini.refer import load_mini_refer
 
 _LOADERS = {"mini-clip": load_mini_clip, "mini-refer": load_mini_refer, "mini-instances": load_mini_instances}

@@ -9,6 +9,8 @@ from rsvl.errors import RsvlError
 
 def apply_lora(encoder: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.05) -> nn.Module:
     """Add peft LoRA adapters to every ``qkv`` Linear of a SAM ViT; only they stay trainable."""
+    # imported here: peft pulls in transformers (about 5 s measured on this machine, more than
+    # torch itself), and only LoRA training needs it; the registry imports this family
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as exc:  # pragma: no cover - peft is a dependency
@@ -21,5 +23,6 @@ def apply_lora(encoder: nn.Module, r: int = 16, alpha: int = 32, dropout: float 
 
 
 def freeze(module: nn.Module) -> None:
+    """Stop gradients to every parameter of ``module``."""
     for p in module.parameters():
         p.requires_grad = False

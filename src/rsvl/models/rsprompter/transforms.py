@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,3 +91,9 @@ def mask_boxes(binary: Tensor) -> Tensor:
     boxes = torch.stack([x1, y1, x2, y2], 1).float()
     boxes[~binary.flatten(1).any(1)] = 0
     return boxes
+
+
+def to_tensor(rgb: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]: the image input of every instance model in
+    torchvision's detection convention (RSPrompter's family and mini-instances)."""
+    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255.0)
