@@ -1,4 +1,8 @@
-"""RSPrompter-anchor: RoI features of a Mask R-CNN style detector prompt SAM's mask decoder."""
+"""RSPrompter-anchor: RoI features of a Mask R-CNN style detector prompt SAM's mask decoder.
+
+Note (kept as it is; tracked separately): the RoI poolers (``MultiScaleRoIAlign``) use
+torchvision's default ``aligned=False``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""SAM-seg baseline: frozen SAM ViT + aggregator + FPN + a Mask R-CNN (or Mask2Former) head."""
+"""SAM-seg baseline: frozen SAM ViT + aggregator + FPN + a Mask R-CNN (or Mask2Former) head.
+
+Note (kept as it is; tracked separately): the RoI poolers (``MultiScaleRoIAlign``) use
+torchvision's default ``aligned=False``.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The SAM-feature trunk shared by RSPrompter-anchor, -query and SAM-seg, and the RPN they use.
-
-Note (kept as it is; tracked separately): the RoI poolers are built with torchvision's
-default ``aligned=False``.
-"""
+"""The SAM-feature trunk shared by RSPrompter-anchor, -query and SAM-seg, and the RPN they use."""
 
 from __future__ import annotations
 
