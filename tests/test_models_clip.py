@@ -19,9 +19,9 @@ open_clip = pytest.importorskip("open_clip")
 F = torch.nn.functional
 
 from rsvl.errors import CheckpointMismatchError, PromptError, UnknownModelError  # noqa: E402
+from rsvl.models.clip import model as rclip  # noqa: E402
 from rsvl.models.base import ImageTextModel  # noqa: E402
 from rsvl.models.cards import ModelCard, WeightsSource  # noqa: E402
-from rsvl.models.clip import model as rclip  # noqa: E402
 from rsvl.models.registry import list_cards  # noqa: E402
 
 torch.set_num_threads(1)

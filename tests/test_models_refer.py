@@ -12,9 +12,9 @@ import re
 import pytest
 import torch
 
-from rsvl.data.refer_text import text_role_masks
 from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
 from rsvl.models.fianet import model as rf
+from rsvl.data.refer_text import text_role_masks
 
 transformers = pytest.importorskip("transformers")
 timm_swin = pytest.importorskip("timm.models.swin_transformer")

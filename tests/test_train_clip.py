@@ -22,8 +22,8 @@ F = torch.nn.functional
 
 from rsvl.data.mgrs import MgrsDataset, MgrsRegion, select_regions  # noqa: E402
 from rsvl.errors import DatasetError, OutputError, ResumeError  # noqa: E402
-from rsvl.models.cards import ModelCard, WeightsSource  # noqa: E402
 from rsvl.models.clip import model as rclip  # noqa: E402
+from rsvl.models.cards import ModelCard, WeightsSource  # noqa: E402
 from rsvl.train import clip as tc  # noqa: E402
 
 torch.set_num_threads(1)

@@ -224,8 +224,8 @@ def test_eval_refer_model_matches_hand_computed_metrics(tmp_path):
 
 
 def test_eval_refer_cli_modes(tmp_path, capsys, monkeypatch):
-    from rsvl.cli import eval as eval_cmd
     from rsvl.cli import main
+    from rsvl.cli import eval as eval_cmd
 
     make_rrsisd(tmp_path / "data")
     monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device: LeftHalfModel())
