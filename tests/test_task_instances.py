@@ -175,9 +175,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_shipped_weights_find_objects_on_a_real_nwpu_val_image(tmp_path):
-    from rsvl.data.coco import CocoInstanceDataset
+    from rsvl.data.coco import CocoInstanceDataset, split_ids
     from rsvl.models.mini.instances import DEFAULT_WEIGHTS, load_mini_instances
-    from rsvl.train.instances import split_ids
 
     ann = shared_data("nwpu_vhr10", "instances_train.json")
     if not DEFAULT_WEIGHTS.is_file():

@@ -12,6 +12,7 @@ from rich.table import Table
 from rsvl.console import emit_json, progress_bar
 from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
 from rsvl.data.classes import load_classes
+from rsvl.data.coco import open_coco, split_ids
 from rsvl.data.segmentation import SEG_PRESETS
 from rsvl.errors import PromptError
 
@@ -273,7 +274,6 @@ def coco(
                           hint="rsvl eval coco GT.json DETS.json, or rsvl eval coco GT.json --model mini-instances.")
     if model is not None:
         from rsvl.eval import run_coco_model  # lazy: see rsvl.cli
-        from rsvl.train.instances import open_coco, split_ids  # lazy: see rsvl.cli
 
         ds = open_coco(ground_truth, images)  # fail on the data before loading a model
         tr, va = split_ids(ds.image_ids, val_fraction, seed)

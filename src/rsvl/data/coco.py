@@ -2,6 +2,9 @@
 
 Category ids are kept as the file has them (1-based for these datasets); ``label_of``
 gives the contiguous 0-based index a model head uses, ``cat_id_of`` maps it back.
+:func:`open_coco` and :func:`split_ids` are what training and evaluation share: the
+dataset with errors that say what to do, and the seeded train / val image split;
+:func:`detections_to_coco` turns torchvision-style detections into COCO results.
 """
 
 from __future__ import annotations
@@ -9,17 +12,26 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from rsvl.data._common import check_image, load_json, require_dir
-from rsvl.errors import DatasetError
+from rsvl.data.refgen import split_images
+from rsvl.errors import DatasetError, InputNotFoundError
 
-__all__ = ["CocoInstanceDataset", "CocoSample"]
+__all__ = [
+    "CocoInstanceDataset",
+    "CocoSample",
+    "detections_to_coco",
+    "open_coco",
+    "split_ids",
+]
 
 COCO_LAYOUT = (
     "ROOT/instances_<split>.json (COCO: 'images', 'annotations', 'categories') with the images in "
@@ -42,8 +54,6 @@ class CocoInstanceDataset(Sequence[CocoSample]):
     """A COCO instances JSON plus its image folder; images are read by the caller."""
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path | None = None):
-        from pycocotools.coco import COCO
-
         ann_file = Path(ann_file)
         data = load_json(ann_file, "COCO annotation file", COCO_LAYOUT)
         if not isinstance(data, dict) or any(
@@ -161,3 +171,53 @@ class CocoInstanceDataset(Sequence[CocoSample]):
             "images": [im for im in d["images"] if im["id"] in keep],
             "annotations": [a for a in d["annotations"] if a["image_id"] in keep],
         }
+
+
+def open_coco(data: str | Path, images: str | Path | None = None) -> Any:
+    """A :class:`rsvl.data.coco.CocoInstanceDataset`, with errors that say what to do."""
+    data = Path(data)
+    if not data.is_file():
+        raise InputNotFoundError(
+            f"COCO annotation file not found: {data}.",
+            hint="Pass --data the path of a COCO instances JSON (e.g. "
+            "../shared/data/nwpu_vhr10/instances_train.json).",
+        )
+    if images is not None and not Path(images).is_dir():
+        raise InputNotFoundError(
+            f"Image folder not found: {images}.", hint="Pass --images the folder holding the images."
+        )
+    return CocoInstanceDataset(data, images)
+
+
+def split_ids(image_ids: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train ids, val ids): the image split the referring data generator uses too."""
+    split = split_images(image_ids, val_fraction, seed)
+    train = sorted(i for i, s in split.items() if s == "train")
+    val = sorted(i for i, s in split.items() if s == "val")
+    return train, val
+
+
+def detections_to_coco(outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int],
+                       cat_ids: Sequence[int], mask_threshold: float = 0.5) -> list[dict[str, Any]]:
+    """torchvision outputs (tensors, or anything with their methods) -> COCO results (bbox xywh + RLE segmentation); labels 1..C map to
+    ``cat_ids[label - 1]``."""
+    res: list[dict[str, Any]] = []
+    for out, image_id in zip(outputs, image_ids, strict=True):
+        boxes = out["boxes"].detach().float().cpu().numpy()
+        scores = out["scores"].detach().float().cpu().numpy()
+        labels = out["labels"].detach().cpu().numpy()
+        masks = out.get("masks")
+        binm = None
+        if masks is not None:
+            binm = (masks.detach().float().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
+        for k in range(len(scores)):
+            x1, y1, x2, y2 = (float(v) for v in boxes[k])
+            d: dict[str, Any] = {"image_id": int(image_id),
+                                 "category_id": int(cat_ids[int(labels[k]) - 1]),
+                                 "score": float(scores[k]), "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            if binm is not None:
+                rle = mask_utils.encode(np.asfortranarray(binm[k]))
+                rle["counts"] = rle["counts"].decode("ascii")
+                d["segmentation"] = rle
+            res.append(d)
+    return res

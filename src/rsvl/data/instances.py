@@ -18,26 +18,28 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+from pycocotools import mask as mask_utils
+from scipy import ndimage
 
 from rsvl.data._common import require_dir
 from rsvl.errors import DatasetError
+from rsvl.io import IMAGE_SUFFIXES, write_text
 
 __all__ = ["mask_instances", "whu_to_coco", "write_coco"]
 
 WHU_LAYOUT = "ROOT/<split>/image/NAME.tif with ROOT/<split>/label/NAME.tif (binary building masks)"
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 def mask_instances(mask: np.ndarray, connectivity: int = 4, min_pixels: int = 1) -> list[np.ndarray]:
     """Binary (H, W) mask -> one boolean mask per connected component (4- or 8-connected),
     in raster order of each component's first pixel."""
-    from scipy import ndimage
-
     if connectivity not in (4, 8):
         raise ValueError("connectivity must be 4 or 8")
     structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
@@ -51,10 +53,6 @@ def mask_instances(mask: np.ndarray, connectivity: int = 4, min_pixels: int = 1)
 
 
 def _read_band(path: Path) -> np.ndarray:
-    import warnings
-
-    import rasterio
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # plain tiles have no georeference
         with rasterio.open(path) as ds:
@@ -65,8 +63,6 @@ def whu_to_coco(root: str | os.PathLike[str], split: str, *, building_value: int
                 connectivity: int = 4, min_pixels: int = 1,
                 image_suffixes: Iterable[str] = IMAGE_SUFFIXES) -> dict[str, Any]:
     """A COCO instances dict (RLE segmentations, 1-based ids) of one WHU split."""
-    from pycocotools import mask as mask_utils
-
     base = require_dir(Path(root) / split, f"WHU split {split!r}", WHU_LAYOUT)
     img_dir = require_dir(base / "image", "WHU image folder", WHU_LAYOUT)
     lab_dir = require_dir(base / "label", "WHU label folder", WHU_LAYOUT)
@@ -96,10 +92,7 @@ def whu_to_coco(root: str | os.PathLike[str], split: str, *, building_value: int
 
 
 def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a COCO dict as JSON under a temporary name, then rename."""
+    """Write a COCO dict as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(coco))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rsvl.data._common import load_json
+from rsvl.data.coco import detections_to_coco, open_coco, split_ids
 from rsvl.errors import DatasetError
 from rsvl.eval.results import (
     EvalResult,
@@ -17,9 +18,9 @@ from rsvl.eval.results import (
     model_settings,
     subset_indices,
 )
-from rsvl.io import write_text
+from rsvl.io import read_rgb, write_text
 from rsvl.metrics import coco_evaluate
-from rsvl.train.instances import detections_to_coco, open_coco, read_rgb, split_ids, to_tensor
+from rsvl.models.rsprompter.transforms import to_tensor
 
 
 def run_coco(

@@ -26,24 +26,33 @@ PyPI backbone) with ``OUT/train.json`` recording the settings.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from rsvl.errors import DatasetError, InputNotFoundError, ResumeError, UnknownModelError
+from rsvl.data.coco import detections_to_coco, open_coco, split_ids
+from rsvl.errors import DatasetError, ResumeError, UnknownModelError
+from rsvl.io import atomic_path, read_rgb, write_text
+from rsvl.metrics import coco_evaluate
+from rsvl.models import registry, rsprompter
+from rsvl.models.mini.instances import MiniInstances, save_mini_instances
+from rsvl.models.rsprompter.transforms import to_tensor
 
 #: models ``rsvl train instances`` can build
 MINI_MODELS = ("mini-instances",)
-PROMPTER_MODELS = ("rsprompter-anchor", "rsprompter-query", "sam-seg", "sam-det")
+PROMPTER_MODELS = rsprompter.INSTANCE_MODELS
 INSTANCE_MODELS = MINI_MODELS + PROMPTER_MODELS
 
 
@@ -95,47 +104,6 @@ class InstanceTrainConfig:
 # --------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------
-
-
-def open_coco(data: str | Path, images: str | Path | None = None) -> Any:
-    """A :class:`rsvl.data.coco.CocoInstanceDataset`, with errors that say what to do."""
-    from rsvl.data.coco import CocoInstanceDataset
-
-    data = Path(data)
-    if not data.is_file():
-        raise InputNotFoundError(
-            f"COCO annotation file not found: {data}.",
-            hint="Pass --data the path of a COCO instances JSON (e.g. "
-            "../shared/data/nwpu_vhr10/instances_train.json).",
-        )
-    if images is not None and not Path(images).is_dir():
-        raise InputNotFoundError(
-            f"Image folder not found: {images}.", hint="Pass --images the folder holding the images."
-        )
-    return CocoInstanceDataset(data, images)
-
-
-def split_ids(image_ids: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train ids, val ids): the image split the referring data generator uses too."""
-    from rsvl.data.refgen import split_images
-
-    split = split_images(image_ids, val_fraction, seed)
-    train = sorted(i for i, s in split.items() if s == "train")
-    val = sorted(i for i, s in split.items() if s == "val")
-    return train, val
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -229,7 +197,7 @@ class InstanceTrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sample = self.coco.by_id(self.image_ids[i])
-        img = to_tensor(read_rgb(sample.image))
+        img = to_tensor(read_rgb(sample.image, error=DatasetError))
         target = self.target(sample)
         if self.train:
             self._calls += 1
@@ -255,59 +223,22 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tens
 # --------------------------------------------------------------------------------------
 
 
-def build_instance_model(name: str, classes: Sequence[str], *, sam: str | None = None,
-                         sam_checkpoint: str | None = None, lora: bool = False,
-                         dataset: str | None = None,
-                         model_config: dict[str, Any] | None = None) -> torch.nn.Module:
-    """A trainable model in the torchvision detection convention for ``classes``."""
-    key = name.strip().lower().replace("_", "-")
-    if key == "mini-instances":
-        from rsvl.models.mini.instances import MiniInstancesConfig, build_mini_instances
-
-        cfg = MiniInstancesConfig.from_dict({**(model_config or {}), "classes": list(classes)})
-        return build_mini_instances(cfg, pretrained=cfg.backbone == "lite0")
+def build_model(cfg: InstanceTrainConfig, classes: Sequence[str]) -> torch.nn.Module:
+    """The trainable model of ``cfg.model`` for ``classes``, built by its family
+    (:func:`rsvl.models.registry.build`)."""
+    key = cfg.model.strip().lower().replace("_", "-")
+    if key in MINI_MODELS:
+        return registry.build(key, num_classes=len(classes), classes=list(classes), **cfg.model_config)
     if key in PROMPTER_MODELS:
-        try:
-            from rsvl.models.rsprompter.model import build_instance_model as build_prompter
-        except ImportError as exc:
-            raise UnknownModelError(
-                f"{name} needs rsvl.models.rsprompter.model, which is not available ({exc}).",
-                hint="Update rsvl, or train --model mini-instances.",
-            ) from exc
-        return build_prompter(key, len(classes), sam=sam, sam_checkpoint=sam_checkpoint,
-                              lora=lora, dataset=dataset)
+        dataset = Path(cfg.data).parent.name  # picks RSPrompter's prompt shape (nwpu_vhr10 ...)
+        return registry.build(
+            rsprompter.card_name(key, dataset), num_classes=len(classes), dataset=dataset,
+            sam=cfg.sam, sam_checkpoint=cfg.sam_checkpoint, lora=cfg.lora, **cfg.model_config,
+        )
     raise UnknownModelError(
-        f"Unknown instance model {name!r}.",
+        f"Unknown instance model {cfg.model!r}.",
         hint=f"Use one of: {', '.join(INSTANCE_MODELS)}.",
     )
-
-
-def detections_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
-                       cat_ids: Sequence[int], mask_threshold: float = 0.5) -> list[dict[str, Any]]:
-    """torchvision outputs -> COCO results (bbox xywh + RLE segmentation); labels 1..C map to
-    ``cat_ids[label - 1]``."""
-    from pycocotools import mask as mask_utils
-
-    res: list[dict[str, Any]] = []
-    for out, image_id in zip(outputs, image_ids, strict=True):
-        boxes = out["boxes"].detach().float().cpu().numpy()
-        scores = out["scores"].detach().float().cpu().numpy()
-        labels = out["labels"].detach().cpu().numpy()
-        masks = out.get("masks")
-        binm = None
-        if masks is not None:
-            binm = (masks.detach().float().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
-        for k in range(len(scores)):
-            x1, y1, x2, y2 = (float(v) for v in boxes[k])
-            d: dict[str, Any] = {"image_id": int(image_id),
-                                 "category_id": int(cat_ids[int(labels[k]) - 1]),
-                                 "score": float(scores[k]), "bbox": [x1, y1, x2 - x1, y2 - y1]}
-            if binm is not None:
-                rle = mask_utils.encode(np.asfortranarray(binm[k]))
-                rle["counts"] = rle["counts"].decode("ascii")
-                d["segmentation"] = rle
-            res.append(d)
-    return res
 
 
 def _pct(x: Any) -> float | None:
@@ -317,8 +248,6 @@ def _pct(x: Any) -> float | None:
 
 def coco_metrics(gt: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, Any]:
     """bbox and segm AP / AP50 / AP75 (percent) of COCO results against a COCO dict."""
-    from rsvl.metrics import coco_evaluate
-
     out: dict[str, Any] = {}
     for iou in ("bbox", "segm"):
         dd = [d for d in dets if iou == "bbox" or "segmentation" in d]
@@ -334,16 +263,10 @@ def coco_metrics(gt: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, An
 # --------------------------------------------------------------------------------------
 
 
-def _lightning() -> Any:
-    import lightning
-
-    return lightning
-
-
 def make_module(cfg: InstanceTrainConfig, classes: Sequence[str], cat_ids: Sequence[int],
                 steps_total: int, model: torch.nn.Module | None = None) -> Any:
     """The LightningModule for ``cfg`` (``model`` given: use it instead of building one)."""
-    L = _lightning()
+    L = lightning
 
     class InstanceModule(L.LightningModule):
         def __init__(self) -> None:
@@ -352,10 +275,7 @@ def make_module(cfg: InstanceTrainConfig, classes: Sequence[str], cat_ids: Seque
             self.classes = list(classes)
             self.cat_ids = list(cat_ids)
             self.steps_total = max(1, steps_total)
-            self.model = model if model is not None else build_instance_model(
-                cfg.model, classes, sam=cfg.sam, sam_checkpoint=cfg.sam_checkpoint,
-                lora=cfg.lora, dataset=Path(cfg.data).parent.name,
-                model_config=cfg.model_config)
+            self.model = model if model is not None else build_model(cfg, classes)
             self.train_seconds = 0.0
             self._tick: float | None = None
             self.losses: list[float] = []
@@ -488,9 +408,6 @@ def make_module(cfg: InstanceTrainConfig, classes: Sequence[str], cat_ids: Seque
 def _quiet_lightning(quiet: bool) -> None:
     """Silence Lightning's notices that are expected here (frozen BatchNorms are in eval
     mode on purpose; validation is optional) and, when ``quiet``, its info lines."""
-    import logging
-    import warnings
-
     for msg in (r".*module\(s\) in eval mode.*", r".*validation_step.*no `val_dataloader`.*",
                 r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*",
                 r".*dataloader is not resumable.*"):
@@ -511,29 +428,23 @@ def log_line(out: Path, rec: dict[str, Any]) -> None:
 def save_last(trainer: Any, out: Path) -> Path:
     """``OUT/last.ckpt`` written under a temporary name and renamed."""
     path = out / "last.ckpt"
-    tmp = out / "last.ckpt.tmp"
-    trainer.save_checkpoint(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        trainer.save_checkpoint(str(tmp))
     return path
 
 
 def export_weights(module: Any, out: Path) -> Path:
     """Final weights: mini-instances as its shipped format; other models as a safetensors
     state dict with the classes in the metadata."""
-    from rsvl.models.mini.instances import MiniInstances, save_mini_instances
-
     model = module.model
     extra = {"train_seconds": round(module.train_seconds, 1), "steps": int(module.global_step)}
     if isinstance(model, MiniInstances):
         return save_mini_instances(model, out / "model.safetensors", fp16=True, extra=extra)
-    from safetensors.torch import save_file
-
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"model": module.cfg.model,
-                                      "classes": json.dumps(module.classes),
-                                      "extra": json.dumps(extra)})
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"model": module.cfg.model,
+                                          "classes": json.dumps(module.classes),
+                                          "extra": json.dumps(extra)})
     return out / "model.safetensors"
 
 
@@ -557,7 +468,7 @@ class InstanceTrainResult:
 def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None = None,
                     quiet: bool = False, max_steps: int | None = None) -> InstanceTrainResult:
     """Train (or resume) one instance model; see the module docstring."""
-    L = _lightning()
+    L = lightning
     _quiet_lightning(quiet)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -578,7 +489,7 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
         raise ResumeError(f"{out} already holds a run ({ckpt}).",
                           hint="Pass --resume to continue it, or choose another --out folder.")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(
+    write_text(out / "train.json", json.dumps(
         {"config": cfg.to_dict(), "argv": sys.argv, "n_train": len(train_ids),
          "n_val": len(val_ids), "val_image_ids": val_ids}, indent=2))
 
@@ -627,5 +538,5 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
         first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
         n_train=len(train_ids), n_val=len(val_ids),
         val=module.val_history[-1] if module.val_history else None)
-    (out / "result.json").write_text(json.dumps(res.to_dict(), indent=2))
+    write_text(out / "result.json", json.dumps(res.to_dict(), indent=2))
     return res

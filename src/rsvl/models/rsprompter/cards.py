@@ -6,7 +6,7 @@ layout). Each card therefore names the weights the model *starts from*, SAM ViT-
 transformers layout (``facebook/sam-vit-base``, as RSPrompter's dataset configs), and its
 loader needs the user's own trained checkpoint (``--weights``; MMDetection
 ``{'state_dict', 'meta'}`` layout with RSPrompter's key names, see
-:func:`rsvl.models.rsprompter.model.load_prompter_checkpoint`). No sha256 is published for anything.
+:func:`rsvl.models.rsprompter.convert.load_prompter_checkpoint`). No sha256 is published for anything.
 
 Published numbers (paper v1 tables, AP box / AP mask in %, likely SAM ViT-H) are kept in each
 card's metadata for reference, not as rsvl measurements.

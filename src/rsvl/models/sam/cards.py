@@ -1,9 +1,7 @@
 """Model cards of the published SAM checkpoints (pure data: no torch import).
 
-``SAM_CARDS`` lists them as plain dicts; importing this module also registers them as
-:class:`rsvl.models.registry.ModelCard`s (family ``sam``), built the same way as the CLIP
-cards. ``rsvl.models.sam.model`` imports this module, so the cards are registered whenever SAM is
-used; ``registry.py`` may import it too so that ``rsvl models`` lists them without torch.
+``SAM_CARDS`` lists them as plain dicts and ``CARDS`` as :class:`rsvl.models.cards.ModelCard`s
+(family ``sam``), which :mod:`rsvl.models.registry` collects.
 
 Provenance: Meta publishes no checksum for ``sam_vit_*.pth`` (the hex suffix of each filename
 is not documented as a hash), so ``sha256`` is None. Hugging Face revisions are pinned only

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rsvl.data.coco import split_ids
 from rsvl.errors import InputNotFoundError, ResumeError, UnknownModelError
 from rsvl.train.instances import (
     InstanceTrainConfig,
@@ -16,7 +17,6 @@ from rsvl.train.instances import (
     boxes_from_masks,
     flip_sample,
     large_scale_jitter,
-    split_ids,
     train_instances,
 )
 
@@ -191,3 +191,30 @@ def test_cli_eval_coco_model_mode(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "coco", str(data), str(tmp_path / "dets.json"), "--model", "mini-instances"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_models_are_built_by_their_family(tmp_path):
+    """The trainer builds through the registry: mini-instances, and an RSPrompter card picked
+    by the dataset folder (nwpu_vhr10 -> N_p = 70) on a SAM read off a checkpoint."""
+    from dataclasses import replace
+
+    from rsvl.models.mini.instances import MiniInstances
+    from rsvl.models.sam import build_sam
+    from rsvl.models.sam.config import SamConfig
+    from rsvl.train.instances import build_model
+
+    tiny = SamConfig(image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                     encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32,
+                     decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    torch.save(build_sam(tiny).state_dict(), tmp_path / "sam.pth")
+    cfg = InstanceTrainConfig(
+        data=str(tmp_path / "nwpu_vhr10" / "instances_train.json"), out=str(tmp_path / "out"),
+        model="rsprompter-query", sam_checkpoint=str(tmp_path / "sam.pth"),
+        model_config=dict(feat_channels=32, ffn_channels=64, num_decoder_layers=1, encoder_layers=1))
+    m = build_model(cfg, ["a", "b"])
+    assert (m.rsvl_name, m.num_classes, m.num_queries) == ("rsprompter-query", 2, 70)
+    assert m.sam.config.encoder_embed_dim == 32 and m.training
+    mini = build_model(replace(cfg, model="mini-instances", model_config=TINY), ["a", "b"])
+    assert isinstance(mini, MiniInstances)
+    with pytest.raises(UnknownModelError):
+        build_model(replace(cfg, model="mask-rcnn"), ["a"])

@@ -21,7 +21,14 @@ from rsvl.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from rsvl.models.sam import model as rs
+from rsvl.models.sam.build import SAM_CONFIGS, build_sam, load, load_sam
+from rsvl.models.sam.cards import SAM_CARDS
+from rsvl.models.sam.config import SamConfig, sam_config_from_hf
+from rsvl.models.sam.convert import detect_sam_layout, hf_key_for, infer_sam_config
+from rsvl.models.sam.predictor import SamPredictor
+from rsvl.models.sam.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from rsvl.models.sam.sam import Sam as RsvlSam
+from rsvl.models.sam.transforms import ResizeLongestSide
 
 sa = pytest.importorskip("segment_anything")
 transformers = pytest.importorskip("transformers")
@@ -40,7 +47,7 @@ TOL = 1e-4
 # tiny: 96 px, patch 16 -> 6x6 grid; window 4 (so windows are padded), block 1 global
 IMG, PATCH, DIM, HEADS, WIN, PDIM = 96, 16, 32, 2, 4, 32
 
-TINY = rs.SamConfig(
+TINY = SamConfig(
     image_size=IMG,
     patch_size=PATCH,
     encoder_embed_dim=DIM,
@@ -163,7 +170,7 @@ def meta_pair(tmp_path_factory):
     meta = _meta_model()
     path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
     torch.save(meta.state_dict(), path)
-    ours = rs.load_sam(path, TINY)
+    ours = load_sam(path, TINY)
     return meta, ours
 
 
@@ -171,7 +178,7 @@ def meta_pair(tmp_path_factory):
 def hf_pair():
     hf = _hf_model()
     sd = {k: v.clone() for k, v in hf.state_dict().items()}
-    ours = rs.load_sam(sd, rs.sam_config_from_hf(hf.config.to_dict()))
+    ours = load_sam(sd, sam_config_from_hf(hf.config.to_dict()))
     return hf, ours
 
 
@@ -180,7 +187,7 @@ def hf_pair():
 
 @pytest.mark.parametrize("hw", [(70, 53), (53, 70), (96, 96), (3, 300), (301, 7)])
 def test_resize_longest_side_matches_segment_anything(hw):
-    ours, meta = rs.ResizeLongestSide(IMG), MetaResize(IMG)
+    ours, meta = ResizeLongestSide(IMG), MetaResize(IMG)
     img = _image(*hw)
     got, want = ours.apply_image(img), meta.apply_image(img)
     assert got.shape == want.shape and max(got.shape[:2]) == IMG
@@ -191,34 +198,34 @@ def test_resize_longest_side_matches_segment_anything(hw):
     np.testing.assert_allclose(ours.apply_boxes(boxes, hw), meta.apply_boxes(boxes, hw))
     tpts = torch.tensor(pts, dtype=torch.float32)
     assert torch.allclose(ours.apply_coords(tpts, hw), meta.apply_coords_torch(tpts, hw))
-    assert rs.ResizeLongestSide.get_preprocess_shape(*hw, 1024) == MetaResize.get_preprocess_shape(
+    assert ResizeLongestSide.get_preprocess_shape(*hw, 1024) == MetaResize.get_preprocess_shape(
         *hw, 1024
     )
 
 
 def test_resize_never_gives_an_empty_side():
-    out = rs.ResizeLongestSide(IMG).apply_image(_image(1, 300))
+    out = ResizeLongestSide(IMG).apply_image(_image(1, 300))
     assert out.shape == (1, IMG, 3)
 
 
 def test_preprocess_pads_and_normalises_like_segment_anything(meta_pair):
     meta, ours = meta_pair
-    img = rs.ResizeLongestSide(IMG).apply_image(_image(70, 53))
+    img = ResizeLongestSide(IMG).apply_image(_image(70, 53))
     x = torch.as_tensor(img).permute(2, 0, 1)[None].float()
     got = ours.preprocess(x)
     assert got.shape == (1, 3, IMG, IMG)
     assert _maxdiff(got, meta.preprocess(x)) < 1e-5
     h, w = img.shape[:2]
     assert torch.all(got[..., h:, :] == 0) and torch.all(got[..., :, w:] == 0)
-    mean = torch.tensor(rs.SAM_PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(rs.SAM_PIXEL_STD).view(3, 1, 1)
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
     assert torch.allclose(got[0, :, :h, :w], (x[0] - mean) / std)
 
 
 @pytest.mark.parametrize("orig", [(70, 53), (40, 96), (200, 150)])
 def test_postprocess_back_to_original_size(meta_pair, orig):
     meta, ours = meta_pair
-    inp = rs.ResizeLongestSide(IMG).target_shape(orig)
+    inp = ResizeLongestSide(IMG).target_shape(orig)
     low = torch.randn(2, 3, 4 * IMG // PATCH, 4 * IMG // PATCH)
     got = ours.postprocess_masks(low, inp, orig)
     assert got.shape == (2, 3, *orig)
@@ -244,7 +251,7 @@ def test_meta_image_embeddings_match(meta_pair):
 def test_meta_predictor_parity(meta_pair, prompt, multimask):
     meta, ours = meta_pair
     img = _image(70, 53)
-    mp, op = MetaPredictor(meta), rs.SamPredictor(ours)
+    mp, op = MetaPredictor(meta), SamPredictor(ours)
     mp.set_image(img)
     op.set_image(img)
     assert _maxdiff(op.features, mp.features) < TOL
@@ -283,7 +290,7 @@ def test_meta_predictor_parity(meta_pair, prompt, multimask):
 def test_meta_batched_boxes(meta_pair):
     meta, ours = meta_pair
     img = _image(70, 53)
-    mp, op = MetaPredictor(meta), rs.SamPredictor(ours)
+    mp, op = MetaPredictor(meta), SamPredictor(ours)
     mp.set_image(img)
     op.set_image(img)
     boxes = np.array([[4.0, 8.0, 45.0, 60.0], [0, 0, 20, 20], [10, 30, 52, 69]])
@@ -310,8 +317,8 @@ def test_hidden_states_for_feature_aggregators(meta_pair):
 # ---------------------------------------------------------------- parity: transformers
 
 
-def _hf_inputs(ours: rs.Sam):
-    img = rs.ResizeLongestSide(IMG).apply_image(_image(70, 53))
+def _hf_inputs(ours: RsvlSam):
+    img = ResizeLongestSide(IMG).apply_image(_image(70, 53))
     return ours.preprocess(torch.as_tensor(img).permute(2, 0, 1)[None].float())
 
 
@@ -350,7 +357,7 @@ def test_hf_parity(hf_pair, prompt, multimask):
 def test_hf_save_pretrained_folder_loads_with_its_config(tmp_path):
     hf = _hf_model(seed=5)
     hf.save_pretrained(tmp_path / "sam_tiny")
-    ours = rs.load_sam(tmp_path / "sam_tiny")  # config.json gives the head counts
+    ours = load_sam(tmp_path / "sam_tiny")  # config.json gives the head counts
     assert ours.config.decoder_num_heads == 2 and ours.config.decoder_ln_eps == 1e-6
     pix = _hf_inputs(ours)
     with torch.no_grad():
@@ -366,35 +373,35 @@ def test_hf_save_pretrained_folder_loads_with_its_config(tmp_path):
 def test_layout_detection_and_key_translation(meta_pair, hf_pair):
     meta, _ = meta_pair
     hf, _ = hf_pair
-    assert rs.detect_sam_layout(meta.state_dict()) == "meta"
-    assert rs.detect_sam_layout(hf.state_dict()) == "hf"
+    assert detect_sam_layout(meta.state_dict()) == "meta"
+    assert detect_sam_layout(hf.state_dict()) == "hf"
     # our names map one to one onto transformers' names
     hf_keys = set(hf.state_dict()) - {"prompt_encoder.shared_embedding.positional_embedding"}
-    assert {rs.hf_key_for(k, TINY) for k in rs.build_sam(TINY).state_dict()} == hf_keys
+    assert {hf_key_for(k, TINY) for k in build_sam(TINY).state_dict()} == hf_keys
     with pytest.raises(CheckpointMismatchError, match="Not a SAM checkpoint"):
-        rs.detect_sam_layout({"backbone.conv.weight": torch.zeros(1)})
+        detect_sam_layout({"backbone.conv.weight": torch.zeros(1)})
 
 
 def test_infer_config_from_shapes(meta_pair, hf_pair):
     meta, _ = meta_pair
     hf, _ = hf_pair
-    got = rs.infer_sam_config(meta.state_dict(), decoder_num_heads=2)
+    got = infer_sam_config(meta.state_dict(), decoder_num_heads=2)
     assert got == TINY
-    got_hf = rs.infer_sam_config(hf.state_dict(), decoder_num_heads=2)
-    assert got_hf == rs.sam_config_from_hf(hf.config.to_dict())
+    got_hf = infer_sam_config(hf.state_dict(), decoder_num_heads=2)
+    assert got_hf == sam_config_from_hf(hf.config.to_dict())
 
 
 def test_published_architectures_have_published_shapes():
     with torch.device("meta"):  # shapes only: no memory, no init time
-        sd = rs.Sam(rs.SAM_CONFIGS["vit_b"]).state_dict()
+        sd = RsvlSam(SAM_CONFIGS["vit_b"]).state_dict()
     assert sd["image_encoder.pos_embed"].shape == (1, 64, 64, 768)
     assert sd["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 64)
     assert sd["image_encoder.blocks.2.attn.rel_pos_h"].shape == (127, 64)
     assert sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].shape == (2, 128)
-    assert rs.SAM_CONFIGS["vit_h"].encoder_global_attn_indexes == (7, 15, 23, 31)
-    names = {c["name"] for c in rs.SAM_CARDS}
+    assert SAM_CONFIGS["vit_h"].encoder_global_attn_indexes == (7, 15, 23, 31)
+    names = {c["name"] for c in SAM_CARDS}
     assert {"sam-vit-b", "sam-vit-l", "sam-vit-h", "sam-vit-base-hf"} <= names
-    assert all(c["licence"] == "Apache-2.0" for c in rs.SAM_CARDS)
+    assert all(c["licence"] == "Apache-2.0" for c in SAM_CARDS)
 
 
 def test_missing_and_renamed_keys_are_named(meta_pair, tmp_path):
@@ -404,11 +411,11 @@ def test_missing_and_renamed_keys_are_named(meta_pair, tmp_path):
     sd["mask_decoder.extra_head.weight"] = sd.pop("mask_decoder.transformer.norm_final_attn.weight")
     torch.save(sd, tmp_path / "broken.pth")
     with pytest.raises(CheckpointMismatchError) as err:
-        rs.load_sam(tmp_path / "broken.pth", TINY)
+        load_sam(tmp_path / "broken.pth", TINY)
     msg = str(err.value)
-    assert "missing keys" in msg and "mask_decoder.iou_token.weight" in msg
+    assert "missing key(s)" in msg and "mask_decoder.iou_token.weight" in msg
     assert "mask_decoder.transformer.norm_final_attn.weight" in msg
-    assert "unexpected keys" in msg and "mask_decoder.extra_head.weight" in msg
+    assert "unexpected key(s)" in msg and "mask_decoder.extra_head.weight" in msg
 
 
 def test_hf_mismatch_names_keys_in_transformers_spelling(hf_pair):
@@ -417,7 +424,7 @@ def test_hf_mismatch_names_keys_in_transformers_spelling(hf_pair):
     del sd["vision_encoder.neck.conv1.weight"]
     del sd["mask_decoder.iou_prediction_head.proj_out.bias"]
     with pytest.raises(CheckpointMismatchError) as err:
-        rs.load_sam(sd, rs.sam_config_from_hf(hf.config.to_dict()))
+        load_sam(sd, sam_config_from_hf(hf.config.to_dict()))
     msg = str(err.value)
     assert "vision_encoder.neck.conv1.weight" in msg
     assert "mask_decoder.iou_prediction_head.proj_out.bias" in msg
@@ -425,9 +432,9 @@ def test_hf_mismatch_names_keys_in_transformers_spelling(hf_pair):
 
 def test_wrong_size_is_a_shape_mismatch(meta_pair):
     meta, _ = meta_pair
-    other = rs.SamConfig(**{**TINY.to_dict(), "encoder_embed_dim": 64, "encoder_num_heads": 4})
-    with pytest.raises(CheckpointMismatchError, match="shape mismatches: image_encoder"):
-        rs.load_sam(meta.state_dict(), other)
+    other = SamConfig(**{**TINY.to_dict(), "encoder_embed_dim": 64, "encoder_num_heads": 4})
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch\(es\): image_encoder"):
+        load_sam(meta.state_dict(), other)
 
 
 def test_safetensors_and_no_pickle(meta_pair, tmp_path):
@@ -435,18 +442,18 @@ def test_safetensors_and_no_pickle(meta_pair, tmp_path):
 
     meta, ours = meta_pair
     save_file({k: v.contiguous() for k, v in meta.state_dict().items()}, tmp_path / "m.safetensors")
-    loaded = rs.load_sam(tmp_path / "m.safetensors", TINY)
+    loaded = load_sam(tmp_path / "m.safetensors", TINY)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     # a pickle with arbitrary objects is refused by weights_only loading
     torch.save({"state_dict": meta.state_dict(), "cfg": Path("x")}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointMismatchError, match="weights_only"):
-        rs.load_sam(tmp_path / "evil.pth", TINY)
+        load_sam(tmp_path / "evil.pth", TINY)
 
 
 def test_predictor_errors(meta_pair):
     _, ours = meta_pair
-    p = rs.SamPredictor(ours)
+    p = SamPredictor(ours)
     with pytest.raises(RsvlError, match="set_image"):
         p.predict(box=[0, 0, 5, 5])
     with pytest.raises(BandSelectionError):
@@ -462,7 +469,7 @@ def test_cards_are_registered_and_resolve(tmp_path):
     from rsvl.models.registry import get_card, list_cards
 
     names = {c.name for c in list_cards(family="sam")}
-    assert names == {c["name"] for c in rs.SAM_CARDS}
+    assert names == {c["name"] for c in SAM_CARDS}
     meta_b = get_card("sam_vit_b")
     assert meta_b.source.url == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
     assert meta_b.sha256 is None and meta_b.licence == "Apache-2.0"
@@ -470,26 +477,26 @@ def test_cards_are_registered_and_resolve(tmp_path):
     assert hf_b.source.hf_repo == "facebook/sam-vit-base"
     assert hf_b.source.repo_filename == "model.safetensors"
     with pytest.raises(WeightsNotFoundError):
-        rs.load_sam_model("sam-vit-b", weights=tmp_path / "absent.pth")
+        load("sam-vit-b", weights=tmp_path / "absent.pth")
     other = next(c for c in list_cards() if c.family != "sam")
     with pytest.raises(UnknownModelError, match="not a sam model"):
-        rs.load_sam_model(other.name, weights=tmp_path / "absent.pth")
+        load(other.name, weights=tmp_path / "absent.pth")
 
 
 def test_full_size_vit_b_names_and_shapes_match_both_layouts():
     """Published ViT-B sizes, built on the meta device (no memory, no init time)."""
     from segment_anything import sam_model_registry
 
-    cfg = rs.SAM_CONFIGS["vit_b"]
+    cfg = SAM_CONFIGS["vit_b"]
     with torch.device("meta"):
         meta = sam_model_registry["vit_b"]().state_dict()
-        ours = rs.Sam(cfg).state_dict()
+        ours = RsvlSam(cfg).state_dict()
         hf = transformers.SamModel(transformers.SamConfig()).state_dict()
     shapes = {k: tuple(v.shape) for k, v in ours.items()}
     assert shapes == {k: tuple(v.shape) for k, v in meta.items()}
     hf.pop("prompt_encoder.shared_embedding.positional_embedding")
-    assert {rs.hf_key_for(k, cfg): s for k, s in shapes.items()} == {
+    assert {hf_key_for(k, cfg): s for k, s in shapes.items()} == {
         k: tuple(v.shape) for k, v in hf.items()
     }
-    assert rs.infer_sam_config(meta) == cfg
-    assert rs.infer_sam_config(hf) == rs.SamConfig(**{**cfg.to_dict(), "decoder_ln_eps": 1e-6})
+    assert infer_sam_config(meta) == cfg
+    assert infer_sam_config(hf) == SamConfig(**{**cfg.to_dict(), "decoder_ln_eps": 1e-6})

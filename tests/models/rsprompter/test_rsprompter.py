@@ -14,10 +14,18 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from rsvl.errors import CheckpointMismatchError, UnknownModelError
-from rsvl.models.rsprompter import model as rp
-from rsvl.models.sam import model as rs
+from rsvl.models.rsprompter.aggregator import FeatureAggregator
+from rsvl.models.rsprompter.build import INSTANCE_MODELS, build, prompt_shape
+from rsvl.models.rsprompter.convert import (
+    load_prompter_checkpoint,
+    save_prompter_checkpoint,
+    upstream_name,
+)
+from rsvl.models.rsprompter.losses import hungarian_match, match_masks
+from rsvl.models.rsprompter.prompts import RoIPromptHead, sincos_prompts
+from rsvl.models.sam.config import SamConfig
 
-TINY = rs.SamConfig(
+TINY = SamConfig(
     image_size=128,
     patch_size=16,
     encoder_embed_dim=32,
@@ -86,7 +94,7 @@ def _build(name: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "sam-det":
         kw.setdefault("backbone", _TinyDetBackbone())
-    return rp.build_instance_model(name, 2, sam=TINY, **{**SMALL[name], **kw})
+    return build(name, num_classes=2, sam=TINY, **{**SMALL[name], **kw})
 
 
 def _sample() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -106,7 +114,7 @@ def _sample() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     return [img.clamp(0, 1)], [target]
 
 
-@pytest.mark.parametrize("name", rp.INSTANCE_MODELS)
+@pytest.mark.parametrize("name", INSTANCE_MODELS)
 def test_train_losses_decrease_and_eval_structure(name: str) -> None:
     model = _build(name)
     images, targets = _sample()
@@ -170,12 +178,12 @@ def test_vit_frozen_without_lora_and_lora_trains_only_qkv_adapters() -> None:
 
 
 def test_aggregator_uses_every_other_layer() -> None:
-    agg = rp.FeatureAggregator(768, 13, 32, 256)
+    agg = FeatureAggregator(768, 13, 32, 256)
     assert agg.select_layers == (1, 3, 5, 7, 9, 11)  # ViT-B: range(1, 13, 2)
     assert len(agg.downconvs) == 6
-    assert rp.FeatureAggregator(1280, 33, 8, 16).select_layers == tuple(range(1, 33, 2))
+    assert FeatureAggregator(1280, 33, 8, 16).select_layers == tuple(range(1, 33, 2))
 
-    tiny = rp.FeatureAggregator(8, 5, 4, 6).eval()
+    tiny = FeatureAggregator(8, 5, 4, 6).eval()
     states = [torch.randn(1, 4, 4, 8) for _ in range(5)]
     out = tiny(states)
     assert out.shape == (1, 6, 4, 4)
@@ -188,12 +196,12 @@ def test_aggregator_uses_every_other_layer() -> None:
 
 def test_sincos_prompt_shapes() -> None:
     v = torch.randn(7, 5 * 2 * 32)
-    p = rp.sincos_prompts(v, 5)
+    p = sincos_prompts(v, 5)
     assert p.shape == (7, 5, 32)
     pairs = v.view(7, 5, 64)
     torch.testing.assert_close(p, torch.sin(pairs[..., 0::2]) + pairs[..., 1::2])
 
-    head = rp.RoIPromptHead(in_channels=16, prompt_dim=32, roi_size=14, num_points=5)
+    head = RoIPromptHead(in_channels=16, prompt_dim=32, roi_size=14, num_points=5)
     assert head(torch.randn(3, 16, 14, 14)).shape == (3, 5, 32)
 
     model = _build("rsprompter-query", num_points=4)
@@ -202,24 +210,23 @@ def test_sincos_prompt_shapes() -> None:
 
 
 def test_prompt_shapes_per_dataset() -> None:
-    assert rp.prompt_shape("rsprompter-anchor", "nwpu") == (70, 5)
-    assert rp.prompt_shape("rsprompter-anchor", "WHU") == (100, 5)
-    assert rp.prompt_shape("rsprompter-query", "ssdd") == (30, 5)
-    m = rp.build_instance_model(
-        "rsprompter-query", 1, sam=TINY, dataset="ssdd", feat_channels=32, ffn_channels=64,
+    assert prompt_shape("rsprompter-anchor", "nwpu") == (70, 5)
+    assert prompt_shape("rsprompter-anchor", "WHU") == (100, 5)
+    assert prompt_shape("rsprompter-query", "ssdd") == (30, 5)
+    m = build("rsprompter-query", num_classes=1, sam=TINY, dataset="ssdd", feat_channels=32, ffn_channels=64,
         num_decoder_layers=1, encoder_layers=1,
     )
     assert (m.num_queries, m.num_points) == (30, 5)
     assert m.head.query_feat.weight.shape[0] == 30
     with pytest.raises(UnknownModelError):
-        rp.prompt_shape("rsprompter-query", "dota")
+        prompt_shape("rsprompter-query", "dota")
     with pytest.raises(UnknownModelError):
-        rp.build_instance_model("rsprompter-box", 1, sam=TINY)
+        build("rsprompter-box", num_classes=1, sam=TINY)
 
 
 def test_hungarian_matching_matches_scipy() -> None:
     cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0], [9.0, 9.0, 0.5]])
-    rows, cols = rp.hungarian_match(cost)
+    rows, cols = hungarian_match(cost)
     r, c = linear_sum_assignment(cost.numpy())
     assert rows.tolist() == r.tolist() and cols.tolist() == c.tolist()
     # hand-checked optimum: pred 1 -> gt 1 is cheap but pred 0 must then take gt 0 or 2 ...
@@ -236,7 +243,7 @@ def test_hungarian_matching_matches_scipy() -> None:
     for k, g in enumerate(perm):
         logits[k][gt[g] > 0] = 8.0
     cls = torch.zeros(4, 3)
-    q, g = rp.match_masks(cls, logits, torch.tensor([0, 1, 0]), gt, num_points=512)
+    q, g = match_masks(cls, logits, torch.tensor([0, 1, 0]), gt, num_points=512)
     assert dict(zip(g.tolist(), q.tolist(), strict=True)) == {1: 0, 2: 1, 0: 2}
 
 
@@ -246,7 +253,7 @@ def test_checkpoint_roundtrip_in_mmdet_layout(tmp_path) -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
-        path = rp.save_prompter_checkpoint(model, tmp_path / f"{name}.pth", meta={"epoch": 3})
+        path = save_prompter_checkpoint(model, tmp_path / f"{name}.pth", meta={"epoch": 3})
         raw = torch.load(path, weights_only=True)
         assert set(raw) == {"state_dict", "meta"} and raw["meta"]["epoch"] == 3
         sd = raw["state_dict"]
@@ -269,10 +276,10 @@ def test_checkpoint_roundtrip_in_mmdet_layout(tmp_path) -> None:
         assert not any("point_embed" in k or "not_a_point" in k for k in sd)
 
         fresh = _build(name)
-        rp.load_prompter_checkpoint(fresh, path)
+        load_prompter_checkpoint(fresh, path)
         want, got = model.state_dict(), fresh.state_dict()
         for k, v in want.items():
-            if rp._upstream_name(model, k) is None:
+            if upstream_name(model, k) is None:
                 continue
             if k.endswith("box_predictor.bbox_pred.weight") or k.endswith("box_predictor.bbox_pred.bias"):
                 torch.testing.assert_close(got[k][4:], v[4:])  # the unused bg rows are not stored
@@ -285,27 +292,27 @@ def test_checkpoint_roundtrip_in_mmdet_layout(tmp_path) -> None:
     sd["panoptic_head.extra.weight"] = torch.zeros(1)
     sd["panoptic_head.level_embed.weight"] = torch.zeros(5, 5)
     with pytest.raises(CheckpointMismatchError) as exc:
-        rp.load_prompter_checkpoint(_build("rsprompter-query"), {"state_dict": sd})
+        load_prompter_checkpoint(_build("rsprompter-query"), {"state_dict": sd})
     msg = str(exc.value)
     assert "panoptic_head.query_feat.weight" in msg
     assert "panoptic_head.extra.weight" in msg
     assert "panoptic_head.level_embed.weight" in msg
     with pytest.raises(CheckpointMismatchError):  # the wrong variant
-        rp.load_prompter_checkpoint(_build("rsprompter-anchor"), tmp_path / "rsprompter-query.pth")
+        load_prompter_checkpoint(_build("rsprompter-anchor"), tmp_path / "rsprompter-query.pth")
 
 
 def test_lora_checkpoint_roundtrip(tmp_path) -> None:
     model = _build("sam-seg", lora=True)
-    path = rp.save_prompter_checkpoint(model, tmp_path / "samseg.pth")
+    path = save_prompter_checkpoint(model, tmp_path / "samseg.pth")
     sd = torch.load(path, weights_only=True)["state_dict"]
     assert "backbone.vision_encoder.layers.0.attn.qkv.lora_A.default.weight" in sd
     assert "roi_head.mask_head.conv_logits.weight" in sd
     fresh = _build("sam-seg", lora=True)
-    rp.load_prompter_checkpoint(fresh, path)
+    load_prompter_checkpoint(fresh, path)
     key = "sam.image_encoder.blocks.0.attn.qkv.lora_A.default.weight"
     torch.testing.assert_close(fresh.state_dict()[key], model.state_dict()[key])
     with pytest.raises(CheckpointMismatchError, match="lora"):
-        rp.load_prompter_checkpoint(_build("sam-seg"), path)
+        load_prompter_checkpoint(_build("sam-seg"), path)
 
 
 def test_prompter_cards_registered() -> None:
