@@ -140,7 +140,7 @@ class RRSISD:
         self.images = {im["id"]: im for im in instances["images"]}
         self.anns = {a["id"]: a for a in instances["annotations"]}
         self.refs = [r for r in refs if split is None or r.get("split") == split]
-        self._pairs: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        self.pairs: list[tuple[dict[str, Any], dict[str, Any]]] = [
             (r, s) for r in self.refs for s in r["sentences"]]
         if split is not None and not self.refs:
             splits = sorted({str(r.get("split")) for r in refs})
@@ -148,7 +148,7 @@ class RRSISD:
                                hint=f"Splits present: {', '.join(splits) or 'none'}.")
 
     def __len__(self) -> int:
-        return len(self._pairs)
+        return len(self.pairs)
 
     def mask(self, ref: dict[str, Any]) -> np.ndarray:
         """The (H, W) bool mask of a ref's annotation."""
@@ -160,7 +160,7 @@ class RRSISD:
                                    self.mask_rule)
 
     def __getitem__(self, index: int) -> ReferSample:
-        ref, sent = self._pairs[index]
+        ref, sent = self.pairs[index]
         im = self.images.get(ref["image_id"])
         if im is None:
             raise DatasetError(f"ref {ref['ref_id']} points to missing image {ref['image_id']}")
