@@ -42,6 +42,7 @@ COMMAND_MODULES = [
     "rsvl.cli.models",
     "rsvl.cli.eval",
     "rsvl.cli.train",
+    "rsvl.cli.data",
 ]
 
 
