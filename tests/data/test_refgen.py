@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from rsvl.cli import main
 from rsvl.data import refgen
 from rsvl.data.refer import RRSISD, RefSegRS, decode_segmentation

@@ -7,7 +7,7 @@ RRSIS-D's layout (what ``rsvl train refer`` and ``rsvl eval refer`` read); see
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -22,7 +22,7 @@ data_app = typer.Typer(
 )
 
 
-class Link(str, Enum):
+class Link(StrEnum):
     symlink = "symlink"
     copy = "copy"
     none = "none"

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from rsvl.errors import DatasetError
 
@@ -68,8 +70,6 @@ class ReferSample:
 def decode_segmentation(segmentation: Any, height: int, width: int,
                         mask_rule: Literal["upstream", "union"] = "upstream") -> np.ndarray:
     """COCO segmentation (polygons, RLE, or a list of RLEs) -> ``(H, W)`` bool mask."""
-    from pycocotools import mask as mask_utils
-
     if isinstance(segmentation, dict):
         parts = [segmentation]
     elif isinstance(segmentation, list) and segmentation and isinstance(segmentation[0], list):
@@ -213,8 +213,6 @@ class RefSegRS:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> ReferSample:
-        from PIL import Image
-
         name, sentence = self.samples[index]
         image_path = self.root / "images" / f"{name}.tif"
         mask_path = self.root / "masks" / f"{name}.tif"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from rsvl.errors import BandSelectionError, PromptError, WeightsNotFoundError
 from rsvl.models.base import ImageTextModel
 from rsvl.models.mini.clip import (

