@@ -299,6 +299,10 @@ class MiniClip(nn.Module):
         emb = emb.view(len(names), len(templates), -1).mean(1)
         return F.normalize(emb, dim=-1)
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ``heads.safetensors`` holds (the towers come from PyPI)."""
+        return self.heads.state_dict()
+
     @torch.inference_mode()
     def dense_features(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (B, D, ceil(H/8), ceil(W/8)) normalised, at native scale."""
