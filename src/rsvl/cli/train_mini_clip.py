@@ -36,8 +36,8 @@ def mini_clip(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (val metrics, settings) on stdout."),
 ) -> None:
     """Train mini-clip's heads (frozen towers; features cached, so retraining takes minutes)."""
-    # imported when the command runs: the trainer pulls in torch, timm and the eval harness
-    # (seconds), and every CLI module is imported when `rsvl` starts
+    # imported when the command runs, since every CLI module is imported when `rsvl` starts
+    # lazy: the trainer pulls in torch, the towers and the eval protocols (seconds)
     from rsvl.train.mini_clip import TrainConfig, format_command, run_training
 
     defaults = TrainConfig()

@@ -45,8 +45,8 @@ def train_refer_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Train on the train split, select the best epoch on val (oIoU), export the weights."""
-    # imported when the command runs: the trainer pulls in torch and Lightning (seconds), and
-    # every CLI module is imported when `rsvl` starts
+    # imported when the command runs, since every CLI module is imported when `rsvl` starts
+    # lazy: the trainer pulls in torch and Lightning (seconds)
     from rsvl.train.refer import MODELS, ReferTrainConfig, train_refer
 
     key = model.strip().lower().replace("_", "-")
