@@ -25,7 +25,7 @@ import click
 import typer
 
 from rsvl import __version__
-from rsvl.cli import classify, index, info, instances, models, refer, segment, train
+from rsvl.cli import classify, data, index, info, instances, models, refer, segment, train
 from rsvl.cli import eval as evaluate
 from rsvl.console import state
 from rsvl.errors import RsvlError
@@ -60,7 +60,7 @@ def _root(
 
 
 # Order here is the order in `rsvl --help`.
-for _module in (info, classify, segment, index, instances, refer, models, evaluate, train):
+for _module in (info, classify, segment, index, instances, refer, models, evaluate, train, data):
     _module.register(app)
 
 

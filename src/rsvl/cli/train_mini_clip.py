@@ -1,8 +1,8 @@
 """``rsvl train mini-clip``: train the heads of rsvl's built-in mini-clip on UCM-Captions.
 
-A thin wrapper of :func:`rsvl.train.mini_clip.run_training` (the same options as
-``python -m rsvl.train.mini_clip``). Only the ``train`` split is trained on; the ``val``
-numbers, the settings and this command line go into ``card.json`` next to the heads.
+A thin wrapper of :func:`rsvl.train.mini_clip.run_training`, and the only command-line
+entry of that trainer. Only the ``train`` split is trained on; the ``val`` numbers, the
+settings and this command line go into ``card.json`` next to the heads.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def mini_clip(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (val metrics, settings) on stdout."),
 ) -> None:
     """Train mini-clip's heads (frozen towers; features cached, so retraining takes minutes)."""
+    # imported when the command runs, since every CLI module is imported when `rsvl` starts
+    # lazy: the trainer pulls in torch, the towers and the eval protocols (seconds)
     from rsvl.train.mini_clip import TrainConfig, format_command, run_training
 
     defaults = TrainConfig()

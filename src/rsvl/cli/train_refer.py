@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from rsvl.console import emit_json
+from rsvl.errors import InputNotFoundError, UnknownModelError
 
 #: learning rate when --lr is not given: mini-refer trains a decoder from scratch, FIANet
 #: fine-tunes pretrained towers (its RRSIS-D setting)
@@ -17,7 +21,7 @@ def register(train_app: typer.Typer) -> None:
 
 def train_refer_command(
     model: str = typer.Option("mini-refer", "--model", "-m", help="mini-refer or fianet."),
-    data: Path = typer.Option(..., "--data", help="REFER-format dataset root (RRSIS-D layout, e.g. from python -m rsvl.data.refgen)."),
+    data: Path = typer.Option(..., "--data", help="REFER-format dataset root (RRSIS-D layout, e.g. from rsvl data refgen)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, summary.json and the exported weights."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: 40 for FIANet, 4 for mini-refer)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this many minutes (the best val checkpoint so far is kept)."),
@@ -41,8 +45,8 @@ def train_refer_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Train on the train split, select the best epoch on val (oIoU), export the weights."""
-    from rsvl.console import emit_json
-    from rsvl.errors import InputNotFoundError, UnknownModelError
+    # imported when the command runs, since every CLI module is imported when `rsvl` starts
+    # lazy: the trainer pulls in torch and Lightning (seconds)
     from rsvl.train.refer import MODELS, ReferTrainConfig, train_refer
 
     key = model.strip().lower().replace("_", "-")
@@ -50,7 +54,7 @@ def train_refer_command(
         raise UnknownModelError(f"cannot train model {model!r}.", hint=f"Choose one of: {', '.join(MODELS)}.")
     if not data.exists():
         raise InputNotFoundError(f"{data}: no such dataset folder.",
-                                 hint="Generate one with: python -m rsvl.data.refgen --coco "
+                                 hint="Generate one with: rsvl data refgen --coco "
                                  "../shared/data/nwpu_vhr10/instances_train.json --out DIR")
     if weights is not None and not weights.is_file():
         raise InputNotFoundError(f"{weights}: no such weights file.", hint="Check the path.")
@@ -69,8 +73,6 @@ def train_refer_command(
         emit_json(summary)
         return
     if not quiet:
-        from rich.console import Console
-
         best = summary.get("best_val", {})
         Console(highlight=False, stderr=True).print(
             f"{summary['epochs_run']} epoch(s), {summary['seconds']:.0f} s; best val "

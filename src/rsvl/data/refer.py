@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from rsvl.errors import DatasetError
 
@@ -68,8 +70,6 @@ class ReferSample:
 def decode_segmentation(segmentation: Any, height: int, width: int,
                         mask_rule: Literal["upstream", "union"] = "upstream") -> np.ndarray:
     """COCO segmentation (polygons, RLE, or a list of RLEs) -> ``(H, W)`` bool mask."""
-    from pycocotools import mask as mask_utils
-
     if isinstance(segmentation, dict):
         parts = [segmentation]
     elif isinstance(segmentation, list) and segmentation and isinstance(segmentation[0], list):
@@ -140,7 +140,7 @@ class RRSISD:
         self.images = {im["id"]: im for im in instances["images"]}
         self.anns = {a["id"]: a for a in instances["annotations"]}
         self.refs = [r for r in refs if split is None or r.get("split") == split]
-        self._pairs: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        self.pairs: list[tuple[dict[str, Any], dict[str, Any]]] = [
             (r, s) for r in self.refs for s in r["sentences"]]
         if split is not None and not self.refs:
             splits = sorted({str(r.get("split")) for r in refs})
@@ -148,7 +148,7 @@ class RRSISD:
                                hint=f"Splits present: {', '.join(splits) or 'none'}.")
 
     def __len__(self) -> int:
-        return len(self._pairs)
+        return len(self.pairs)
 
     def mask(self, ref: dict[str, Any]) -> np.ndarray:
         """The (H, W) bool mask of a ref's annotation."""
@@ -160,7 +160,7 @@ class RRSISD:
                                    self.mask_rule)
 
     def __getitem__(self, index: int) -> ReferSample:
-        ref, sent = self._pairs[index]
+        ref, sent = self.pairs[index]
         im = self.images.get(ref["image_id"])
         if im is None:
             raise DatasetError(f"ref {ref['ref_id']} points to missing image {ref['image_id']}")
@@ -213,8 +213,6 @@ class RefSegRS:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> ReferSample:
-        from PIL import Image
-
         name, sentence = self.samples[index]
         image_path = self.root / "images" / f"{name}.tif"
         mask_path = self.root / "masks" / f"{name}.tif"

@@ -38,28 +38,27 @@ sentence (as in RRSIS-D, where upstream conversion scripts assert one sentence p
 The split is by image: ``val_fraction`` of the images become ``val``, the rest ``train``.
 Never anything else: NWPU's own test images are not ours to use.
 
-Run: ``python -m rsvl.data.refgen --coco ../shared/data/nwpu_vhr10/instances_train.json
+Run: ``rsvl data refgen --coco ../shared/data/nwpu_vhr10/instances_train.json
 --out DIR --val-fraction 0.15 --seed 0``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import pickle
 import random
 import shutil
-import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rsvl.data.refer_text import word_tokenize
 from rsvl.errors import DatasetError, InputNotFoundError, OutputError
+from rsvl.io import write_bytes
 
 __all__ = [
     "EXTREME_MARGIN",
@@ -75,7 +74,8 @@ __all__ = [
     "expressions_for_image",
     "generate",
     "load_coco",
-    "main",
+    "default_image_dir",
+    "format_stats",
     "select",
     "split_images",
     "write_rrsisd",
@@ -353,7 +353,6 @@ class GenerationResult:
 def generate(coco: dict[str, Any], *, val_fraction: float = 0.15, seed: int = 0,
              group_sentences: bool = False) -> GenerationResult:
     """Generate refs (REFER format) for every image of ``coco``; deterministic in ``seed``."""
-    from rsvl.data.refer_text import word_tokenize
 
     images = {im["id"]: im for im in coco["images"]}
     by_image = _instances_by_image(coco)
@@ -432,18 +431,6 @@ def _stats(refs: list[dict[str, Any]], exprs: list[tuple[int, Expression]],
 # Writing
 # --------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_rrsisd(result: GenerationResult, coco: dict[str, Any], out: str | os.PathLike[str],
                  *, image_dir: str | os.PathLike[str] | None = None, link: str = "symlink",
                  overwrite: bool = False) -> Path:
@@ -459,9 +446,10 @@ def write_rrsisd(result: GenerationResult, coco: dict[str, Any], out: str | os.P
         raise OutputError(f"{refs_path} exists", hint="Pass --overwrite or choose another --out.")
     if link not in ("symlink", "copy", "none"):
         raise OutputError(f"link must be symlink, copy or none, not {link!r}")
-    _atomic_write(ddir / "instances.json", json.dumps(coco).encode())
-    _atomic_write(refs_path, pickle.dumps(result.refs, protocol=4))
-    _atomic_write(ddir / "refgen.json", json.dumps(result.stats, indent=2).encode())
+    ddir.mkdir(parents=True, exist_ok=True)
+    write_bytes(ddir / "instances.json", json.dumps(coco).encode())
+    write_bytes(refs_path, pickle.dumps(result.refs, protocol=4))
+    write_bytes(ddir / "refgen.json", json.dumps(result.stats, indent=2).encode())
     if image_dir is not None and link != "none":
         src_dir = Path(image_dir)
         dst_dir = root / "images" / "rrsisd" / "JPEGImages"
@@ -481,7 +469,7 @@ def write_rrsisd(result: GenerationResult, coco: dict[str, Any], out: str | os.P
 
 
 # --------------------------------------------------------------------------------------
-# CLI
+# report (``rsvl data refgen`` prints it)
 # --------------------------------------------------------------------------------------
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -502,40 +490,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rsvl.data.refgen``: generate referring data from COCO instances."""
-    ap = argparse.ArgumentParser(prog="python -m rsvl.data.refgen", description=__doc__.split(
-        "\n\n")[0])
-    ap.add_argument("--coco", required=True, help="COCO instances JSON (e.g. NWPU train)")
-    ap.add_argument("--out", required=True, help="output root (gets rrsisd/ and images/)")
-    ap.add_argument("--val-fraction", type=float, default=0.15)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", default=None,
-                    help="folder of the COCO images (default: 'images' beside the COCO file)")
-    ap.add_argument("--link", choices=("symlink", "copy", "none"), default="symlink")
-    ap.add_argument("--group-sentences", action="store_true",
-                    help="one ref per instance with all its sentences (RefCOCO style)")
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
-    from rsvl.errors import RsvlError
-
-    try:
-        coco = load_coco(args.coco)
-        result = generate(coco, val_fraction=args.val_fraction, seed=args.seed,
-                          group_sentences=args.group_sentences)
-        image_dir = args.images
-        if image_dir is None:
-            guess = Path(args.coco).parent / "images"
-            image_dir = guess if guess.is_dir() else None
-        ddir = write_rrsisd(result, coco, args.out, image_dir=image_dir, link=args.link,
-                            overwrite=args.overwrite)
-    except RsvlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(format_stats(result.stats))
-    print(f"wrote {ddir}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+def default_image_dir(coco_path: str | os.PathLike[str]) -> Path | None:
+    """The ``images`` folder beside a COCO file, if there is one."""
+    guess = Path(coco_path).parent / "images"
+    return guess if guess.is_dir() else None

@@ -3,8 +3,6 @@
     rsvl train mini-clip --data ../shared/data/ucm \
         --out src/rsvl/assets/mini-clip/heads.safetensors --semseg ../shared/data/semseg
 
-(``python -m rsvl.train.mini_clip`` takes the same options.)
-
 Only the ``train`` split of ``ucm.json`` is trained on; ``val`` is used for the reported
 numbers and the choice of settings. The frozen towers' outputs are cached on disk
 (``~/.cache/rsvl/mini-clip`` or ``--cache``), so retraining the heads takes seconds:
@@ -29,13 +27,9 @@ and reports the spread of the val numbers (the first seed's heads are saved).
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
-import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,270 +40,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsvl.errors import DatasetError
-
-#: readable names of the UCM classes (used for prompts)
-UCM_READABLE: dict[str, str] = {
-    "agricultural": "farmland",
-    "airplane": "airplanes",
-    "baseballdiamond": "a baseball diamond",
-    "beach": "a beach",
-    "buildings": "buildings",
-    "chaparral": "chaparral",
-    "denseresidential": "a dense residential area",
-    "forest": "a forest",
-    "freeway": "a freeway",
-    "golfcourse": "a golf course",
-    "harbor": "a harbor",
-    "intersection": "a road intersection",
-    "mediumresidential": "a medium residential area",
-    "mobilehomepark": "a mobile home park",
-    "overpass": "an overpass",
-    "parkinglot": "a parking lot",
-    "river": "a river",
-    "runway": "a runway",
-    "sparseresidential": "a sparse residential area",
-    "storagetanks": "storage tanks",
-    "tenniscourt": "a tennis court",
-}
-
-VIEWS = ("id", "hflip", "vflip")
-
-#: things the train captions mention, as (prompt, caption words that signal it). They give
-#: the dense head a weak, region-level signal for a vocabulary wider than the 16 classes
-#: (e.g. "trees" inside residential scenes): multiple-instance learning on mosaic regions.
-CAPTION_CONCEPTS: dict[str, tuple[str, ...]] = {
-    "trees": ("trees", "tree", "forest"), "plants": ("plants",), "cars": ("cars", "car"),
-    "roads": ("road", "roads", "roadside"), "houses": ("houses", "house", "homes", "villa"),
-    "grass": ("lawn", "lawns", "grass", "meadow"), "buildings": ("buildings", "building"),
-    "sand": ("sand", "sands"), "water": ("water", "waters", "sea", "river", "lake"),
-    "roofs": ("roofs", "roof"), "boats": ("boats", "boat"), "a runway": ("runway",),
-    "farmland": ("farmland", "cropland"), "a tennis court": ("tennis",),
-    "a baseball diamond": ("baseball",), "a swimming pool": ("pool", "swimming"),
-    "storage tanks": ("tanks", "tank"), "airplanes": ("airplane", "airplanes"),
-    "a parking lot": ("parking",), "a beach": ("beach",), "waves": ("waves", "foam", "foams"),
-}
-CACHE_VERSION = "1"
-#: version of the pooled image-feature cache (2: mean and max pooling)
-IMAGE_CACHE_VERSION = "2"
-
-
-def readable(name: str) -> str:
-    """``baseballdiamond`` -> ``a baseball diamond``; unknown names: underscores to spaces."""
-    return UCM_READABLE.get(name, name.replace("_", " "))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RSVL_CACHE", Path.home() / ".cache" / "rsvl")) / "mini-clip"
-
-
-# --------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class UcmData:
-    root: Path
-    classes: list[str]
-    samples: list[dict[str, Any]]
-    digest: str
-
-    def split(self, name: str) -> list[int]:
-        return [i for i, s in enumerate(self.samples) if s["split"] == name]
-
-
-def load_ucm(data_root: str | Path) -> UcmData:
-    root = Path(data_root)
-    ann = root / "ucm.json"
-    if not ann.is_file():
-        raise DatasetError(f"UCM annotation file not found: {ann}.",
-                           hint="Pass --data pointing at the folder holding ucm.json and images/.")
-    raw = ann.read_bytes()
-    try:
-        d = json.loads(raw)
-        classes, samples = list(d["classes"]), list(d["samples"])
-        for s in samples:
-            s["image"], s["label"], s["split"], s["captions"]  # noqa: B018 - layout check
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{ann} does not have the UCM layout (classes, samples[image, label, "
-                           f"split, captions]): {exc}") from exc
-    return UcmData(root, classes, samples, hashlib.sha256(raw).hexdigest()[:16])
-
-
-def read_rgb(path: Path, size: int | None = 256) -> np.ndarray:
-    """(H, W, 3) uint8; resized to ``size`` x ``size`` when it differs (a few UCM images are
-    not exactly 256 px)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
-
-
-def apply_view(img: np.ndarray, view: str) -> np.ndarray:
-    """(H, W, 3) -> view of it."""
-    if view == "id":
-        return img
-    if view == "hflip":
-        return img[:, ::-1]
-    if view == "vflip":
-        return img[::-1]
-    if view == "rot90":
-        return np.rot90(img, 1, (0, 1))
-    raise ValueError(view)
-
-
-def _to_input(batch: list[np.ndarray]) -> torch.Tensor:
-    from rsvl.models.mini.clip import LITE_MEAN, LITE_STD
-
-    x = torch.from_numpy(np.stack([np.ascontiguousarray(b) for b in batch])).permute(0, 3, 1, 2)
-    return (x.float() - LITE_MEAN) / LITE_STD
-
-
-def _progress(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# feature caches
-# --------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int = 4,
-                         quiet: bool = False) -> torch.Tensor:
-    """(n_views, n_images, 2864) pooled features ("mean+max": global averages then global
-    maxima of the stride 8/16/32 maps; "mean" heads use the first 1432), computed once and
-    kept on disk."""
-    from rsvl.models.mini.clip import pool_features
-
-    out = []
-    for view in VIEWS:
-        f = cache / f"image-{data.digest}-{view}-meanmax-v{IMAGE_CACHE_VERSION}.pt"
-        if f.is_file():
-            out.append(torch.load(f, weights_only=True))
-            continue
-        t0, feats = time.time(), []
-        for i in range(0, len(data.samples), batch_size):
-            imgs = [apply_view(read_rgb(data.root / s["image"]), view)
-                    for s in data.samples[i : i + batch_size]]
-            feats.append(pool_features(*tower(_to_input(imgs)), pooling="mean+max"))
-            if (i // batch_size) % 50 == 0:
-                _progress(f"  image features [{view}] {i}/{len(data.samples)}", quiet)
-        feats_t = torch.cat(feats).float()
-        tmp = f.with_name(f.name + ".tmp")
-        torch.save(feats_t, tmp)
-        os.replace(tmp, f)
-        _progress(f"  view {view}: {len(data.samples) / (time.time() - t0):.1f} img/s", quiet)
-        out.append(feats_t)
-    return torch.stack(out)
-
-
-@torch.inference_mode()
-def cache_text_features(texts: Sequence[str], cache: Path, tower: Any, tag: str) -> torch.Tensor:
-    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
-    f = cache / f"text-{tag}-{key}-v{CACHE_VERSION}.pt"
-    if f.is_file():
-        return torch.load(f, weights_only=True)
-    feats = tower(list(texts)).float()
-    torch.save(feats, f)
-    return feats
-
-
-def make_mosaic(rng: np.random.Generator, pick: Callable[[np.random.Generator, set[int]], tuple[np.ndarray, int, int]],
-                size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A ``size`` x ``size`` mosaic of pieces of images of different classes, at native scale.
-
-    ``pick(rng, excluded_classes)`` returns (image, class, sample index). Returns the RGB
-    mosaic, its per-pixel class and per-pixel sample index.
-    """
-    img = np.zeros((size, size, 3), np.uint8)
-    cls = np.zeros((size, size), np.int16)
-    src = np.zeros((size, size), np.int32)
-    used: set[int] = set()
-
-    def paste(y0: int, y1: int, x0: int, x1: int) -> None:
-        im, c, s = pick(rng, used)
-        used.add(c)
-        im = np.rot90(im, int(rng.integers(4)))
-        if rng.random() < 0.5:
-            im = im[:, ::-1]
-        h, w = y1 - y0, x1 - x0
-        oy = int(rng.integers(0, im.shape[0] - h + 1))
-        ox = int(rng.integers(0, im.shape[1] - w + 1))
-        img[y0:y1, x0:x1] = im[oy : oy + h, ox : ox + w]
-        cls[y0:y1, x0:x1] = c
-        src[y0:y1, x0:x1] = s
-
-    r = rng.random()
-    if r < 0.15:  # a whole image
-        paste(0, size, 0, size)
-    elif r < 0.4:  # two halves
-        cut = int(size * rng.uniform(0.3, 0.7))
-        if rng.random() < 0.5:
-            paste(0, cut, 0, size)
-            paste(cut, size, 0, size)
-        else:
-            paste(0, size, 0, cut)
-            paste(0, size, cut, size)
-    elif r < 0.75:  # 2 x 2 with a random cross
-        cy, cx = (int(size * rng.uniform(0.3, 0.7)) for _ in range(2))
-        for y0, y1 in ((0, cy), (cy, size)):
-            for x0, x1 in ((0, cx), (cx, size)):
-                paste(y0, y1, x0, x1)
-    else:  # one image with another pasted in as a rectangle
-        paste(0, size, 0, size)
-        h, w = (int(size * rng.uniform(0.3, 0.6)) for _ in range(2))
-        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        paste(y0, y0 + h, x0, x0 + w)
-    return img, cls, src
-
-
-@torch.inference_mode()
-def cache_mosaic_features(data: UcmData, split: str, n: int, seed: int, cache: Path, tower: Any,
-                          batch_size: int = 4, quiet: bool = False) -> dict[str, torch.Tensor]:
-    """Tower maps of ``n`` mosaics of ``split`` images, with per-cell (stride 8) labels."""
-    f = cache / f"mosaic-{data.digest}-{split}-{n}-{seed}-v{CACHE_VERSION}.pt"
-    if f.is_file():
-        return torch.load(f, weights_only=True)
-    idx = data.split(split)
-    cidx = {c: i for i, c in enumerate(data.classes)}
-    by_class: dict[int, list[int]] = {}
-    for i in idx:
-        by_class.setdefault(cidx[data.samples[i]["label"]], []).append(i)
-    classes = sorted(by_class)
-    images: dict[int, np.ndarray] = {}
-
-    def pick(rng: np.random.Generator, excluded: set[int]) -> tuple[np.ndarray, int, int]:
-        # prefer a class not yet in the mosaic (with fewer classes than pieces, any class)
-        c = int(rng.choice([k for k in classes if k not in excluded] or classes))
-        s = int(rng.choice(by_class[c]))
-        if s not in images:
-            images[s] = read_rgb(data.root / data.samples[s]["image"])
-        return images[s], c, s
-
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("f8", "f16", "f32", "label", "source")}
-    t0 = time.time()
-    for b in range(0, n, batch_size):
-        mos = [make_mosaic(rng, pick) for _ in range(min(batch_size, n - b))]
-        f8, f16, f32 = tower(_to_input([m[0] for m in mos]))
-        out["f8"].append(f8.half())
-        out["f16"].append(f16.half())
-        out["f32"].append(f32.half())
-        out["label"].append(torch.from_numpy(np.stack([m[1][4::8, 4::8] for m in mos])).long())
-        out["source"].append(torch.from_numpy(np.stack([m[2][4::8, 4::8] for m in mos])).long())
-        if (b // batch_size) % 50 == 0:
-            _progress(f"  mosaics [{split}] {b}/{n}", quiet)
-    res = {k: torch.cat(v) for k, v in out.items()}
-    torch.save(res, f)
-    _progress(f"  mosaics [{split}]: {n / (time.time() - t0):.1f} mosaics/s", quiet)
-    return res
-
+from rsvl.data.classes import load_classes
+from rsvl.data.segmentation import SEG_PRESETS
+from rsvl.eval import open_segmentation_dataset, ovss_protocol, run_ovss
+from rsvl.io import write_text
+from rsvl.metrics import (
+    ConfusionMatrix,
+    retrieval_ground_truth,
+    retrieval_recall,
+    segmentation_report,
+    topk_accuracy,
+)
+from rsvl.models import registry
+from rsvl.models.mini.clip import (
+    TEMPLATES,
+    MiniClip,
+    image_tower_for_clip,
+    pooled_dim,
+    save_heads,
+)
+from rsvl.models.mini.towers import MiniLMTower
+from rsvl.train.mini_clip_data import (
+    CAPTION_CONCEPTS,
+    UcmData,
+    cache_image_features,
+    cache_mosaic_features,
+    cache_text_features,
+    default_cache_dir,
+    load_ucm,
+    progress,
+    readable,
+)
 
 # --------------------------------------------------------------------------------------
 # metrics (rsvl.metrics when present)
@@ -318,7 +79,6 @@ def cache_mosaic_features(data: UcmData, split: str, n: int, seed: int, cache: P
 
 def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """Top-k accuracy in % (``rsvl.metrics.topk_accuracy``)."""
-    from rsvl.metrics import topk_accuracy
 
     res = topk_accuracy(scores.float().cpu().numpy(), labels.cpu().numpy(), ks)
     return {k: 100.0 * res[f"top{k}"] for k in ks}
@@ -329,7 +89,6 @@ def _retrieval(sim: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int]
     """Recall@k in % (``rsvl.metrics.retrieval_recall``): sim (n_images, n_texts); an
     image is a hit if any of its captions ranks in the top k. With ``texts``, also the
     deduplicated protocol (equal caption strings merged, FarSLIP/SkyScript), as ``dedup_*``."""
-    from rsvl.metrics import retrieval_ground_truth, retrieval_recall
 
     s = sim.float().cpu().numpy()
     owner = text_to_image.cpu().numpy()
@@ -565,8 +324,6 @@ SEMSEG_PROTOCOLS: tuple[str, ...] = ("rsvl", "farslip")
 def majority_miou(semseg_dir: str | Path, preset: str) -> dict[str, float]:
     """mIoU / pixel accuracy of predicting each image's own majority class (an oracle baseline:
     it knows the labels), scored like ``rsvl eval ovss`` (same reader, ignore index, metric)."""
-    from rsvl.eval import open_segmentation_dataset
-    from rsvl.metrics import ConfusionMatrix, segmentation_report
 
     ds = open_segmentation_dataset(semseg_dir, preset, "val")
     n = len(ds.classes)
@@ -586,9 +343,6 @@ def evaluate_semseg(model: Any, semseg_root: str | Path, datasets: Sequence[str]
     majority-class guess. Returns ``{name: {"miou", "pixel_acc", "majority_miou",
     "majority_pixel_acc", "images", "by_protocol": {p: {...}}}}`` with the first protocol's
     numbers at the top level."""
-    from rsvl.data.classes import load_classes
-    from rsvl.data.segmentation import SEG_PRESETS
-    from rsvl.eval import ovss_protocol, run_ovss
 
     root = Path(semseg_root)
     res: dict[str, Any] = {}
@@ -620,7 +374,6 @@ def evaluate_semseg(model: Any, semseg_root: str | Path, datasets: Sequence[str]
 
 
 def _class_prompts(classes: Sequence[str], raw: bool = False) -> list[str]:
-    from rsvl.models.mini.clip import TEMPLATES
 
     return [t.format(c if raw else readable(c)) for c in classes for t in TEMPLATES]
 
@@ -628,13 +381,12 @@ def _class_prompts(classes: Sequence[str], raw: bool = False) -> list[str]:
 def prepare_features(data_root: str | Path, cache_dir: str | Path | None = None, n_mosaics: int = 1600,
                      n_val_mosaics: int = 200, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
     """Compute (or load from the cache) every tower output the heads are trained on."""
-    from rsvl.models.mini.clip import TEMPLATES, ImageTower, TextTower
 
     data = load_ucm(data_root)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tower = ImageTower()
-    text = TextTower()
+    tower = image_tower_for_clip()
+    text = MiniLMTower()
     t0 = time.time()
     img = cache_image_features(data, cache, tower, quiet=quiet)
     t_img = time.time() - t0
@@ -682,7 +434,6 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
     Returns a dict with the val metrics, the losses and the config.
     """
-    from rsvl.models.mini.clip import HeadsConfig, MiniClipHeads, pooled_dim, save_heads
 
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -710,7 +461,7 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
     def fit_global(seed: int, log: Callable[[int, float], None] | None) -> tuple[Any, list[float]]:
         torch.manual_seed(seed)
-        h = MiniClipHeads(HeadsConfig(**head_cfg))
+        h = registry.build("mini-clip", **head_cfg)
         fit_standardize(h.image_head.norm, img_feats[:, tr].flatten(0, 1))
         fit_standardize(h.text_head.norm, torch.cat([feats["cap_feats"][keep_tr], feats["cls_feats"].flatten(0, 1)]))
         losses = train_global(h, img_feats[:, tr], labels[tr], feats["cap_feats"][keep_tr], own_tr,
@@ -723,12 +474,12 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
     t0 = time.time()
     heads, g_losses = fit_global(cfg.seed, None if quiet else
-                                 lambda e, v: _progress(f"  global epoch {e}: loss {v:.4f}", quiet))
+                                 lambda e, v: progress(f"  global epoch {e}: loss {v:.4f}", quiet))
     val = val_of(heads)
     val_no_tta = val_of(heads, tta=False)
     seed_runs = [{"seed": cfg.seed, **val}]
     for k in range(1, cfg.n_seeds):
-        _progress(f"  global heads, seed {cfg.seed + k} (reported only)", quiet)
+        progress(f"  global heads, seed {cfg.seed + k} (reported only)", quiet)
         seed_runs.append({"seed": cfg.seed + k, **val_of(fit_global(cfg.seed + k, None)[0])})
     t_global = time.time() - t0
     mt = feats["mos_train"]
@@ -743,7 +494,7 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
         con_emb = F.normalize(torch.stack([heads.text(feats["con_feats"][:, t])
                                            for t in range(feats["con_feats"].shape[1])]).mean(0), dim=-1)
     d_losses = train_dense(heads, mt, cls_emb, cfg,
-                           log=None if quiet else lambda e, v: _progress(f"  dense epoch {e}: loss {v:.4f}", quiet),
+                           log=None if quiet else lambda e, v: progress(f"  dense epoch {e}: loss {v:.4f}", quiet),
                            concept_emb=con_emb, presence=feats["presence"])
     t_dense = time.time() - t0
     val.update(evaluate_dense(heads, feats["mos_val"], cls_emb, len(data.classes)))
@@ -789,9 +540,8 @@ def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfi
     res = train_mini_clip(data_root, out_path, cfg, cache_dir=cache_dir, quiet=quiet)
     heads = res.pop("heads")
     if semseg:
-        from rsvl.models.mini.clip import MiniClip
 
-        _progress("  dense quality on the semseg crops (evaluation only)", quiet)
+        progress("  dense quality on the semseg crops (evaluation only)", quiet)
         res["semseg"] = evaluate_semseg(MiniClip(heads), semseg)
     res["total_seconds"] = time.time() - t0
     res["command"] = command or format_command(
@@ -804,42 +554,6 @@ def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfi
     if "semseg" in res:
         card_data["semseg"] = {k: {m: v[m] for m in ("miou", "majority_miou")} for k, v in res["semseg"].items()}
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(json.dumps(card_data, indent=2, default=str))
-    os.replace(tmp, card_path)
+    write_text(card_path, json.dumps(card_data, indent=2, default=str))
     res["card_path"] = str(card_path)
     return res
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rsvl.train.mini_clip``: the same as ``rsvl train mini-clip`` (which the card records)."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m rsvl.train.mini_clip", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="folder with ucm.json and images/")
-    p.add_argument("--out", required=True, help="output heads .safetensors")
-    p.add_argument("--cache", default=None, help="tower feature cache (default ~/.cache/rsvl/mini-clip)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--seeds", type=int, default=None, help="global heads trained with consecutive seeds (reported)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--dense-epochs", type=int, default=None)
-    p.add_argument("--mosaics", type=int, default=None)
-    p.add_argument("--val-mosaics", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--card", default=None, help="also write a card.json (default: next to --out)")
-    p.add_argument("--semseg", default=None, help="also measure dense quality on this semseg folder "
-                   "(loveda/, potsdam/, vaihingen/; evaluation only)")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    pick = lambda v, default: default if v is None else v  # noqa: E731
-    cfg = TrainConfig(seed=pick(a.seed, d.seed), n_seeds=pick(a.seeds, d.n_seeds), epochs=pick(a.epochs, d.epochs),
-                      dense_epochs=pick(a.dense_epochs, d.dense_epochs), n_mosaics=pick(a.mosaics, d.n_mosaics),
-                      n_val_mosaics=pick(a.val_mosaics, d.n_val_mosaics))
-    options = {k: getattr(a, k) for k in _COMMAND_OPTIONS}
-    res = run_training(a.data, a.out, cfg, cache_dir=a.cache, semseg=a.semseg, card=a.card, threads=a.threads,
-                       quiet=a.quiet, command=format_command(options))
-    print(json.dumps(res["val"], indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

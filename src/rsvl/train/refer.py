@@ -31,11 +31,8 @@ features approximates the features of a flipped image; the towers are not re-run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,19 +40,36 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
 
+from rsvl.data.refer import RRSISD, decode_segmentation
 from rsvl.errors import DatasetError, ResumeError, UnknownModelError, WeightsNotFoundError
+from rsvl.io import atomic_path, write_text
+from rsvl.metrics import ReferringAccumulator
+from rsvl.models import registry
+from rsvl.models.mini.refer import ReferDecoder, save_decoder
+from rsvl.train.refer_data import (
+    VIEWS,
+    CachedReferDataset,
+    FeatureCache,
+    ImageReferDataset,
+    collate_cached,
+    collate_images,
+    normalise,
+    resize_mask,
+)
 
 __all__ = [
     "CE_WEIGHTS",
     "ReferLitModule",
     "ReferTrainConfig",
-    "build_model",
+    "model_to_train",
     "dice_loss",
-    "flip_expression",
     "reference_baselines",
     "refer_loss",
     "train_refer",
@@ -98,261 +112,18 @@ def refer_loss(logits: torch.Tensor, target: torch.Tensor,
     return ce_factor * ce + dice_factor * dice_loss(logits, target)
 
 
-# --------------------------------------------------------------------------------------
-# expressions under flips
-# --------------------------------------------------------------------------------------
-
-_H_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_V_SWAP = {"top": "bottom", "bottom": "top", "topmost": "bottommost", "bottommost": "topmost",
-           "upper": "lower", "lower": "upper", "above": "below", "below": "above"}
-_WORD = re.compile(r"[A-Za-z]+")
-
-
-def flip_expression(text: str, flip: str) -> str:
-    """The expression that stays true after flipping the image: ``flip`` "h" (left-right)
-    swaps left/right words, "v" (top-bottom) swaps top/bottom, upper/lower, above/below."""
-    table = {"h": _H_SWAP, "v": _V_SWAP, "": {}}[flip]
-
-    def sub(m: re.Match[str]) -> str:
-        word = m.group(0)
-        new = table.get(word.lower())
-        if new is None:
-            return word
-        return new.capitalize() if word[0].isupper() else new
-
-    return _WORD.sub(sub, text)
-
-
-# --------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------
-
-VIEWS = ("", "h", "v")
-
-
-def _flip(x: torch.Tensor, view: str) -> torch.Tensor:
-    return x.flip(-1) if view == "h" else x.flip(-2) if view == "v" else x
-
-
-def read_image_tensor(path: Path, size: int) -> torch.Tensor:
-    """RGB image -> uint8 (3, size, size), bilinear (upstream: ``Resize((480, 480))``)."""
-    from PIL import Image
-
-    if not Path(path).is_file():
-        raise DatasetError(f"image {path} not found", hint="Check the dataset's image folder.")
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) bool -> (size, size) bool, NEAREST (as upstream resizes the ground truth)."""
-    from PIL import Image
-
-    im = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(im.resize((size, size), Image.NEAREST)) > 0
-
-
-def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float normalised with 0-1 scale ``mean``/``std``."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s
-
-
-def black_boxes(image: torch.Tensor, rng: np.random.Generator, n_range: tuple[int, int] = (20, 60),
-                box: int = 32) -> torch.Tensor:
-    """RRSIS-D augmentation: paste ``n`` black ``box`` x ``box`` squares on a uint8 image."""
-    out = image.clone()
-    _, h, w = out.shape
-    for _ in range(int(rng.integers(n_range[0], n_range[1] + 1))):
-        y = int(rng.integers(0, max(1, h - box)))
-        x = int(rng.integers(0, max(1, w - box)))
-        out[:, y : y + box, x : x + box] = 0
-    return out
-
-
-class ImageReferDataset(torch.utils.data.Dataset):
-    """Samples of a REFER-format split as (uint8 image, sentence, mask), resized to ``size``."""
-
-    def __init__(self, root: str | Path, split: str, size: int, augment: bool = False,
-                 seed: int = 0, limit: int | None = None) -> None:
-        from rsvl.data.refer import RRSISD
-
-        self.ds = RRSISD(root, split)
-        self.size = size
-        self.augment = augment
-        self.rng = np.random.default_rng(seed)
-        self.indices = list(range(len(self.ds)))[: limit or None]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.ds[self.indices[i]]
-        image = read_image_tensor(s.image_path, self.size)
-        if self.augment and self.rng.random() < 0.2:
-            image = black_boxes(image, self.rng)
-        mask = torch.from_numpy(resize_mask(s.mask, self.size))
-        return {"image": image, "sentence": s.sentence, "mask": mask}
-
-
-def collate_images(tokenize: Callable[[list[str]], dict[str, torch.Tensor]]) -> Callable[..., dict[str, Any]]:
-    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"image": torch.stack([it["image"] for it in items]),
-                "text": tokenize([it["sentence"] for it in items]),
-                "mask": torch.stack([it["mask"] for it in items])}
-    return collate
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("RSVL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "rsvl")
-    return Path(root) / "mini-refer-features"
-
-
-def _image_list(root: Path, splits: Sequence[str]) -> tuple[list[Path], dict[str, list[tuple[int, str, np.ndarray]]]]:
-    """Unique image paths and, per split, (image index, sentence, mask) of every sample."""
-    from rsvl.data.refer import RRSISD
-
-    paths: list[Path] = []
-    index: dict[Path, int] = {}
-    samples: dict[str, list[tuple[int, str, np.ndarray]]] = {}
-    for split in splits:
-        ds = RRSISD(root, split)
-        rows = []
-        for s in ds:
-            if s.image_path not in index:
-                index[s.image_path] = len(paths)
-                paths.append(s.image_path)
-            rows.append((index[s.image_path], s.sentence, s.mask))
-        samples[split] = rows
-    return paths, samples
-
-
-class FeatureCache:
-    """Frozen-tower outputs of every image (per view) and expression of a dataset, on disk.
-
-    Files under ``cache_dir/<key>/``: ``images_<view>.pt`` (f8, f16, f32, small as
-    float16, one row per image), ``text.pt`` (words float16, mask, sentence list); the key
-    hashes the dataset's image paths, the image size and the model's tower description.
-    """
-
-    def __init__(self, model: Any, root: str | Path, splits: Sequence[str], size: int,
-                 cache_dir: str | Path | None = None, views: Sequence[str] = VIEWS,
-                 batch_size: int = 8, log: Callable[[str], None] = print) -> None:
-        self.root = Path(root)
-        self.size = size
-        self.views = tuple(views)  # text views; image features are cached as is only
-        self.paths, self.samples = _image_list(self.root, splits)
-        ident = json.dumps({"images": [str(p.resolve()) for p in self.paths], "size": size,
-                            "towers": getattr(model, "tower_id", type(model).__name__)})
-        key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-        self.dir = Path(cache_dir or default_cache_dir()) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.images = self._image_view(model, "", batch_size, log)
-        sentences = sorted({flip_expression(s, v) for rows in self.samples.values()
-                            for _, s, _ in rows for v in self.views})
-        self.text_index, self.words, self.text_mask = self._text(model, sentences, log)
-
-    def _image_view(self, model: Any, view: str, batch_size: int,
-                    log: Callable[[str], None]) -> list[torch.Tensor]:
-        path = self.dir / f"images_{view or 'id'}.pt"
-        if path.is_file():
-            return list(torch.load(path, weights_only=True))
-        t0 = time.time()
-        outs: list[list[torch.Tensor]] = [[], [], [], []]
-        dev = model.device
-        for i in range(0, len(self.paths), batch_size):
-            batch = torch.stack([_flip(read_image_tensor(p, self.size), view)
-                                 for p in self.paths[i : i + batch_size]]).to(dev)
-            feats, small = model.image_features(normalise(batch, model.mean, model.std))
-            for k, t in enumerate((*feats, small)):
-                outs[k].append(t.half().cpu())
-            if (i // batch_size) % 10 == 0:
-                log(f"cache view {view or 'id'}: {i + len(batch)}/{len(self.paths)} images "
-                    f"({time.time() - t0:.0f} s)")
-        tensors = [torch.cat(o) for o in outs]
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
-        return tensors
-
-    def _text(self, model: Any, sentences: list[str],
-              log: Callable[[str], None]) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
-        path = self.dir / "text.pt"
-        if path.is_file():
-            d = torch.load(path, weights_only=True)
-            if list(d["sentences"]) == sentences:
-                return {s: i for i, s in enumerate(sentences)}, d["words"], d["mask"]
-        words, masks = [], []
-        for i in range(0, len(sentences), 64):
-            w, m = model.text_features(model.tokenize(sentences[i : i + 64]))
-            words.append(w.half().cpu())
-            masks.append(m.cpu())
-        d = {"sentences": sentences, "words": torch.cat(words), "mask": torch.cat(masks)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(d, tmp)
-        os.replace(tmp, path)
-        log(f"cached {len(sentences)} expressions")
-        return {s: i for i, s in enumerate(sentences)}, d["words"], d["mask"]
-
-
-class CachedReferDataset(torch.utils.data.Dataset):
-    """(cached features, cached words, packed mask) per sample.
-
-    Each access picks one of ``views`` at random ("" as is, "h" left-right flip, "v"
-    top-bottom flip, applied to the features, the mask and the words); with one view it is
-    deterministic (validation).
-    """
-
-    def __init__(self, cache: FeatureCache, split: str, views: Sequence[str] = ("",),
-                 limit: int | None = None) -> None:
-        self.cache = cache
-        self.views = tuple(views)
-        rows = cache.samples[split][: limit or None]
-        self.items: list[tuple[int, dict[str, int], np.ndarray]] = [
-            (img, {v: cache.text_index[flip_expression(sentence, v)] for v in self.views},
-             np.packbits(resize_mask(mask, cache.size)))
-            for img, sentence, mask in rows]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        img, texts, packed = self.items[i]
-        view = self.views[int(torch.randint(len(self.views), ()))] if len(self.views) > 1 else self.views[0]
-        t = texts[view]
-        size = self.cache.size
-        mask = torch.from_numpy(np.unpackbits(packed)[: size * size].reshape(size, size).astype(bool))
-        feats = [_flip(f[img], view) for f in self.cache.images]
-        return {"feats": feats[:3], "small": feats[3],
-                "words": self.cache.words[t], "text_mask": self.cache.text_mask[t],
-                "mask": _flip(mask, view)}
-
-
-def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"feats": [torch.stack([it["feats"][k] for it in items]) for k in range(3)],
-            "small": torch.stack([it["small"] for it in items]),
-            "words": torch.stack([it["words"] for it in items]),
-            "text_mask": torch.stack([it["text_mask"] for it in items]),
-            "mask": torch.stack([it["mask"] for it in items])}
-
 
 def reference_baselines(data: str | Path, split: str = "val", size: int | None = 480) -> dict[str, dict[str, float]]:
     """Reference points scored exactly like a model (per sentence, at ``size`` with the GT
     NEAREST-resized): ``empty`` (predict nothing), ``full`` (the whole image) and
     ``class_union`` (the union of every instance of the referred object's class in the
     image: what knowing the class name, but not which one, gives)."""
-    from rsvl.data.refer import RRSISD, decode_segmentation
-    from rsvl.metrics import ReferringAccumulator
-
     ds = RRSISD(data, split)
     accs = {k: ReferringAccumulator() for k in ("empty", "full", "class_union")}
     by_image: dict[Any, list[dict[str, Any]]] = {}
     for ann in ds.anns.values():
         by_image.setdefault(ann["image_id"], []).append(ann)
-    for ref, _ in ds._pairs:
+    for ref, _ in ds.pairs:
         im = ds.images[ref["image_id"]]
         h, w = int(im["height"]), int(im["width"])
         gt = ds.mask(ref)
@@ -374,18 +145,9 @@ def reference_baselines(data: str | Path, split: str = "val", size: int | None =
 # --------------------------------------------------------------------------------------
 
 
-def _lightning() -> Any:
-    import lightning
-
-    return lightning
-
-
 def poly_lambda(total_steps: int, power: float = 0.9) -> Callable[[int], float]:
     """``(1 - it / N) ** power`` (FIANet's per-iteration schedule), floored at 0."""
     return lambda it: max(0.0, 1.0 - it / max(1, total_steps)) ** power
-
-
-L = _lightning()
 
 
 class ReferLitModule(L.LightningModule):
@@ -503,35 +265,35 @@ class _LogProgress(L.Callback):
 # --------------------------------------------------------------------------------------
 
 
-def build_model(name: str, weights: str | Path | None = None, device: str = "cpu", *,
-                swin: str | Path | None = None, bert: str | Path | None = None,
-                vocab: str | Path | None = None) -> Any:
-    """A trainable model: ``mini-refer`` (fresh decoder, or ``weights`` to fine-tune) or
-    ``fianet`` (imported lazily from :mod:`rsvl.models.fianet.model`): from a FIANet checkpoint
-    (``weights``), or from upstream's starting point, Swin-B 22k (``swin``) and
-    bert-base-uncased (``bert``: its weights file or folder; ``vocab``: its vocab.txt)."""
+#: the card each trainable name starts from
+CARDS = {"mini-refer": "mini-refer", "fianet": "fianet-rrsisd"}
+
+
+def model_to_train(name: str, weights: str | Path | None = None, device: str = "cpu", *,
+                   swin: str | Path | None = None, bert: str | Path | None = None,
+                   vocab: str | Path | None = None) -> Any:
+    """The model a run starts from, through the model registry: ``weights`` (a checkpoint of
+    the model, to fine-tune) loaded with :func:`rsvl.models.registry.load`, else
+    :func:`rsvl.models.registry.build` (mini-refer: a fresh decoder on the pretrained towers;
+    FIANet: upstream's start, Swin-B 22k from ``swin`` and bert-base-uncased from ``bert``,
+    with its ``vocab``)."""
     key = name.strip().lower().replace("_", "-")
-    if key == "mini-refer":
-        from rsvl.models.mini.refer import build_mini_refer, load_decoder
-
-        decoder = load_decoder(weights) if weights is not None else None
-        return build_mini_refer(decoder=decoder).to(device)
+    if key not in CARDS:
+        raise UnknownModelError(f"cannot train model {name!r}.",
+                                hint=f"Trainable referring models: {', '.join(MODELS)}.")
+    card = CARDS[key]
+    if weights is not None:
+        options = {"vocab": vocab} if key == "fianet" and vocab is not None else {}
+        return registry.load(card, weights, device, **options)
     if key == "fianet":
-        from rsvl.models.fianet import model as fianet_module
-
-        if weights is not None:
-            return fianet_module.load_fianet("fianet-rrsisd", weights=weights, device=device,
-                                             **({"vocab": vocab} if vocab is not None else {}))
         if swin is None or bert is None:
             raise WeightsNotFoundError(
                 "FIANet trains from Swin-B (ImageNet-22k) and bert-base-uncased weights, not from random ones.",
                 hint="Pass --swin swin_base_patch4_window12_384_22k.pth and --bert BERT_FOLDER_OR_FILE "
                 "(with vocab.txt), or --weights FIANET_CHECKPOINT to fine-tune.",
             )
-        config = fianet_module.FianetConfig()
-        return fianet_module.init_fianet_pretrained(config, swin, bert, vocab).to(device)
-    raise UnknownModelError(f"cannot train model {name!r}.",
-                            hint=f"Trainable referring models: {', '.join(MODELS)}.")
+        return registry.build(card, swin=swin, bert=bert, vocab=vocab).to(device)
+    return registry.build(card).to(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -590,7 +352,7 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
     accel = "gpu" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") \
         else "cpu"
     if model is None:
-        model = build_model(model_name, weights, "cuda" if accel == "gpu" else "cpu", swin=swin, bert=bert,
+        model = model_to_train(model_name, weights, "cuda" if accel == "gpu" else "cpu", swin=swin, bert=bert,
                             vocab=vocab)
     size = int(model.image_size)
     t0 = time.time()
@@ -619,8 +381,6 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
                         num_workers=cfg.num_workers)
     total_steps = cfg.epochs * max(1, len(train_dl))
     module = ReferLitModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total_steps)
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode="max",
                               save_last=True, save_top_k=1, enable_version_counter=False)
     precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if accel == "gpu" \
@@ -653,9 +413,7 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
             summary["best_val"] = best_row
         sd = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
         summary["weights"] = str(_export(model, sd, out, summary))
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "summary.json")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -663,16 +421,11 @@ def _export(model: Any, state: dict[str, torch.Tensor], out: Path, summary: dict
     """Best weights in a loadable file: mini-refer's decoder format, else safetensors of the
     trained tensors."""
     if hasattr(model, "decoder") and getattr(model, "name", "") == "mini-refer":
-        from rsvl.models.mini.refer import ReferDecoder, save_decoder
-
         dec = ReferDecoder(model.decoder.config)
         dec.load_state_dict({k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")})
         meta = {"best_val": summary.get("best_val"), "data": summary["data"]}
         return save_decoder(dec, out / "decoder.safetensors", metadata=meta)
-    from safetensors.torch import save_file
-
     path = out / "model.safetensors"
-    tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return path

@@ -1,4 +1,10 @@
-"""FIANet referring segmentation (Swin-B + BERT, LAVT decoder)."""
+"""FIANet referring segmentation (Swin-B + BERT, LAVT decoder), in segment-anything's
+``modeling/`` style: :mod:`~rsvl.models.fianet.config`, :mod:`~rsvl.models.fianet.swin`,
+:mod:`~rsvl.models.fianet.text` (BERT), :mod:`~rsvl.models.fianet.fusion` (PWAM, gates,
+OPAB), :mod:`~rsvl.models.fianet.tmem`, :mod:`~rsvl.models.fianet.backbone`,
+:mod:`~rsvl.models.fianet.decoder` (LAVT), :mod:`~rsvl.models.fianet.model`
+(:class:`FianetModel`), :mod:`~rsvl.models.fianet.convert` (checkpoints and pretrained
+initialisation) and :mod:`~rsvl.models.fianet.build` (``build`` / ``load``)."""
 
 from __future__ import annotations
 
@@ -6,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from rsvl.models.cards import ModelCard
+from rsvl.models.fianet.build import build, load_fianet
 from rsvl.models.fianet.cards import CARDS
-from rsvl.models.fianet.model import FianetModel, load_fianet
+from rsvl.models.fianet.config import FianetConfig
+from rsvl.models.fianet.model import FianetModel
 
 
-def load(card: ModelCard, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> FianetModel:
-    """A FIANet training checkpoint."""
+def load(card: ModelCard | str, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> FianetModel:
+    """A FIANet checkpoint as upstream's ``train.py`` writes it (see :func:`load_fianet`)."""
     return load_fianet(card, weights, device, **options)
 
 
-__all__ = ["CARDS", "FianetModel", "load"]
+__all__ = ["CARDS", "FianetConfig", "FianetModel", "build", "load"]

