@@ -106,7 +106,7 @@ def run_refer(
 
 REFER_DATA_LAYOUT = ("a REFER-format root (RRSIS-D layout: ROOT/rrsisd/refs(unc).p, "
                      "ROOT/rrsisd/instances.json, ROOT/images/rrsisd/JPEGImages/; e.g. written by "
-                     "python -m rsvl.data.refgen) or a RefSegRS root (images/, masks/, "
+                     "rsvl data refgen) or a RefSegRS root (images/, masks/, "
                      "output_phrase_<split>.txt)")
 
 
