@@ -202,9 +202,9 @@ def subset_indices(n: int, limit: int | None) -> np.ndarray:
 
 def _load_square(path: Path, size: int) -> np.ndarray:
     from rsvl.data.scenes import read_rgb
-    from rsvl.tasks.classify import _square
+    from rsvl.models.preprocess import square_image
 
-    return _square(np.ascontiguousarray(read_rgb(path).transpose(2, 0, 1)), size)
+    return square_image(np.ascontiguousarray(read_rgb(path).transpose(2, 0, 1)), size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def run_zeroshot(
 ) -> EvalResult:
     """Zero-shot scene classification (FarSLIP / SkyScript protocol); see module doc."""
     from rsvl.metrics import zeroshot_report
-    from rsvl.tasks.classify import ZeroShotClassifier
+    from rsvl.models.zeroshot import ZeroShotClassifier
 
     t0 = time.perf_counter()
     ds, layout, used_split = open_scene_dataset(dataset_path, split, classes_file)
@@ -580,7 +580,7 @@ def ovss_predict(
     import torch
     import torch.nn.functional as F
 
-    from rsvl.tasks.text import pool_synonyms
+    from rsvl.models.zeroshot import pool_synonyms
 
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None]
     h0, w0 = x.shape[-2:]
