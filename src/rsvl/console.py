@@ -6,14 +6,40 @@ notice, warning and progress bar goes to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+#: ``advance(n)``: n more units of work are done
+Advance = Callable[[int], None]
+
+
+class TaskProgress(Protocol):
+    """The one progress interface every task takes as ``progress``.
+
+    The task calls it once with the total amount of work it is about to do (tiles, images)
+    and advances the ``advance(n)`` callable yielded by the returned context manager as work
+    completes. The command line passes :func:`task_progress`; tests pass any callable of
+    this shape; None (the default of every task) shows nothing.
+    """
+
+    def __call__(self, total: int) -> AbstractContextManager[Advance]: ...
 
 
 @dataclass
@@ -48,8 +74,6 @@ def emit_json(document: Any) -> None:
 
 
 def _json_default(obj: Any) -> Any:
-    import numpy as np
-
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -59,25 +83,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _no_advance(n: int = 1) -> None:
+    return None
+
+
 @contextmanager
-def progress_bar(total: int, description: str, *, enabled: bool = True) -> Iterator[Any]:
+def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "tiles") -> Iterator[Advance]:
     """A Rich progress bar on stderr (done/total, rate, ETA); silent under --quiet.
 
     Yields a callable ``advance(n=1)``.
     """
     if not enabled or state.quiet:
-        yield lambda n=1: None
+        yield _no_advance
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -95,6 +113,27 @@ def progress_bar(total: int, description: str, *, enabled: bool = True) -> Itera
             progress.advance(task, n)
             speed = progress.tasks[0].speed
             if speed:
-                progress.update(task, rate=f"{speed:.1f} tiles/s")
+                progress.update(task, rate=f"{speed:.1f} {unit}/s")
 
+        yield advance
+
+
+def _bar_when_worth_it(total: int, *, description: str, unit: str) -> AbstractContextManager[Advance]:
+    return progress_bar(total, description, enabled=total > 1, unit=unit)
+
+
+def task_progress(description: str, *, unit: str = "tiles") -> TaskProgress:
+    """The :class:`TaskProgress` a command hands to a task: a Rich bar named ``description``
+    on stderr, shown when there is more than one unit of work and not under --quiet."""
+    return functools.partial(_bar_when_worth_it, description=description, unit=unit)
+
+
+@contextmanager
+def progress_scope(progress: TaskProgress | None, total: int) -> Iterator[Advance]:
+    """Inside a task: ``with progress_scope(progress, total) as advance`` (a no-op advance
+    when ``progress`` is None)."""
+    if progress is None:
+        yield _no_advance
+        return
+    with progress(total) as advance:
         yield advance

@@ -74,3 +74,15 @@ class PromptError(RsvlError):
 
 class DatasetError(RsvlError):
     """A dataset folder or annotation file does not have the expected layout."""
+
+
+class IndexNotFoundError(InputNotFoundError):
+    """No embedding index at the given path."""
+
+
+class IndexCorruptError(RsvlError):
+    """An index folder exists but its files are missing, unreadable or inconsistent."""
+
+
+class ModelMismatchError(RsvlError):
+    """The model used to query or extend an index is not the one that built it."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from rsvl.cli.options import parse_bands
-from rsvl.console import emit_json, progress_bar
+from rsvl.console import emit_json, task_progress
+from rsvl.io import atomic_path
 
 
 def register(app: typer.Typer) -> None:
@@ -44,15 +45,9 @@ def classify(
         raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
     specs = load_classes(inline=labels, file=labels_file)
     m = rsvl.load(model, weights=weights, device=device)
-    total = None
-    if source.is_dir():
-        from rsvl.tasks.classify import iter_images
-
-        total = sum(1 for _ in iter_images(source))
-    with progress_bar(total or 1, "classify", enabled=total is not None) as advance:
-        result = run_classify(m, source, specs, templates=templates, top_k=top_k, batch_size=batch_size,
-                              bands=parse_bands(bands), tile=tile, gsd=gsd, out=out, overwrite=overwrite,
-                              progress=advance)
+    result = run_classify(m, source, specs, templates=templates, top_k=top_k, batch_size=batch_size,
+                          bands=parse_bands(bands), tile=tile, gsd=gsd, out=out, overwrite=overwrite,
+                          progress=task_progress("classify", unit="images" if source.is_dir() else "tiles"))
     if csv_path is not None:
         _write_csv(result, csv_path, top_k, overwrite)
     if as_json:
@@ -85,18 +80,14 @@ def classify(
 
 
 def _write_csv(result, path: Path, top_k: int, overwrite: bool) -> None:
-    import os
-
     from rsvl.errors import OutputError
 
     if path.exists() and not overwrite:
         raise OutputError(f"{path} exists.", hint="Pass --overwrite to replace it.")
-    tmp = path.parent / f".{path.name}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         k = min(top_k, len(result.classes))
         w.writerow(["source", "label", "score", *[x for i in range(2, k + 1) for x in (f"label{i}", f"score{i}")]])
         for p in result.predictions:
             w.writerow([p.source, p.label, f"{p.score:.6f}", *[x for lab, s in p.topk[1:] for x in (lab, f"{s:.6f}")]])
-    os.replace(tmp, path)
     print(f"wrote {path}", file=sys.stderr)

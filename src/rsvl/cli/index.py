@@ -59,19 +59,15 @@ def build(
 ) -> None:
     """Embed images, folders and raster tiles into a new index folder."""
     from rsvl.cli.options import parse_bands
-    from rsvl.console import progress_bar
+    from rsvl.console import task_progress
     from rsvl.index.store import check_output
     from rsvl.tasks.search import build as run_build
-    from rsvl.tasks.search import plan_sources
 
     check_output(out, replace=overwrite)
     m = _load(model, weights, device)
-    t = int(tile or m.image_size)
-    total = sum(p.items for p in plan_sources(sources, tile=t, overlap=overlap, gsd=gsd))
-    with progress_bar(total, "index") as advance:
-        result = run_build(m, sources, out, tile=t, overlap=overlap, gsd=gsd, bands=parse_bands(bands),
-                           batch_size=batch_size, ivf_threshold=ivf_threshold, nprobe=nprobe,
-                           overwrite=overwrite, progress=advance)
+    result = run_build(m, sources, out, tile=int(tile or m.image_size), overlap=overlap, gsd=gsd,
+                       bands=parse_bands(bands), batch_size=batch_size, ivf_threshold=ivf_threshold, nprobe=nprobe,
+                       overwrite=overwrite, progress=task_progress("index", unit="images"))
     _report(result, as_json, "indexed")
 
 
@@ -85,20 +81,15 @@ def add(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Add sources to an index; sources already indexed and unchanged are not re-embedded."""
-    from rsvl.console import progress_bar
+    from rsvl.console import task_progress
     from rsvl.index.store import EmbeddingIndex
     from rsvl.tasks.search import add as run_add
-    from rsvl.tasks.search import plan_sources
 
     idx = EmbeddingIndex.open(index)
     if model is not None:
         idx.check_model(model, what="extend")
-    s = idx.settings
     m = _load(idx.model, weights, device)
-    t = int(s.get("tile") or m.image_size)
-    total = sum(p.items for p in plan_sources(sources, tile=t, overlap=int(s.get("overlap") or 0), gsd=s.get("gsd")))
-    with progress_bar(total, "index") as advance:
-        result = run_add(m, index, sources, batch_size=batch_size, progress=advance)
+    result = run_add(m, index, sources, batch_size=batch_size, progress=task_progress("index", unit="images"))
     _report(result, as_json, "added")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from rsvl.cli.options import parse_bands
-from rsvl.console import emit_json, progress_bar
+from rsvl.console import emit_json, task_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -42,10 +42,7 @@ def instances(
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
     m = rsvl.load(model, weights=weights, device=device)
-
-    def progress(total: int):
-        return progress_bar(total, "instances", enabled=True)
-
+    progress = task_progress("instances", unit="images" if source.is_dir() else "tiles")
     result = run_instances(
         m, source, out, classes=classes, score=score, tile=tile, overlap=overlap,
         batch_size=batch_size, bands=parse_bands(bands), gsd=gsd, vector_format=vector_format,

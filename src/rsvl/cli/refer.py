@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from rsvl.cli.options import parse_bands
-from rsvl.console import emit_json, progress_bar
+from rsvl.console import emit_json, task_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -50,16 +50,10 @@ def refer(
     prefix = out if out is not None else Path.cwd() / source.stem
     prefix.parent.mkdir(parents=True, exist_ok=True)
     m = rsvl.load(card.name, weights=weights, device=device)
-    from rsvl.geo.raster import RasterSource
-    from rsvl.geo.tiles import TileGrid
-
-    with RasterSource(source, bands=parse_bands(bands), target_gsd=gsd) as src:
-        total = 1 if src.width <= tile and src.height <= tile else len(TileGrid(src.width, src.height, tile, overlap))
-    with progress_bar(total, "refer", enabled=total > 1) as advance:
-        result = run_refer(m, source, expression, prefix, tile=tile, overlap=overlap, threshold=threshold,
-                           min_pixels=min_pixels, keep="all" if all_objects else "best",
-                           bands=parse_bands(bands), gsd=gsd, vector_format=vector_format, to_crs=to_crs,
-                           overwrite=overwrite, device=device, model_name=card.name, progress=advance)
+    result = run_refer(m, source, expression, prefix, tile=tile, overlap=overlap, threshold=threshold,
+                       min_pixels=min_pixels, keep="all" if all_objects else "best",
+                       bands=parse_bands(bands), gsd=gsd, vector_format=vector_format, to_crs=to_crs,
+                       overwrite=overwrite, device=device, model_name=card.name, progress=task_progress("refer"))
     if as_json:
         emit_json(result.to_dict())
         return

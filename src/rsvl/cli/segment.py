@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from rsvl.cli.options import parse_bands
-from rsvl.console import emit_json, progress_bar, state
+from rsvl.console import emit_json, state, task_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -60,10 +60,7 @@ def segment(
     prefix = out if out is not None else Path.cwd() / raster.stem
     prefix.parent.mkdir(parents=True, exist_ok=True)
     m = rsvl.load(model, weights=weights, device=device)
-
-    def progress(total: int):
-        return progress_bar(total, "segment", enabled=True)
-
+    progress = task_progress("segment")
     result = run_segment(
         m, raster, specs, prefix, templates=templates, bands=parse_bands(bands), gsd=gsd, tile=tile,
         overlap=overlap, batch_size=batch_size, probabilities=probabilities, min_pixels=min_pixels,

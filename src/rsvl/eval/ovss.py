@@ -24,8 +24,8 @@ from rsvl.eval.results import (
     subset_indices,
 )
 from rsvl.metrics import ConfusionMatrix, segmentation_report
+from rsvl.models.zeroshot import pool_synonyms
 from rsvl.tasks.segment import DensePredictor, check_cls_support
-from rsvl.tasks.text import pool_synonyms
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from rsvl import __version__
 from rsvl.data.scenes import read_rgb
 from rsvl.errors import OutputError
 from rsvl.io import write_text
+from rsvl.models.preprocess import square_image
 from rsvl.models.registry import get_card
 from rsvl.models.weights import is_available_offline, resolve_weights, sha256_file
-from rsvl.tasks.classify import _square
 
 Progress = Callable[[int], None] | None
 
@@ -147,4 +147,4 @@ def subset_indices(n: int, limit: int | None) -> np.ndarray:
 
 def load_square(path: Path, size: int) -> np.ndarray:
 
-    return _square(np.ascontiguousarray(read_rgb(path).transpose(2, 0, 1)), size)
+    return square_image(np.ascontiguousarray(read_rgb(path).transpose(2, 0, 1)), size)

@@ -22,7 +22,7 @@ from rsvl.eval.results import (
     subset_indices,
 )
 from rsvl.metrics import zeroshot_report
-from rsvl.tasks.classify import ZeroShotClassifier
+from rsvl.models.zeroshot import ZeroShotClassifier
 
 SCENE_LAYOUTS = (
     "a ucm.json index (or a folder holding one): {'classes': [...], 'samples': [{'image', 'label', "

@@ -6,6 +6,9 @@ from rsvl.geo.runner import (
     RunResult,
     TileBatch,
     TiledRunner,
+    TileOutput,
+    TileStream,
+    map_tiles,
     write_geotiff_from_array,
 )
 from rsvl.geo.tiles import TileGrid, blend_weights
@@ -25,9 +28,12 @@ __all__ = [
     "RunResult",
     "TileBatch",
     "TileGrid",
+    "TileOutput",
+    "TileStream",
     "TiledRunner",
     "blend_weights",
     "boxes_to_polygons",
+    "map_tiles",
     "mask_to_polygon",
     "masks_to_polygons",
     "open_dataset",

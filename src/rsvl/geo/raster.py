@@ -34,8 +34,10 @@ from rsvl.errors import (
 )
 
 # GDAL's block cache defaults to 5 % of RAM and would grow with the scene; bound it unless
-# the user chose a size. GDAL reads this once, on first use of its cache.
-os.environ.setdefault("GDAL_CACHEMAX", "256")
+# the user chose a size. GDAL reads this once, on first use of its cache. 64 MB holds two
+# rows of 512 px RGB blocks across a 20k px wide scene (what a row-major tile walk revisits);
+# a larger cache only makes peak memory grow with the scene (bench/task_memory.py).
+os.environ.setdefault("GDAL_CACHEMAX", "64")
 
 #: longest side of the decimated read used for stretch statistics
 STATS_MAX_SIDE = 1024

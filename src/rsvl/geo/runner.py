@@ -19,6 +19,13 @@ temporary name and renamed into place. After each tile row the scratch is flushe
 carry and position are saved, so an interrupted run resumes where it stopped.
 
 A background thread reads (and converts) the next windows while the predictor runs.
+
+Tasks whose per-tile results are vectors, not blended rasters (classify per tile, index
+build, refer, instances), use the same reading machinery through :func:`map_tiles`: the
+read-ahead thread and bounded queue of :class:`TileStream`, the same validity rule (tiles
+below ``min_valid`` never reach the predictor) and the same ``progress`` callable. Their
+results are small (labels, embeddings, candidate masks, polygons); scene-sized rasters
+they write are produced block by block through :func:`write_geotiff_from_array`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +47,14 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.shutil import copy as rio_copy
 from rasterio.windows import Window
 
+from rsvl import __version__
 from rsvl.errors import OutputError, PredictorError, ResumeError
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.tiles import TileGrid, blend_weights
+from rsvl.io import atomic_path, write_text
 
 STATE_VERSION = 1
 
@@ -64,6 +74,7 @@ class TileBatch:
 
 
 Predictor = Callable[[TileBatch], Any]
+Advance = Callable[[int], None]
 Finalize = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -188,6 +199,176 @@ def partial_dir_for(path: str | os.PathLike[str]) -> Path:
     return p.parent / f".{p.name}.rsvl-partial"
 
 
+def tile_keep(valid: np.ndarray, min_valid: float | None) -> np.ndarray:
+    """Which tiles of a (B, T, T) validity stack go to the predictor.
+
+    ``min_valid`` None: every tile. A fraction: tiles with at least one valid pixel whose
+    valid fraction (padding outside the raster counts as invalid) is at least ``min_valid``.
+    """
+    flat = valid.reshape(len(valid), -1)
+    if min_valid is None:
+        return np.ones(len(valid), dtype=bool)
+    return flat.any(axis=1) & (flat.mean(axis=1) >= min_valid)
+
+
+class TileStream:
+    """Reads the tiles of ``grid`` in row-major order on a background thread, ``prefetch``
+    batches ahead, into a bounded queue; iterating yields ``(TileBatch, keep)`` where
+    ``keep`` (bool per tile, see :func:`tile_keep`) says which tiles to predict.
+
+    Use as a context manager: leaving it (normally, on an error or on Ctrl-C) stops and
+    joins the reader thread. ``read_wait`` is the time the consumer waited for tiles.
+    """
+
+    def __init__(
+        self,
+        source: RasterSource,
+        grid: TileGrid,
+        *,
+        batch_size: int = 4,
+        prefetch: int = 2,
+        start_row: int = 0,
+        min_valid: float | None = 0.0,
+    ) -> None:
+        if batch_size < 1:
+            raise PredictorError(f"batch size must be at least 1, got {batch_size}.")
+        self.source = source
+        self.grid = grid
+        self.batch_size = batch_size
+        self.start_row = start_row
+        self.min_valid = min_valid
+        self.read_wait = 0.0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="rsvl-tile-reader", daemon=True)
+
+    def __enter__(self) -> TileStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        _drain(self._queue, self._thread)
+
+    def __iter__(self) -> Iterator[tuple[TileBatch, np.ndarray]]:
+        while True:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self.read_wait += time.perf_counter() - t0
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        try:
+            grid, T = self.grid, self.grid.tile
+            base = self.source.transform
+            with self.source.reader() as reader:
+                images, valids, windows, transforms, positions = [], [], [], [], []
+
+                def flush() -> bool:
+                    batch = TileBatch(
+                        np.stack(images), np.stack(valids), list(windows), list(transforms), list(positions)
+                    )
+                    for lst in (images, valids, windows, transforms, positions):
+                        lst.clear()
+                    return self._put((batch, tile_keep(batch.valid, self.min_valid)))
+
+                for r in range(self.start_row, grid.n_rows):
+                    for c in range(grid.n_cols):
+                        if self._stop.is_set():
+                            return
+                        win = grid.window(r, c)
+                        rgb, valid = reader.read(win)
+                        assert rgb.shape == (3, T, T)
+                        images.append(rgb)
+                        valids.append(valid)
+                        windows.append(win)
+                        transforms.append(base @ Affine.translation(win.col_off, win.row_off))
+                        positions.append((r, c))
+                        if len(images) == self.batch_size and not flush():
+                            return
+                if images and not flush():
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to the consumer
+            self._put(exc)
+
+
+@dataclass
+class TileOutput:
+    """One tile of a :func:`map_tiles` run and what the predictor said about it."""
+
+    position: tuple[int, int]  # (row, col) in the tile grid
+    window: Window  # in the working grid
+    transform: Affine  # the tile's own affine transform (CRS units)
+    valid: np.ndarray  # (T, T) bool
+    result: Any  # the predictor's output for this tile; None when it was not predicted
+
+    @property
+    def predicted(self) -> bool:
+        return self.result is not None
+
+    @property
+    def valid_fraction(self) -> float:
+        return float(self.valid.mean())
+
+
+def map_tiles(
+    source: RasterSource,
+    predict: Predictor,
+    *,
+    tile: int,
+    overlap: int = 0,
+    batch_size: int = 4,
+    prefetch: int = 2,
+    min_valid: float | None = 0.0,
+    progress: Advance | None = None,
+) -> Iterator[TileOutput]:
+    """Run ``predict`` over the tiles of ``source`` and yield one :class:`TileOutput` per tile,
+    in row-major order: the streaming loop of tasks whose per-tile results are not blended
+    rasters (classify per tile, index build, refer, instances).
+
+    ``predict(TileBatch)`` returns one result per tile of the batch it is given (an array
+    with a leading batch axis or a sequence); tiles that :func:`tile_keep` rejects are not
+    sent and come back with ``result`` None. ``progress(n)`` is called as tiles are done.
+    Tiles are read ahead on a background thread (:class:`TileStream`), so reading overlaps
+    prediction and memory holds a few batches, never the scene.
+    """
+    grid = TileGrid(source.width, source.height, tile, overlap)
+    with TileStream(source, grid, batch_size=batch_size, prefetch=prefetch, min_valid=min_valid) as stream:
+        for batch, keep in stream:
+            idx = np.flatnonzero(keep)
+            results: list[Any] = [None] * len(batch)
+            if len(idx):
+                sub = batch if len(idx) == len(batch) else _subset(batch, idx)
+                out = predict(sub)
+                if len(out) != len(idx):
+                    raise PredictorError(
+                        f"the predictor returned {len(out)} result(s) for a batch of {len(idx)} tile(s)."
+                    )
+                for j, i in enumerate(idx):
+                    results[i] = out[j]
+            for i in range(len(batch)):
+                yield TileOutput(batch.positions[i], batch.windows[i], batch.transforms[i], batch.valid[i], results[i])
+            if progress is not None:
+                progress(len(batch))
+
+
 class TiledRunner:
     """Run ``predict`` over every tile of ``source`` and write blended outputs.
 
@@ -249,7 +430,7 @@ class TiledRunner:
             "blend": "raised-cosine",
             "width": self.source.width,
             "height": self.source.height,
-            "rsvl_version": _version(),
+            "rsvl_version": __version__,
         }
 
     def _resume_key(self) -> str:
@@ -348,13 +529,10 @@ class TiledRunner:
         for m in self._scratch:
             m.flush()
         if self._carry is not None:
-            tmp = self.partial / "carry.tmp.npy"
-            np.save(tmp, self._carry)
-            os.replace(tmp, self.partial / "carry.npy")
+            with atomic_path(self.partial / "carry.npy") as tmp:
+                np.save(tmp, self._carry)
         state = {"version": STATE_VERSION, "key": key, "next_row": next_row, "channels": self.channels}
-        tmp = self.partial / "state.tmp.json"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.partial / "state.json")
+        write_text(self.partial / "state.json", json.dumps(state))
 
     def _open_scratch(self, create: bool) -> None:
         H, W = self.source.height, self.source.width
@@ -376,33 +554,23 @@ class TiledRunner:
     def _process(self, start_row: int, key: str) -> None:
         """Three stages in flight at once: the reader thread reads and converts windows,
         this thread runs the predictor, the blender thread blends, finalises and writes."""
-        batches: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         blend_q: queue.Queue[Any] = queue.Queue(maxsize=2)
         stop = threading.Event()
         blend_error: list[BaseException] = []
-        reader = threading.Thread(
-            target=self._read_batches, args=(start_row, batches, stop), name="rsvl-tile-reader", daemon=True
-        )
         blender = threading.Thread(
             target=self._blend_loop, args=(key, blend_q, stop, blend_error), name="rsvl-tile-blender", daemon=True
         )
-        reader.start()
+        stream = TileStream(self.source, self.grid, batch_size=self.batch_size, prefetch=self.prefetch,
+                            start_row=start_row, min_valid=0.0 if self.skip_empty else None)
         blender.start()
         try:
             try:
-                while True:
-                    t0 = time.perf_counter()
-                    item = batches.get()
-                    self.stats["read_wait"] += time.perf_counter() - t0
-                    if item is None:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    if blend_error:
-                        raise blend_error[0]
-                    batch, keep = item
-                    preds = self._run_predictor(batch, keep)
-                    _put(blend_q, (batch, preds), stop, lambda: bool(blend_error))
+                with stream:
+                    for batch, keep in stream:
+                        if blend_error:
+                            raise blend_error[0]
+                        preds = self._run_predictor(batch, keep)
+                        _put(blend_q, (batch, preds), stop, lambda: bool(blend_error))
             except BaseException:
                 # Interrupted (predictor error, Ctrl-C): let the blender write and checkpoint
                 # what was already predicted, so a resume redoes as little as possible.
@@ -410,20 +578,16 @@ class TiledRunner:
                     _put(blend_q, None, stop, lambda: bool(blend_error))
                     blender.join()
                 raise
+            finally:
+                self.stats["read_wait"] += stream.read_wait
             _put(blend_q, None, stop, lambda: bool(blend_error))
             blender.join()
             if blend_error:
                 raise blend_error[0]
         finally:
             stop.set()
-            # Unblock threads that wait on a full queue, then let them finish.
-            for q, t in ((batches, reader), (blend_q, blender)):
-                while t.is_alive():
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        pass
-                    t.join(timeout=0.05)
+            # Unblock the blender if it waits on a full queue, then let it finish.
+            _drain(blend_q, blender)
 
     def _blend_loop(self, key: str, inbox: queue.Queue[Any], stop: threading.Event, errors: list[BaseException]) -> None:
         try:
@@ -542,48 +706,6 @@ class TiledRunner:
                 data[:, ~valid] = o.nodata
             m.write(y, x, data)
 
-    def _read_batches(self, start_row: int, out: queue.Queue[Any], stop: threading.Event) -> None:
-        try:
-            grid = self.grid
-            T = grid.tile
-            base = self.source.transform
-            with self.source.reader() as reader:
-                images, valids, windows, transforms, positions = [], [], [], [], []
-
-                def flush() -> None:
-                    batch = TileBatch(
-                        np.stack(images), np.stack(valids), list(windows), list(transforms), list(positions)
-                    )
-                    keep = batch.valid.reshape(len(batch), -1).any(axis=1) | (not self.skip_empty)
-                    while not stop.is_set():
-                        try:
-                            out.put((batch, keep), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    for lst in (images, valids, windows, transforms, positions):
-                        lst.clear()
-
-                for r in range(start_row, grid.n_rows):
-                    for c in range(grid.n_cols):
-                        if stop.is_set():
-                            return
-                        win = grid.window(r, c)
-                        rgb, valid = reader.read(win)
-                        assert rgb.shape == (3, T, T)
-                        images.append(rgb)
-                        valids.append(valid)
-                        windows.append(win)
-                        transforms.append(base @ Affine.translation(win.col_off, win.row_off))
-                        positions.append((r, c))
-                        if len(images) == self.batch_size:
-                            flush()
-                if images:
-                    flush()
-            out.put(None)
-        except BaseException as exc:  # handed to the main thread
-            out.put(exc)
-
     # -- final write --------------------------------------------------------------------------
 
     def _write_outputs(self) -> list[Path]:
@@ -627,6 +749,16 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event, failed: Callable
             continue
 
 
+def _drain(q: queue.Queue[Any], thread: threading.Thread) -> None:
+    """Empty ``q`` until ``thread`` (blocked on putting into it) has finished."""
+    while thread.is_alive():
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            pass
+        thread.join(timeout=0.05)
+
+
 def _subset(batch: TileBatch, idx: np.ndarray) -> TileBatch:
     return TileBatch(
         batch.images[idx],
@@ -641,12 +773,6 @@ def _as_array(result: Any) -> np.ndarray:
     if hasattr(result, "detach"):  # a torch tensor, without importing torch here
         result = result.detach().float().cpu().numpy()
     return np.asarray(result)
-
-
-def _version() -> str:
-    from rsvl import __version__
-
-    return __version__
 
 
 def write_geotiff_from_array(
@@ -692,35 +818,34 @@ def write_geotiff_from_array(
     if compress.lower() in ("deflate", "lzw", "zstd"):
         profile["predictor"] = 3 if np.issubdtype(array.dtype, np.floating) else 2
     work = Path(work_dir) if work_dir is not None else path.parent
-    stage = work / (f".{path.name}.gtiff.tmp" if cog else f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(stage, "w", **profile) as dst:
-            for y in range(0, H, block):
-                h = min(block, H - y)
-                for x in range(0, W, block):
-                    w = min(block, W - x)
-                    dst.write(np.asarray(array[:, y : y + h, x : x + w]), window=Window(x, y, w, h))
-            if tags:
-                dst.update_tags(**tags)
-            if descriptions:
-                for i, d in enumerate(descriptions, start=1):
-                    dst.set_band_description(i, d)
-            if colormap and count == 1 and dtype == "uint8":
-                dst.write_colormap(1, colormap)
-        if cog:
-            from rasterio.shutil import copy as rio_copy
-
-            cog_stage = work / f".{path.name}.cog.tmp"
-            rio_copy(
-                stage,
-                cog_stage,
-                driver="COG",
-                compress=compress,
-                overview_resampling=overview_resampling,
-                BIGTIFF="IF_SAFER",
-            )
-            os.remove(stage)
-            stage = cog_stage
-    os.replace(stage, path)
+    with atomic_path(path) as final_tmp:
+        stage = work / f".{path.name}.gtiff.tmp" if cog else final_tmp
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(stage, "w", **profile) as dst:
+                    for y in range(0, H, block):
+                        h = min(block, H - y)
+                        for x in range(0, W, block):
+                            w = min(block, W - x)
+                            dst.write(np.asarray(array[:, y : y + h, x : x + w]), window=Window(x, y, w, h))
+                    if tags:
+                        dst.update_tags(**tags)
+                    if descriptions:
+                        for i, d in enumerate(descriptions, start=1):
+                            dst.set_band_description(i, d)
+                    if colormap and count == 1 and dtype == "uint8":
+                        dst.write_colormap(1, colormap)
+                if cog:
+                    rio_copy(
+                        stage,
+                        final_tmp,
+                        driver="COG",
+                        compress=compress,
+                        overview_resampling=overview_resampling,
+                        BIGTIFF="IF_SAFER",
+                    )
+        finally:
+            if cog:
+                Path(stage).unlink(missing_ok=True)
     return path

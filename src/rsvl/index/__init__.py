@@ -6,13 +6,11 @@ task :mod:`rsvl.tasks.search`.
 
 from __future__ import annotations
 
+from rsvl.errors import IndexCorruptError, IndexNotFoundError, ModelMismatchError
 from rsvl.index.store import (
     DEFAULT_IVF_THRESHOLD,
     EmbeddingIndex,
     IndexConfig,
-    IndexCorruptError,
-    IndexNotFoundError,
-    ModelMismatchError,
     write_index,
 )
 

@@ -26,17 +26,20 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from rsvl.errors import InputNotFoundError, OutputError, RsvlError
+from rsvl import __version__
+from rsvl.errors import IndexCorruptError, IndexNotFoundError, ModelMismatchError, OutputError
+from rsvl.io import TMP_MARK, atomic_dir, atomic_path, write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "rsvl-index"
@@ -47,16 +50,18 @@ DEFAULT_IVF_THRESHOLD = 50_000
 _GEN_FILE = re.compile(r"^(vectors|metadata)-(\d{6})\.(faiss|parquet)(\.tmp)?$")
 
 
-class IndexNotFoundError(InputNotFoundError):
-    """No index at the given path."""
-
-
-class IndexCorruptError(RsvlError):
-    """An index folder exists but its files are missing, unreadable or inconsistent."""
-
-
-class ModelMismatchError(RsvlError):
-    """The model used to query or extend an index is not the one that built it."""
+__all__ = [
+    "DEFAULT_IVF_THRESHOLD",
+    "EmbeddingIndex",
+    "IndexConfig",
+    "IndexCorruptError",
+    "IndexNotFoundError",
+    "ModelMismatchError",
+    "check_output",
+    "make_faiss_index",
+    "metadata_schema",
+    "write_index",
+]
 
 
 def _build_hint(path: str | os.PathLike[str]) -> str:
@@ -64,9 +69,7 @@ def _build_hint(path: str | os.PathLike[str]) -> str:
 
 
 #: the metadata columns, in order (see module doc of rsvl.tasks.search for their meaning)
-def metadata_schema():
-    import pyarrow as pa
-
+def metadata_schema() -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.int64()),
@@ -109,8 +112,6 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 
 def make_faiss_index(vectors: np.ndarray, config: IndexConfig = IndexConfig()) -> tuple[Any, dict[str, Any]]:
     """An exact or IVF inner-product index holding ``vectors``, and what was chosen."""
-    import faiss
-
     n, d = vectors.shape
     if n <= config.ivf_threshold:
         index = faiss.IndexFlatIP(d)
@@ -142,9 +143,6 @@ class EmbeddingIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> EmbeddingIndex:
-        import faiss
-        import pyarrow.parquet as pq
-
         p = Path(path)
         if not p.exists():
             raise IndexNotFoundError(f"{p}: no index here.", hint=_build_hint(p))
@@ -225,8 +223,6 @@ class EmbeddingIndex:
 
     def vectors(self) -> np.ndarray:
         """All stored embeddings, (count, dim) float32, in metadata order."""
-        import faiss
-
         if self.count == 0:
             return np.zeros((0, self.dim), np.float32)
         index = self._faiss
@@ -261,37 +257,23 @@ class EmbeddingIndex:
 # -- writing -------------------------------------------------------------------------------
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _current_generation(path: Path) -> int:
     gens = [int(m.group(2)) for f in path.iterdir() if (m := _GEN_FILE.match(f.name))]
     return max(gens, default=0)
 
 
 def _write_generation(folder: Path, gen: int, index: Any, metadata: Any) -> dict[str, str]:
-    import faiss
-    import pyarrow.parquet as pq
-
+    """Write one generation of files, each flushed to disk before it takes its final name."""
     names = {"vectors": f"vectors-{gen:06d}.faiss", "metadata": f"metadata-{gen:06d}.parquet"}
-    tmp_v = folder / (names["vectors"] + ".tmp")
-    tmp_m = folder / (names["metadata"] + ".tmp")
-    faiss.write_index(index, str(tmp_v))
-    pq.write_table(metadata, tmp_m)
-    for t in (tmp_v, tmp_m):
-        _fsync_file(t)
-    os.replace(tmp_v, folder / names["vectors"])
-    os.replace(tmp_m, folder / names["metadata"])
+    with atomic_path(folder / names["vectors"], fsync=True) as tmp:
+        faiss.write_index(index, str(tmp))
+    with atomic_path(folder / names["metadata"], fsync=True) as tmp:
+        pq.write_table(metadata, tmp)
     return names
 
 
 def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, folder / MANIFEST)
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False) + "\n", fsync=True)
 
 
 def check_output(path: str | os.PathLike[str], *, replace: bool = False) -> None:
@@ -328,8 +310,6 @@ def write_index(
     :func:`metadata_schema`; ``manifest`` holds at least ``model`` and may add ``settings``
     and other keys. count, dim, index type, files and version are filled in here.
     """
-    from rsvl import __version__
-
     p = Path(path)
     v = _normalise(vectors) if len(vectors) else np.zeros((0, int(manifest.get("dim", 0) or 1)), np.float32)
     if metadata.num_rows != len(v):
@@ -360,15 +340,11 @@ def write_index(
         _write_manifest(p, man)
         keep = set(man["files"].values()) | {MANIFEST}
         for f in p.iterdir():
-            if f.name not in keep and (_GEN_FILE.match(f.name) or f.name == MANIFEST + ".tmp"):
+            orphan = _GEN_FILE.match(f.name) or f.name == MANIFEST + ".tmp" or TMP_MARK in f.name
+            if f.name not in keep and orphan and f.is_file():
                 f.unlink(missing_ok=True)
         return EmbeddingIndex.open(p)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.rsvl-tmp-", dir=p.parent))
-    try:
+    with atomic_dir(p) as tmp:
         man["files"] = _write_generation(tmp, 1, index, metadata)
         _write_manifest(tmp, man)
-        os.rename(tmp, p)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return EmbeddingIndex.open(p)

@@ -15,18 +15,36 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+from affine import Affine
+from rasterio.windows import Window
 
+from rsvl.console import TaskProgress, progress_scope
 from rsvl.data.classes import ClassSpec, format_class_list
-from rsvl.errors import InputNotFoundError, OutputError, RasterReadError
-from rsvl.tasks.text import pool_synonyms, resolve_templates, text_classifier
+from rsvl.errors import (
+    BandSelectionError,
+    InputNotFoundError,
+    OutputError,
+    PromptError,
+    RasterReadError,
+)
+from rsvl.geo.raster import RasterSource
+from rsvl.geo.runner import TileBatch, map_tiles, write_geotiff_from_array
+from rsvl.geo.tiles import TileGrid
+from rsvl.geo.vectors import boxes_to_polygons, write_vectors
+from rsvl.models.preprocess import square_image
+from rsvl.models.zeroshot import ZeroShotClassifier
+from rsvl.tasks.render import colormap_for
+from rsvl.tasks.sources import find_images, is_georeferenced, no_images_message
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".bmp", ".webp", ".vrt"}
+#: tiles whose valid (not nodata) fraction is below this are not classified
+MIN_VALID = 0.5
 
 
 @dataclass
@@ -53,56 +71,23 @@ class ClassifyResult:
                 "outputs": self.outputs, "settings": self.settings}
 
 
-class ZeroShotClassifier:
-    """Embeds the class prompts once; ``scores(images uint8 (B,3,H,W)) -> (B, K)`` probabilities."""
-
-    def __init__(self, model: Any, classes: Sequence[ClassSpec], templates: str | Sequence[str] | None = None) -> None:
-        self.model = model
-        self.classes = list(classes)
-        self.templates = resolve_templates(templates, model)
-        self.queries, self.index = text_classifier(model, self.classes, self.templates)
-
-    def scores(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            emb = self.model.encode_image(images).float()
-            logits = emb @ self.queries.to(emb.device).T * float(self.model.logit_scale)
-            logits = pool_synonyms(logits, self.index, len(self.classes), dim=1)
-            return logits.softmax(dim=1).cpu().numpy()
-
-    def predictions(self, sources: Sequence[str], probs: np.ndarray, k: int) -> list[Prediction]:
-        names = [c.name for c in self.classes]
-        out = []
-        for src, p in zip(sources, probs, strict=True):
-            order = np.argsort(-p)[: max(1, k)]
-            out.append(Prediction(src, names[order[0]], float(p[order[0]]),
-                                  [(names[i], round(float(p[i]), 6)) for i in order]))
-        return out
+def top_k_predictions(classes: Sequence[ClassSpec], sources: Sequence[str], probs: np.ndarray,
+                      k: int) -> list[Prediction]:
+    """One :class:`Prediction` per row of ``probs`` (B, K): the best label and the top ``k``."""
+    names = [c.name for c in classes]
+    out = []
+    for src, p in zip(sources, probs, strict=True):
+        order = np.argsort(-p)[: max(1, k)]
+        out.append(Prediction(src, names[order[0]], float(p[order[0]]),
+                              [(names[i], round(float(p[i]), 6)) for i in order]))
+    return out
 
 
 def load_image(path: str | os.PathLike[str], bands: Sequence[int] | None = None) -> np.ndarray:
     """A whole image as (3, H, W) uint8 RGB, through the same band plan and stretch as rasters."""
-    from rasterio.windows import Window
-
-    from rsvl.geo.raster import RasterSource
-
     with RasterSource(path, bands=bands) as src:
         rgb, _ = src.read(Window(0, 0, src.width, src.height))
     return rgb
-
-
-def iter_images(folder: Path) -> Iterator[Path]:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
-            yield p
-
-
-def _is_georeferenced(path: Path) -> bool:
-    from rsvl.geo.raster import open_dataset
-
-    with open_dataset(path) as ds:
-        return ds.crs is not None
 
 
 def classify(
@@ -118,9 +103,12 @@ def classify(
     gsd: float | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
-    progress: Any = None,
+    progress: TaskProgress | None = None,
 ) -> ClassifyResult:
-    """Classify an image, a folder of images, or the tiles of a raster (see module doc)."""
+    """Classify an image, a folder of images, or the tiles of a raster (see module doc).
+
+    ``progress`` (:class:`rsvl.console.TaskProgress`) is told the number of images or tiles.
+    """
     src = Path(source)
     if not src.exists():
         raise InputNotFoundError(f"{src}: no such file or folder.", hint="Check the path.")
@@ -129,25 +117,28 @@ def classify(
     settings = {"task": "classify", "model": getattr(model, "name", type(model).__name__),
                 "prompt": format_class_list(classes), "templates": list(clf.templates)}
     if src.is_dir():
-        files = list(iter_images(src))
+        files = find_images(src)
         if not files:
-            raise InputNotFoundError(f"{src}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+            raise InputNotFoundError(no_images_message(src))
         preds: list[Prediction] = []
-        for i in range(0, len(files), batch_size):
-            chunk = files[i : i + batch_size]
-            imgs = []
-            for f in chunk:
-                try:
-                    imgs.append(_square(load_image(f, bands), model.image_size))
-                except RasterReadError as exc:
-                    raise RasterReadError(f"{f}: {exc.message}", hint=exc.hint) from exc
-            preds += clf.predictions([str(f) for f in chunk], clf.scores(np.stack(imgs)), top_k)
-            if progress:
-                progress(len(chunk))
+        with progress_scope(progress, len(files)) as advance:
+            for i in range(0, len(files), batch_size):
+                chunk = files[i : i + batch_size]
+                imgs = []
+                for f in chunk:
+                    try:
+                        imgs.append(square_image(load_image(f, bands), model.image_size))
+                    except RasterReadError as exc:
+                        raise RasterReadError(f"{f}: {exc.message}", hint=exc.hint) from exc
+                preds += top_k_predictions(clf.classes, [str(f) for f in chunk], clf.scores(np.stack(imgs)), top_k)
+                advance(len(chunk))
         return ClassifyResult(names, preds, settings=settings)
-    if tile is None and not _is_georeferenced(src):
-        img = _square(load_image(src, bands), model.image_size)
-        return ClassifyResult(names, clf.predictions([str(src)], clf.scores(img[None]), top_k), settings=settings)
+    if tile is None and not is_georeferenced(src):
+        img = square_image(load_image(src, bands), model.image_size)
+        with progress_scope(progress, 1) as advance:
+            preds = top_k_predictions(clf.classes, [str(src)], clf.scores(img[None]), top_k)
+            advance(1)
+        return ClassifyResult(names, preds, settings=settings)
     return _classify_raster(clf, src, names, settings, tile=tile or model.image_size, top_k=top_k,
                             batch_size=batch_size, bands=bands, gsd=gsd, out=out, overwrite=overwrite,
                             progress=progress)
@@ -164,8 +155,6 @@ def classify_arrays(
     names: Sequence[str] | None = None,
 ) -> ClassifyResult:
     """Classify in-memory images: uint8 arrays (H, W, 3) or (3, H, W), or PIL images."""
-    from rsvl.errors import PromptError
-
     if not len(images):
         raise PromptError("no images given.", hint="Pass one or more (H, W, 3) uint8 arrays.")
     clf = ZeroShotClassifier(model, classes, templates)
@@ -173,16 +162,14 @@ def classify_arrays(
     sources = list(names) if names is not None else [f"image[{i}]" for i in range(len(chw))]
     preds: list[Prediction] = []
     for i in range(0, len(chw), batch_size):
-        batch = np.stack([_square(a, model.image_size) for a in chw[i : i + batch_size]])
-        preds += clf.predictions(sources[i : i + batch_size], clf.scores(batch), top_k)
+        batch = np.stack([square_image(a, model.image_size) for a in chw[i : i + batch_size]])
+        preds += top_k_predictions(clf.classes, sources[i : i + batch_size], clf.scores(batch), top_k)
     settings = {"task": "classify", "model": getattr(model, "name", type(model).__name__),
                 "prompt": format_class_list(classes), "templates": list(clf.templates)}
     return ClassifyResult([c.name for c in classes], preds, settings=settings)
 
 
 def _as_chw(a: np.ndarray, i: int) -> np.ndarray:
-    from rsvl.errors import BandSelectionError
-
     if a.ndim == 2:
         a = np.repeat(a[None], 3, axis=0)
     elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] not in (3, 4):
@@ -198,31 +185,12 @@ def _as_chw(a: np.ndarray, i: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Images of any shape -> (3, size, size): resize the short side, centre crop (CLIP's way)."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(rgb).float()[None]
-    h, w = x.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top : top + size, left : left + size]
-    return x[0].round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _classify_raster(clf, src: Path, names, settings, *, tile, top_k, batch_size, bands, gsd, out, overwrite, progress):
-    import geopandas as gpd
-    from affine import Affine
-
-    from rsvl.geo.raster import RasterSource
-    from rsvl.geo.runner import write_geotiff_from_array
-    from rsvl.geo.tiles import TileGrid
-    from rsvl.geo.vectors import boxes_to_polygons, write_vectors
-    from rsvl.tasks.render import colormap_for
-
+def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], settings: dict[str, Any], *,
+                     tile: int, top_k: int, batch_size: int, bands: Sequence[int] | None, gsd: float | None,
+                     out: str | os.PathLike[str] | None, overwrite: bool,
+                     progress: TaskProgress | None) -> ClassifyResult:
+    """Non-overlapping tiles through the streaming loop (:func:`rsvl.geo.runner.map_tiles`):
+    what is kept per tile is its prediction and footprint, plus one label pixel per tile."""
     prefix = Path(out) if out is not None else Path.cwd() / src.stem
     if prefix.suffix.lower() in (".gpkg", ".tif"):
         prefix = prefix.with_suffix("")
@@ -230,35 +198,31 @@ def _classify_raster(clf, src: Path, names, settings, *, tile, top_k, batch_size
     for p in (gpkg, label_tif):
         if p.exists() and not overwrite:
             raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
+    size = int(clf.model.image_size)
+
+    def predict(batch: TileBatch) -> np.ndarray:
+        imgs = batch.images if tile == size else np.stack([square_image(im, size) for im in batch.images])
+        return clf.scores(imgs)
+
     records: list[dict[str, Any]] = []
     preds: list[Prediction] = []
     with RasterSource(src, bands=bands, target_gsd=gsd) as rs:
         grid = TileGrid(rs.width, rs.height, tile, 0)
         labels = np.full((1, grid.n_rows, grid.n_cols), 255, np.uint8)
-        scores = np.zeros((1, grid.n_rows, grid.n_cols), np.float32)
-        tiles = list(grid)
-        with rs.reader() as reader:
-            for i in range(0, len(tiles), batch_size):
-                chunk = tiles[i : i + batch_size]
-                imgs, keep = [], []
-                for _, _, win in chunk:
-                    rgb, valid = reader.read(win)
-                    imgs.append(rgb)
-                    keep.append(valid.mean() >= 0.5)  # mostly nodata: not classified
-                probs = clf.scores(np.stack(imgs))
-                for (r, c, win), p, k in zip(chunk, probs, keep, strict=True):
-                    if not k:
-                        continue
-                    name = f"{src.name}:{r},{c}"
-                    (pred,) = clf.predictions([name], p[None], top_k)
-                    preds.append(pred)
-                    labels[0, r, c] = names.index(pred.label)
-                    scores[0, r, c] = pred.score
-                    poly = boxes_to_polygons([[win.col_off, win.row_off, win.col_off + tile, win.row_off + tile]], rs.transform)[0]
-                    records.append({"row": r, "col": c, "label": pred.label, "score": pred.score,
-                                    "topk": json.dumps(pred.topk), "geometry": poly})
-                if progress:
-                    progress(len(chunk))
+        with progress_scope(progress, len(grid)) as advance:
+            for t in map_tiles(rs, predict, tile=tile, overlap=0, batch_size=batch_size, min_valid=MIN_VALID,
+                               progress=advance):
+                if not t.predicted:  # mostly nodata: not classified
+                    continue
+                r, c = t.position
+                (pred,) = top_k_predictions(clf.classes, [f"{src.name}:{r},{c}"], t.result[None], top_k)
+                preds.append(pred)
+                labels[0, r, c] = names.index(pred.label)
+                win = t.window
+                poly = boxes_to_polygons([[win.col_off, win.row_off, win.col_off + tile, win.row_off + tile]],
+                                         rs.transform)[0]
+                records.append({"row": r, "col": c, "label": pred.label, "score": pred.score,
+                                "topk": json.dumps(pred.topk), "geometry": poly})
         crs, transform = rs.crs, rs.transform @ Affine.scale(tile)
     gdf = gpd.GeoDataFrame(records, columns=["row", "col", "label", "score", "topk", "geometry"], geometry="geometry", crs=crs)
     write_vectors(gdf, gpkg, overwrite=overwrite)

@@ -16,25 +16,45 @@ probabilities) and names its classes in ``model.classes``.
   becomes one polygon (their union) with the best score. Outputs: ``PREFIX_instances.gpkg``
   (or .geojson / .parquet) in the source CRS with class, score, area; optionally the
   instance-id GeoTIFF ``PREFIX_instances.tif`` (0 = background); and a PNG overview.
+
+Tiles stream through the read-ahead loop of the tiled runner
+(:func:`rsvl.geo.runner.map_tiles`; tiles without a valid pixel are skipped) and what is
+kept per tile is polygons, never masks; the instance-id GeoTIFF is rasterised block by
+block from the polygons while it is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import shapely
+import shapely.affinity
+import torch
+from affine import Affine
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.features import rasterize
+from rasterio.windows import Window
+from shapely.geometry import box as shapely_box
+from shapely.geometry import mapping
+from shapely.strtree import STRtree
 
+from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".jp2", ".webp")
+from rsvl.geo.raster import RasterSource
+from rsvl.geo.runner import TileBatch, map_tiles, write_geotiff_from_array
+from rsvl.geo.tiles import TileGrid
+from rsvl.geo.vectors import mask_to_polygon, write_vectors
+from rsvl.io import atomic_path, write_text
+from rsvl.tasks.render import class_colours
+from rsvl.tasks.sources import find_images, is_georeferenced, no_images_message
 
 
 @dataclass
@@ -111,8 +131,6 @@ class InstancePredictor:
 
     def __init__(self, model: Any, *, score: float = 0.5, classes: Sequence[int] | None = None,
                  mask_threshold: float = 0.5) -> None:
-        import torch
-
         self.model = model
         self.names = model_classes(model)
         self.score = float(score)
@@ -189,9 +207,6 @@ def touches_inner_edge(mask: np.ndarray, box: np.ndarray, window: tuple[int, int
 def merge_pieces(pieces: Sequence[Piece], *, merge_iou: float = 0.5,
                  merge_overlap: float = 0.3) -> list[Piece]:
     """Group the pieces of the same object (see module doc) and return one per group."""
-    import shapely
-    from shapely.strtree import STRtree
-
     items = [p for p in pieces if p.geometry is not None and not p.geometry.is_empty]
     n = len(items)
     if n == 0:
@@ -237,10 +252,6 @@ def merge_pieces(pieces: Sequence[Piece], *, merge_iou: float = 0.5,
 def detections_to_pieces(det: TileDetections, window: tuple[int, int, int, int], transform: Any,
                          width: int, height: int, valid: np.ndarray | None = None) -> list[Piece]:
     """Polygons (in ``transform``'s coordinates) of one tile's detections."""
-    from affine import Affine
-
-    from rsvl.geo.vectors import mask_to_polygon
-
     col, row = window[0], window[1]
     tile_transform = transform * Affine.translation(col, row)
     out = []
@@ -261,19 +272,6 @@ def detections_to_pieces(det: TileDetections, window: tuple[int, int, int, int],
 # --------------------------------------------------------------------------------------
 
 
-def _is_georeferenced(path: Path) -> bool:
-    from rsvl.geo.raster import open_dataset
-
-    with open_dataset(path) as ds:
-        return ds.crs is not None
-
-
-def iter_images(folder: Path) -> Iterator[Path]:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
-            yield p
-
-
 def output_paths(prefix: Path, vector_format: str, georeferenced: bool) -> dict[str, Path]:
     if prefix.suffix.lower() in (".tif", ".tiff", ".gpkg", ".png", ".geojson", ".json", ".parquet"):
         prefix = prefix.with_suffix("")
@@ -286,26 +284,10 @@ def output_paths(prefix: Path, vector_format: str, georeferenced: bool) -> dict[
     return paths
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.rsvl-tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_png(img: Any, path: Path) -> None:
-    tmp = path.parent / f".{path.stem}.rsvl-tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
 def render_instances(rgb: np.ndarray, pieces: Sequence[Piece], names: Sequence[str], path: Path,
                      scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)) -> Path:
     """PNG overlay: each instance filled in its class colour with a class/score label.
     Geometries are in pixel coordinates of the full image; ``scale`` maps them to ``rgb``."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from rsvl.tasks.render import class_colours
-
     colours = class_colours(list(names))
     base = Image.fromarray(np.moveaxis(rgb, 0, -1).copy())
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
@@ -328,7 +310,8 @@ def render_instances(rgb: np.ndarray, pieces: Sequence[Piece], names: Sequence[s
         draw.text((x0 + 2, y0 + 1), f"{names[p.label]} {p.score:.2f}", fill=(255, 255, 255, 255),
                   font=font, stroke_width=1, stroke_fill=(0, 0, 0, 255))
     out = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
-    _atomic_png(out, path)
+    with atomic_path(path) as tmp:
+        out.save(tmp)
     return path
 
 
@@ -343,72 +326,72 @@ def _pieces_to_records(pieces: Sequence[Piece], names: Sequence[str]) -> list[di
     return recs
 
 
-def detect_tiles(predict: Callable[[Sequence[np.ndarray]], list[TileDetections]], source: Any,
+def detect_tiles(predict: Callable[[Sequence[np.ndarray]], list[TileDetections]], source: RasterSource,
                  tile: int, overlap: int, batch_size: int = 2,
-                 advance: Callable[[int], None] | None = None,
+                 advance: Advance | None = None,
                  transform: Any = None) -> tuple[list[Piece], int]:
-    """Run ``predict`` over the overlapping tiles of a :class:`RasterSource`; pieces in
-    ``transform``'s coordinates (default: the source's map coordinates)."""
-    from rsvl.geo.tiles import TileGrid
-
+    """Run ``predict`` over the overlapping tiles of a :class:`RasterSource` through the
+    streaming loop (:func:`rsvl.geo.runner.map_tiles`); pieces in ``transform``'s
+    coordinates (default: the source's map coordinates)."""
     if transform is None:
         transform = source.transform
-    grid = TileGrid(source.width, source.height, tile, overlap)
-    tiles = list(grid)
+
+    def predict_batch(batch: TileBatch) -> list[TileDetections]:
+        return predict(list(batch.images))
+
     pieces: list[Piece] = []
-    with source.reader() as reader:
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i:i + batch_size]
-            reads = [reader.read(win) for _, _, win in chunk]
-            todo = [k for k, (_, valid) in enumerate(reads) if valid.any()]
-            dets = predict([reads[k][0] for k in todo]) if todo else []
-            for k, det in zip(todo, dets, strict=True):
-                win = chunk[k][2]
-                window = (int(win.col_off), int(win.row_off), int(win.width), int(win.height))
-                pieces += detections_to_pieces(det, window, transform, source.width,
-                                               source.height, valid=reads[k][1])
-            if advance is not None:
-                advance(len(chunk))
-    return pieces, len(tiles)
+    n_tiles = 0
+    for t in map_tiles(source, predict_batch, tile=tile, overlap=overlap, batch_size=batch_size, min_valid=0.0,
+                       progress=advance):
+        n_tiles += 1
+        if not t.predicted:  # no valid pixel
+            continue
+        win = t.window
+        window = (int(win.col_off), int(win.row_off), int(win.width), int(win.height))
+        pieces += detections_to_pieces(t.result, window, transform, source.width, source.height, valid=t.valid)
+    return pieces, n_tiles
+
+
+class InstanceIds:
+    """The (1, H, W) instance-id raster of ``pieces`` (ids 1..N in their order, 0 =
+    background; a higher score wins overlapping pixels), rasterised one window at a time
+    when indexed: what :func:`rsvl.geo.runner.write_geotiff_from_array` reads block by block."""
+
+    def __init__(self, pieces: Sequence[Piece], height: int, width: int, transform: Any) -> None:
+        self.pieces = list(pieces)
+        self.shape = (1, height, width)
+        self.dtype = np.dtype(np.uint16 if len(self.pieces) < 65535 else np.uint32)
+        self.transform = transform
+        self.geoms = [p.geometry for p in self.pieces]
+        self.tree = STRtree(self.geoms) if self.geoms else None
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        _, rows, cols = key
+        y0, y1, _ = rows.indices(self.shape[1])
+        x0, x1, _ = cols.indices(self.shape[2])
+        h, w = y1 - y0, x1 - x0
+        out = np.zeros((1, h, w), self.dtype)
+        if self.tree is None:
+            return out
+        st = self.transform * Affine.translation(x0, y0)
+        corners = [st * (0, 0), st * (w, h)]
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+        hits = self.tree.query(shapely_box(min(xs), min(ys), max(xs), max(ys)))
+        if len(hits) == 0:
+            return out
+        # lower scores first so that higher-scoring instances win overlapping pixels
+        order = sorted(hits.tolist(), key=lambda k: self.pieces[k].score)
+        out[0] = rasterize(((self.geoms[k], k + 1) for k in order), out_shape=(h, w), transform=st, fill=0,
+                           dtype=self.dtype)
+        return out
 
 
 def write_instance_tif(pieces: Sequence[Piece], path: Path, *, width: int, height: int,
                        transform: Any, crs: Any, tags: dict[str, str]) -> Path:
-    """Instance ids (1..N in the order of ``pieces``, 0 = background) as a GeoTIFF, rasterised
-    strip by strip into a memory-mapped array (bounded memory)."""
-    from affine import Affine
-    from rasterio.features import rasterize
-    from shapely.strtree import STRtree
-
-    from rsvl.geo.runner import write_geotiff_from_array
-
-    dtype = np.uint16 if len(pieces) < 65535 else np.uint32
-    geoms = [p.geometry for p in pieces]
-    tree = STRtree(geoms) if geoms else None
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".rsvl-inst-") as tmpd:
-        arr = np.lib.format.open_memmap(Path(tmpd) / "ids.npy", mode="w+", dtype=dtype,
-                                        shape=(1, height, width))
-        strip = 1024
-        for r0 in range(0, height, strip):
-            h = min(strip, height - r0)
-            st = transform * Affine.translation(0, r0)
-            if tree is None:
-                continue
-            from shapely.geometry import box as sbox
-
-            corners = [st * (0, 0), st * (width, h)]
-            xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-            hits = tree.query(sbox(min(xs), min(ys), max(xs), max(ys)))
-            if len(hits) == 0:
-                continue
-            # lower scores first so that higher-scoring instances win overlapping pixels
-            order = sorted(hits.tolist(), key=lambda k: pieces[k].score)
-            arr[0, r0:r0 + h] = rasterize(((geoms[k], k + 1) for k in order), out_shape=(h, width),
-                                          transform=st, fill=0, dtype=dtype)
-        arr.flush()
-        write_geotiff_from_array(arr, path, crs=crs, transform=transform, nodata=None, tags=tags,
-                                 descriptions=["instance_id"])
-    return path
+    """Instance ids (1..N in the order of ``pieces``, 0 = background) as a GeoTIFF,
+    rasterised block by block while it is written (bounded memory, no scratch file)."""
+    return write_geotiff_from_array(InstanceIds(pieces, height, width, transform), path, crs=crs,
+                                    transform=transform, nodata=None, tags=tags, descriptions=["instance_id"])
 
 
 def instances(
@@ -429,10 +412,14 @@ def instances(
     merge_iou: float = 0.5,
     merge_overlap: float = 0.3,
     overwrite: bool = False,
-    progress: Any = None,  # progress(total) -> context manager yielding advance(n)
+    progress: TaskProgress | None = None,
     model_name: str | None = None,
 ) -> InstancesResult | list[InstancesResult]:
-    """Instances of an image, every image of a folder (a list of results), or a raster."""
+    """Instances of an image, every image of a folder (a list of results), or a raster.
+
+    ``progress`` (:class:`rsvl.console.TaskProgress`) is told the number of images of a
+    folder, or the number of tiles of a raster.
+    """
     src = Path(source)
     if not src.exists():
         raise InputNotFoundError(f"{src}: no such file or folder.", hint="Check the path.")
@@ -443,23 +430,21 @@ def instances(
     keep = select_classes(model, classes)
     predict = InstancePredictor(model, score=score, classes=keep)
     if src.is_dir():
-        files = list(iter_images(src))
+        files = find_images(src)
         if not files:
-            raise InputNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}).",
-                                     hint="Point at a folder of images, or at one image.")
+            raise InputNotFoundError(no_images_message(src), hint="Point at a folder of images, or at one image.")
         base = Path(out) if out is not None else Path.cwd() / src.name
         base.mkdir(parents=True, exist_ok=True)
         results = []
-        with progress(len(files)) if progress is not None else nullcontext(None) as advance:
+        with progress_scope(progress, len(files)) as advance:
             for f in files:
                 results.append(_one(predict, f, base / f.stem, keep=keep, score=score, tile=tile,
                                     overlap=overlap, batch_size=batch_size, bands=bands, gsd=gsd,
                                     vector_format=vector_format, to_crs=to_crs,
                                     instance_tif=instance_tif, merge_iou=merge_iou,
                                     merge_overlap=merge_overlap, overwrite=overwrite,
-                                    advance=None, model_name=model_name))
-                if advance is not None:
-                    advance(1)
+                                    model_name=model_name))
+                advance(1)
         return results
     prefix = Path(out) if out is not None else Path.cwd() / src.stem
     return _one(predict, src, prefix, keep=keep, score=score, tile=tile, overlap=overlap,
@@ -473,15 +458,11 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
          score: float, tile: int, overlap: int | None, batch_size: int,
          bands: Sequence[int] | None, gsd: float | None, vector_format: str, to_crs: str | None,
          instance_tif: bool, merge_iou: float, merge_overlap: float, overwrite: bool,
-         progress: Any = None, advance: Any = None, model_name: str | None = None,
+         progress: TaskProgress | None = None, model_name: str | None = None,
          ) -> InstancesResult:
-    from affine import Affine
-
-    from rsvl.geo.raster import RasterSource
-
     t0 = time.perf_counter()
     names = predict.names
-    georef = _is_georeferenced(src)
+    georef = is_georeferenced(src)
     paths = output_paths(prefix, vector_format, georef)
     if not (georef and instance_tif):
         paths.pop("instance_tif", None)
@@ -503,17 +484,14 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
         whole = not georef and max(rs.width, rs.height) <= 1.5 * tile
         rgb = None
         if whole:
-            from rasterio.windows import Window
-
             rgb, valid = rs.read(Window(0, 0, rs.width, rs.height))
             (det,) = predict([rgb])
             pieces = detections_to_pieces(det, (0, 0, rs.width, rs.height), Affine.identity(),
                                           rs.width, rs.height, valid=valid)
             n_tiles = 1
         else:
-            grid_len = _grid_len(rs.width, rs.height, tile, overlap)
-            ctx = progress(grid_len) if progress is not None else nullcontext(advance)
-            with ctx as adv:
+            grid_len = len(TileGrid(rs.width, rs.height, tile, overlap))
+            with progress_scope(progress, grid_len) as adv:
                 pieces, n_tiles = detect_tiles(predict, rs, tile, overlap, batch_size, adv,
                                                transform=rs.transform if georef else Affine.identity())
             pieces = merge_pieces(pieces, merge_iou=merge_iou, merge_overlap=merge_overlap)
@@ -531,10 +509,6 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
         render_instances(preview, pix, names, paths["overlay"], scale=pw / rs.width)
         outputs = {"overlay": str(paths["overlay"])}
         if georef:
-            import geopandas as gpd
-
-            from rsvl.geo.vectors import write_vectors
-
             gdf = gpd.GeoDataFrame(
                 [{**{k: v for k, v in r.items() if k != "bbox"}, "model": settings["model"]}
                  for r in records],
@@ -550,7 +524,7 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
                                          "rsvl_settings": json.dumps(settings)})
                 outputs["instance_tif"] = str(paths["instance_tif"])
         else:
-            _atomic_write_text(paths["instances"], json.dumps(_feature_collection(records, settings)))
+            write_text(paths["instances"], json.dumps(_feature_collection(records, settings)))
             outputs["instances"] = str(paths["instances"])
     counts: dict[str, int] = {}
     for r in records:
@@ -560,22 +534,12 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
                            round(time.perf_counter() - t0, 3), settings, dets)
 
 
-def _grid_len(width: int, height: int, tile: int, overlap: int) -> int:
-    from rsvl.geo.tiles import TileGrid
-
-    return len(TileGrid(width, height, tile, overlap))
-
-
 def _transform_geom(geom: Any, affine: Any) -> Any:
-    import shapely.affinity
-
     a, b, c, d, e, f = affine.a, affine.b, affine.c, affine.d, affine.e, affine.f
     return shapely.affinity.affine_transform(geom, [a, b, d, e, c, f])
 
 
 def _feature_collection(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    from shapely.geometry import mapping
-
     feats = [{"type": "Feature", "geometry": mapping(r["geometry"]),
               "properties": {k: v for k, v in r.items() if k != "geometry"}} for r in records]
     return {"type": "FeatureCollection", "features": feats,

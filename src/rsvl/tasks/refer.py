@@ -6,9 +6,10 @@ Works with any model of the referring interface (mini-refer, FIANet): ``image_si
 training), normalised, and the softmax probability of class 1 ("referred") is resized back.
 
 * Small inputs (both sides <= ``tile``) go through whole.
-* Larger rasters are cut into tiles (:class:`rsvl.geo.TileGrid`, read with
-  :class:`rsvl.geo.RasterSource`, so memory depends on the tile, not the scene); every tile
-  proposes candidate objects, and the task returns the best one. The model only ever sees
+* Larger rasters are cut into tiles and streamed through the read-ahead loop of the tiled
+  runner (:func:`rsvl.geo.runner.map_tiles`: memory depends on the tile, not the scene;
+  tiles without a valid pixel are skipped); every tile proposes candidate objects, and the
+  task returns the best one. The model only ever sees
   one tile, so "the leftmost ..." is judged within a tile.
 
 Candidates are the 4-connected components of ``probability >= threshold`` with at least
@@ -26,23 +27,38 @@ Outputs, named from the prefix ``out``:
 * plain image: ``PREFIX_mask.png`` (0/255), ``PREFIX_overlay.png``, ``PREFIX.geojson``
   (polygons in pixel coordinates, x right, y down) and ``PREFIX.json``.
 
-Every file is written under a temporary name and renamed when complete.
+Every file is written under a temporary name and renamed when complete. The mask GeoTIFF
+is painted block by block from the kept candidates while it is written, so no
+scene-sized array ever exists.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import torch
+from affine import Affine
+from PIL import Image
+from rasterio.windows import Window
+from scipy import ndimage
 
+from rsvl.console import TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
+from rsvl.geo.raster import RasterSource
+from rsvl.geo.runner import TileBatch, map_tiles, write_geotiff_from_array
+from rsvl.geo.tiles import TileGrid
+from rsvl.geo.vectors import mask_to_polygon, write_vectors
+from rsvl.io import atomic_path, write_text
+from rsvl.tasks.render import overlay_png
 
 __all__ = ["Candidate", "ReferPredictor", "ReferResult", "find_candidates", "refer"]
 
@@ -86,8 +102,6 @@ class ReferPredictor:
     """``predict(uint8 (B, 3, H, W)) -> (B, H, W)`` float32 probability of "referred"."""
 
     def __init__(self, model: Any, expression: str, device: str | None = None) -> None:
-        import torch
-
         self.torch = torch
         self.model = model
         self.expression = check_expression(expression)
@@ -116,8 +130,6 @@ class ReferPredictor:
 
 
 def _model_device(model: Any) -> Any:
-    import torch
-
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
@@ -140,8 +152,6 @@ def find_candidates(prob: np.ndarray, valid: np.ndarray | None = None, *, thresh
     ``inner_edges`` = (top, bottom, left, right): which sides of this window are inside the
     raster (a component touching one of them is marked ``cut``).
     """
-    from scipy import ndimage
-
     fg = prob >= threshold
     if valid is not None:
         fg &= valid
@@ -188,15 +198,13 @@ def refer(
     overwrite: bool = False,
     device: str | None = None,
     model_name: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: TaskProgress | None = None,
     predictor: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ReferResult:
-    """Find the object ``expression`` refers to in ``source`` and write mask, polygon, overlay."""
-    from rasterio.windows import Window
+    """Find the object ``expression`` refers to in ``source`` and write mask, polygon, overlay.
 
-    from rsvl.geo.raster import RasterSource
-    from rsvl.geo.tiles import TileGrid
-
+    ``progress`` (:class:`rsvl.console.TaskProgress`) is told the number of tiles.
+    """
     t0 = time.perf_counter()
     expression = check_expression(expression)
     if keep not in ("best", "all"):
@@ -235,30 +243,29 @@ def refer(
         n_tiles = 1
         if whole:
             rgb, valid = src.read(Window(0, 0, W, H))
-            prob = np.asarray(predict(rgb[None]))[0]
+            with progress_scope(progress, 1) as advance:
+                prob = np.asarray(predict(rgb[None]))[0]
+                advance(1)
             candidates = find_candidates(prob, valid, threshold=threshold, min_pixels=min_pixels)
-            if progress:
-                progress(1)
         else:
-            grid = TileGrid(W, H, tile, overlap)
-            n_tiles = len(grid)
-            windows = list(grid)
-            with src.reader() as reader:
-                for i in range(0, len(windows), batch_size):
-                    chunk = windows[i : i + batch_size]
-                    reads = [reader.read(win) for _, _, win in chunk]
-                    probs = np.asarray(predict(np.stack([r[0] for r in reads])))
-                    for (_, _, win), (_, valid), prob in zip(chunk, reads, probs, strict=True):
-                        r0, c0 = int(win.row_off), int(win.col_off)
-                        edges = (r0 > 0, r0 + tile < H, c0 > 0, c0 + tile < W)
-                        found = find_candidates(prob, valid, threshold=threshold, min_pixels=min_pixels,
-                                                row0=r0, col0=c0, inner_edges=edges)
-                        if keep == "best" and found:
-                            found = [max(found + candidates, key=_rank)]
-                            candidates = []
-                        candidates.extend(found)
-                    if progress:
-                        progress(len(chunk))
+            n_tiles = len(TileGrid(W, H, tile, overlap))
+
+            def predict_batch(batch: TileBatch) -> np.ndarray:
+                return np.asarray(predict(batch.images))
+
+            with progress_scope(progress, n_tiles) as advance:
+                for t in map_tiles(src, predict_batch, tile=tile, overlap=overlap, batch_size=batch_size,
+                                   min_valid=0.0, progress=advance):
+                    if not t.predicted:  # no valid pixel: no candidate
+                        continue
+                    r0, c0 = int(t.window.row_off), int(t.window.col_off)
+                    edges = (r0 > 0, r0 + tile < H, c0 > 0, c0 + tile < W)
+                    found = find_candidates(t.result, t.valid, threshold=threshold, min_pixels=min_pixels,
+                                            row0=r0, col0=c0, inner_edges=edges)
+                    if keep == "best" and found:
+                        found = [max(found + candidates, key=_rank)]
+                        candidates = []
+                    candidates.extend(found)
         n_candidates = len(candidates)
         kept = sorted(candidates, key=_rank, reverse=True)[:1] if keep == "best" else candidates
         if keep == "best" and not whole:
@@ -298,9 +305,31 @@ def refer(
 
 
 def _write_json(doc: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+class PaintedMask:
+    """The (1, H, W) uint8 mask of the kept candidates, painted one window at a time when
+    indexed (what :func:`rsvl.geo.runner.write_geotiff_from_array` reads block by block)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, kept: Sequence[Candidate], height: int, width: int) -> None:
+        self.kept = list(kept)
+        self.shape = (1, height, width)
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        _, rows, cols = key
+        y0, y1, _ = rows.indices(self.shape[1])
+        x0, x1, _ = cols.indices(self.shape[2])
+        out = np.zeros((1, y1 - y0, x1 - x0), np.uint8)
+        for c in self.kept:
+            r0, c0, r1, c1 = c.bounds
+            a, b = max(r0, y0), min(r1, y1)
+            e, f = max(c0, x0), min(c1, x1)
+            if a < b and e < f:
+                out[0, a - y0 : b - y0, e - x0 : f - x0] |= c.mask[a - r0 : b - r0, e - c0 : f - c0].astype(np.uint8)
+        return out
 
 
 def _paint(target: np.ndarray, kept: Sequence[Candidate], scale: float = 1.0) -> None:
@@ -319,37 +348,20 @@ def _paint(target: np.ndarray, kept: Sequence[Candidate], scale: float = 1.0) ->
 def _write_outputs(src: Any, kept: Sequence[Candidate], paths: dict[str, Path], expression: str,
                    georef: bool, *, to_crs: str | None, model_name: str | None, threshold: float,
                    tile: int, overlap: int, overwrite: bool) -> dict[str, Path]:
-    from affine import Affine
-    from PIL import Image
-
-    from rsvl.geo.vectors import mask_to_polygon, write_vectors
-    from rsvl.tasks.render import overlay_png
-
     W, H = src.width, src.height
     transform = src.transform if georef else Affine.identity()
-    # mask raster (a disk-backed array: the scene never needs to be in memory at once)
-    with tempfile.TemporaryDirectory(dir=paths["mask"].parent, prefix=".rsvl-refer-") as tmpdir:
-        full = np.memmap(Path(tmpdir) / "mask.u8", dtype=np.uint8, mode="w+", shape=(H, W))
+    if georef:
+        tags = {"rsvl_task": "refer", "expression": expression, "model": str(model_name),
+                "threshold": str(threshold), "tile": str(tile), "overlap": str(overlap),
+                "score": f"{_score(kept):.4f}", "values": "0 = other, 1 = referred object"}
+        write_geotiff_from_array(PaintedMask(kept, H, W), paths["mask"], crs=src.crs, transform=src.transform,
+                                 tags=tags, descriptions=[f"referred: {expression}"])
+    else:  # a plain image: PNG needs the whole array (plain images are image-sized)
+        full = np.zeros((H, W), dtype=np.uint8)
         _paint(full, kept)
-        if georef:
-            from rsvl.geo.runner import write_geotiff_from_array
-
-            tags = {"rsvl_task": "refer", "expression": expression, "model": str(model_name),
-                    "threshold": str(threshold), "tile": str(tile), "overlap": str(overlap),
-                    "score": f"{_score(kept):.4f}", "values": "0 = other, 1 = referred object"}
-            if paths["mask"].exists() and overwrite:
-                paths["mask"].unlink()
-            write_geotiff_from_array(full.reshape(1, H, W), paths["mask"], crs=src.crs,
-                                     transform=src.transform, tags=tags,
-                                     descriptions=[f"referred: {expression}"])
-        else:
-            tmp = paths["mask"].with_name(f".{paths['mask'].name}.tmp")
-            Image.fromarray(np.asarray(full) * 255).save(tmp, format="PNG")
-            os.replace(tmp, paths["mask"])
-        del full
+        with atomic_path(paths["mask"]) as tmp:
+            Image.fromarray(full * 255).save(tmp, format="PNG")
     # polygons
-    import geopandas as gpd
-
     rows, geoms = [], []
     for rank, c in enumerate(sorted(kept, key=_rank, reverse=True)):
         r0, c0, _, _ = c.bounds
@@ -359,8 +371,6 @@ def _write_outputs(src: Any, kept: Sequence[Candidate], paths: dict[str, Path], 
     gdf = gpd.GeoDataFrame(rows, geometry=geoms, crs=src.crs if georef else None) if rows else \
         gpd.GeoDataFrame({"expression": [], "score": [], "pixels": [], "rank": [], "model": []},
                          geometry=[], crs=src.crs if georef else None)
-    import warnings
-
     with warnings.catch_warnings():  # plain images: pixel coordinates, no CRS on purpose
         warnings.filterwarnings("ignore", message=".*crs.*was not provided", category=UserWarning)
         write_vectors(gdf, paths["vector"], to_crs=to_crs if georef else None, overwrite=overwrite)
@@ -368,8 +378,6 @@ def _write_outputs(src: Any, kept: Sequence[Candidate], paths: dict[str, Path], 
     scale = min(1.0, 1024.0 / max(W, H))
     pw, ph = max(1, round(W * scale)), max(1, round(H * scale))
     if scale == 1.0:
-        from rasterio.windows import Window
-
         rgb, _ = src.read(Window(0, 0, W, H))
     else:
         rgb = src.read_preview(pw, ph)

@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import rasterio
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.enums import Resampling
+
+from rsvl.io import atomic_path
 
 #: distinct, colour-blind-friendly-ish colours for up to 20 classes (RGB)
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -56,8 +62,6 @@ def overlay_png(
     title: str | None = None,
 ) -> Path:
     """Write ``rgb`` (3, H, W) uint8 with ``labels`` (H, W) blended in colour and a legend."""
-    from PIL import Image, ImageDraw, ImageFont
-
     colours = np.array(class_colours(names) + [(0, 0, 0)], dtype=np.float32)
     lab = labels.astype(np.int64)
     invalid = (lab < 0) | (lab >= len(names))
@@ -89,18 +93,14 @@ def overlay_png(
         draw.text((img.width + pad + 18, y + 2), line, fill=(0, 0, 0), font=font)
         y += row_h
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path
 
 
-def preview_arrays(source, label_path: str | os.PathLike[str], max_side: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def preview_arrays(source: Any, label_path: str | os.PathLike[str], max_side: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """A decimated RGB (through the source's band plan and stretch) and label raster,
     read without loading the full-resolution scene."""
-    import rasterio
-    from rasterio.enums import Resampling
-
     # At the source's own resolution (the labels may be on a coarser working grid), capped.
     W, H = source.native_width, source.native_height
     factor = max(W, H) / max_side

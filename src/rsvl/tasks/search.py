@@ -21,26 +21,38 @@ file replaces its old rows). ``search`` ranks the index by cosine similarity to 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import shapely
+import torch
+from pyproj import CRS, Transformer
+from rasterio.windows import Window
 
-from rsvl.errors import InputNotFoundError, PromptError, RasterReadError
+from rsvl.console import Advance, TaskProgress, progress_scope
+from rsvl.errors import InputNotFoundError, ModelMismatchError, PromptError, RasterReadError
+from rsvl.geo.raster import RasterSource, gsd_of, open_dataset
+from rsvl.geo.runner import TileBatch, map_tiles
+from rsvl.geo.tiles import TileGrid
+from rsvl.geo.vectors import boxes_to_polygons, write_vectors
 from rsvl.index.store import (
     DEFAULT_IVF_THRESHOLD,
     EmbeddingIndex,
     IndexConfig,
-    ModelMismatchError,
     check_output,
     metadata_schema,
     write_index,
 )
-from rsvl.tasks.classify import IMAGE_SUFFIXES, _square, iter_images, load_image
-
-Progress = Callable[[int], None]
+from rsvl.models import registry
+from rsvl.models.preprocess import square_image
+from rsvl.tasks.classify import load_image
+from rsvl.tasks.sources import find_images, no_images_message
 
 
 def model_name(model: Any) -> str:
@@ -76,11 +88,9 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
         if not p.exists():
             raise InputNotFoundError(f"{p}: no such file or folder.", hint="Check the path.")
         if p.is_dir():
-            files = list(iter_images(p))
+            files = find_images(p)
             if not files:
-                raise InputNotFoundError(
-                    f"{p}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})."
-                )
+                raise InputNotFoundError(no_images_message(p))
         else:
             files = [p]
         for f in files:
@@ -97,9 +107,6 @@ def plan_sources(
     sources: Sequence[str | os.PathLike[str]], *, tile: int, overlap: int = 0, gsd: float | None = None
 ) -> list[SourceFile]:
     """Decide for every file whether it is one image or a grid of tiles (reads metadata only)."""
-    from rsvl.geo.raster import gsd_of, open_dataset
-    from rsvl.geo.tiles import TileGrid
-
     planned = []
     for path in expand_sources(sources):
         st = path.stat()
@@ -137,17 +144,11 @@ class _Footprints:
         self.crs, self.transform = crs, transform
         self._to_4326 = None
         if crs is not None:
-            from pyproj import CRS, Transformer
-
             self._to_4326 = Transformer.from_crs(CRS.from_user_input(crs.to_wkt()), "EPSG:4326", always_xy=True)
 
     def __call__(self, box: tuple[float, float, float, float]) -> tuple[bytes | None, bytes | None]:
         if self.crs is None:
             return None, None
-        import shapely
-
-        from rsvl.geo.vectors import boxes_to_polygons
-
         poly = boxes_to_polygons([box], self.transform)[0]
         tr = self._to_4326
         side = max(abs(self.transform.a), abs(self.transform.e)) * max(box[2] - box[0], box[3] - box[1])
@@ -163,58 +164,37 @@ class _Footprints:
 # -- embedding -----------------------------------------------------------------------------
 
 
-def _iter_items(
-    planned: Sequence[SourceFile], *, size: int, tile: int, overlap: int, gsd: float | None,
-    bands: Sequence[int] | None, min_valid: float,
-) -> Iterator[tuple[dict[str, Any] | None, np.ndarray | None]]:
-    """(metadata row, (3, size, size) uint8) per vector; (None, None) for a skipped tile."""
-    from rasterio.windows import Window
-
-    from rsvl.geo.raster import RasterSource
-    from rsvl.geo.tiles import TileGrid
-
-    for sf in planned:
-        base = {"source": sf.path, "source_size": sf.size, "source_mtime_ns": sf.mtime_ns}
-        try:
-            with RasterSource(sf.path, bands=bands, target_gsd=gsd if sf.kind == "raster" else None) as rs:
-                foot = _Footprints(rs.crs, rs.transform)
-                crs = _crs_text(rs.crs)
-                if sf.kind == "image":
-                    rgb, valid = rs.read(Window(0, 0, rs.width, rs.height))
-                    g, g4 = foot((0, 0, rs.width, rs.height))
-                    yield ({**base, "kind": "image", "row": None, "col": None, "win_col": 0, "win_row": 0,
-                            "win_width": rs.width, "win_height": rs.height,
-                            "valid_fraction": float(valid.mean()), "crs": crs,
-                            "geometry": g, "geometry_4326": g4}, _square(rgb, size))
-                    continue
-                grid = TileGrid(rs.width, rs.height, tile, overlap)
-                with rs.reader() as reader:
-                    for r, c, win in grid:
-                        rgb, valid = reader.read(win)
-                        frac = float(valid.mean())
-                        if frac < min_valid:
-                            yield None, None
-                            continue
-                        c0, r0 = int(win.col_off), int(win.row_off)
-                        c1, r1 = min(c0 + tile, rs.width), min(r0 + tile, rs.height)
-                        g, g4 = foot((c0, r0, c1, r1))
-                        img = rgb if tile == size else _square(rgb, size)
-                        yield ({**base, "kind": "tile", "row": r, "col": c, "win_col": c0, "win_row": r0,
-                                "win_width": tile, "win_height": tile, "valid_fraction": frac,
-                                "crs": crs, "geometry": g, "geometry_4326": g4}, img)
-        except RasterReadError as exc:
-            if exc.message.startswith(sf.path):
-                raise
-            raise RasterReadError(f"{sf.path}: {exc.message}", hint=exc.hint) from exc
-
-
-def _encode(model: Any, images: list[np.ndarray]) -> np.ndarray:
-    import torch
-
+def _encode(model: Any, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
     with torch.no_grad():
-        emb = model.encode_image(np.stack(images))
+        emb = model.encode_image(np.stack(images) if isinstance(images, list) else images)
     emb = emb.float().cpu().numpy() if hasattr(emb, "cpu") else np.asarray(emb, np.float32)
     return emb.astype(np.float32, copy=False)
+
+
+def _embed_raster(
+    model: Any, rs: RasterSource, base: dict[str, Any], *, size: int, tile: int, overlap: int,
+    min_valid: float, batch_size: int, advance: Advance,
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """(metadata row, embedding) per tile of a raster whose valid fraction is at least
+    ``min_valid``, through the streaming loop (:func:`rsvl.geo.runner.map_tiles`)."""
+    foot = _Footprints(rs.crs, rs.transform)
+    crs = _crs_text(rs.crs)
+
+    def predict(batch: TileBatch) -> np.ndarray:
+        imgs = batch.images if tile == size else np.stack([square_image(im, size) for im in batch.images])
+        return _encode(model, imgs)
+
+    for t in map_tiles(rs, predict, tile=tile, overlap=overlap, batch_size=batch_size, min_valid=min_valid,
+                       progress=advance):
+        if not t.predicted:
+            continue
+        r, c = t.position
+        c0, r0 = int(t.window.col_off), int(t.window.row_off)
+        c1, r1 = min(c0 + tile, rs.width), min(r0 + tile, rs.height)
+        g, g4 = foot((c0, r0, c1, r1))
+        yield ({**base, "kind": "tile", "row": r, "col": c, "win_col": c0, "win_row": r0,
+                "win_width": tile, "win_height": tile, "valid_fraction": t.valid_fraction,
+                "crs": crs, "geometry": g, "geometry_4326": g4}, t.result)
 
 
 def embed_sources(
@@ -227,41 +207,59 @@ def embed_sources(
     bands: Sequence[int] | None = None,
     min_valid: float = 0.5,
     batch_size: int = 16,
-    progress: Progress | None = None,
+    advance: Advance | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Embed the planned sources in batches: (N, D) float32 vectors and N metadata rows."""
+    """Embed the planned sources: (N, D) float32 vectors and N metadata rows, in order.
+
+    Whole images are embedded in batches of ``batch_size``; the tiles of a raster stream
+    through :func:`rsvl.geo.runner.map_tiles` (read ahead, nodata tiles skipped), so what is
+    kept per tile is its embedding and metadata, never pixels. ``advance(n)`` is called as
+    images and tiles (skipped ones included) are done.
+    """
     size = int(getattr(model, "image_size", tile))
     vecs: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
-    batch: list[np.ndarray] = []
-    pending = 0
+    pending: list[np.ndarray] = []
+    step = advance if advance is not None else (lambda n: None)
 
     def flush() -> None:
-        nonlocal batch, pending
-        if batch:
-            vecs.append(_encode(model, batch))
-            batch = []
-        if progress and pending:
-            progress(pending)
-        pending = 0
+        if pending:
+            vecs.append(_encode(model, pending))
+            step(len(pending))
+            pending.clear()
 
-    for row, img in _iter_items(planned, size=size, tile=tile, overlap=overlap, gsd=gsd, bands=bands,
-                                min_valid=min_valid):
-        pending += 1
-        if row is not None:
-            rows.append(row)
-            batch.append(img)
-            if len(batch) >= batch_size:
-                flush()
+    for sf in planned:
+        base = {"source": sf.path, "source_size": sf.size, "source_mtime_ns": sf.mtime_ns}
+        try:
+            with RasterSource(sf.path, bands=bands, target_gsd=gsd if sf.kind == "raster" else None) as rs:
+                if sf.kind == "image":
+                    foot = _Footprints(rs.crs, rs.transform)
+                    rgb, valid = rs.read(Window(0, 0, rs.width, rs.height))
+                    g, g4 = foot((0, 0, rs.width, rs.height))
+                    rows.append({**base, "kind": "image", "row": None, "col": None, "win_col": 0, "win_row": 0,
+                                 "win_width": rs.width, "win_height": rs.height,
+                                 "valid_fraction": float(valid.mean()), "crs": _crs_text(rs.crs),
+                                 "geometry": g, "geometry_4326": g4})
+                    pending.append(square_image(rgb, size))
+                    if len(pending) >= batch_size:
+                        flush()
+                    continue
+                flush()  # rows stay in source order
+                for row, vec in _embed_raster(model, rs, base, size=size, tile=tile, overlap=overlap,
+                                              min_valid=min_valid, batch_size=batch_size, advance=step):
+                    rows.append(row)
+                    vecs.append(vec[None])
+        except RasterReadError as exc:
+            if exc.message.startswith(sf.path):
+                raise
+            raise RasterReadError(f"{sf.path}: {exc.message}", hint=exc.hint) from exc
     flush()
     if not vecs:
         return np.zeros((0, 0), np.float32), rows
     return np.concatenate(vecs), rows
 
 
-def _metadata_table(rows: list[dict[str, Any]], ids: Sequence[int], model: str, dim: int):
-    import pyarrow as pa
-
+def _metadata_table(rows: list[dict[str, Any]], ids: Sequence[int], model: str, dim: int) -> pa.Table:
     schema = metadata_schema()
     cols: dict[str, list[Any]] = {n: [] for n in schema.names}
     for i, r in zip(ids, rows, strict=True):
@@ -311,19 +309,21 @@ def build(
     nlist: int | None = None,
     nprobe: int | None = None,
     overwrite: bool = False,
-    progress: Progress | None = None,
+    progress: TaskProgress | None = None,
 ) -> BuildResult:
     """Embed ``sources`` (images, folders, rasters) into a new index folder ``out``.
 
-    ``tile`` defaults to the model's input size. ``progress(n)`` is called as images and
-    tiles (skipped ones included) are done; :func:`plan_sources` gives the total.
+    ``tile`` defaults to the model's input size. ``progress``
+    (:class:`rsvl.console.TaskProgress`) is told the number of images and tiles
+    (skipped ones included).
     """
     out = Path(out)
     check_output(out, replace=overwrite)
     tile = int(tile or getattr(model, "image_size", 224))
     planned = plan_sources(sources, tile=tile, overlap=overlap, gsd=gsd)
-    vectors, rows = embed_sources(model, planned, tile=tile, overlap=overlap, gsd=gsd, bands=bands,
-                                  min_valid=min_valid, batch_size=batch_size, progress=progress)
+    with progress_scope(progress, sum(p.items for p in planned)) as advance:
+        vectors, rows = embed_sources(model, planned, tile=tile, overlap=overlap, gsd=gsd, bands=bands,
+                                      min_valid=min_valid, batch_size=batch_size, advance=advance)
     if not rows:
         raise InputNotFoundError("nothing to index: every tile of the sources is mostly nodata.",
                                  hint="Check the sources' nodata / masks, or lower min_valid.")
@@ -346,16 +346,15 @@ def add(
     sources: Sequence[str | os.PathLike[str]],
     *,
     batch_size: int = 16,
-    progress: Progress | None = None,
+    progress: TaskProgress | None = None,
 ) -> BuildResult:
     """Add sources to an index; files already indexed unchanged (path, size, mtime) are skipped.
 
     A file indexed before whose size or mtime changed is re-embedded and replaces its rows.
     The tiling settings are the index's. The model must be the one that built the index.
+    ``progress`` (:class:`rsvl.console.TaskProgress`) is told every planned image and tile;
+    those already indexed count as done at once.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     idx = EmbeddingIndex.open(index)
     idx.check_model(model_name(model), what="extend")
     s = idx.settings
@@ -372,12 +371,13 @@ def add(
     skipped = [p.path for p in planned if known.get(p.path) == p.key]
     result = BuildResult(str(idx.path), idx.model, idx.count, 0, [p.path for p in todo], skipped, replaced,
                          index_type=idx.manifest["index_type"], manifest=idx.manifest)
-    if progress and skipped:
-        progress(sum(p.items for p in planned if p.path in set(skipped)))
-    if not todo:
-        return result
-    vectors, rows = embed_sources(model, todo, tile=tile, overlap=overlap, gsd=gsd, bands=bands,
-                                  min_valid=min_valid, batch_size=batch_size, progress=progress)
+    with progress_scope(progress, sum(p.items for p in planned)) as advance:
+        if skipped:
+            advance(sum(p.items for p in planned if p.path in set(skipped)))
+        if not todo:
+            return result
+        vectors, rows = embed_sources(model, todo, tile=tile, overlap=overlap, gsd=gsd, bands=bands,
+                                      min_valid=min_valid, batch_size=batch_size, advance=advance)
     if rows and vectors.shape[1] != idx.dim:
         raise ModelMismatchError(f"model {model_name(model)} gives {vectors.shape[1]}-dim embeddings, "
                                  f"index {idx.path} holds {idx.dim}-dim ones.", hint="Rebuild the index.")
@@ -423,8 +423,6 @@ class Hit:
     def to_dict(self) -> dict[str, Any]:
         bbox = None
         if self.geometry_4326 is not None:
-            import shapely
-
             bbox = [round(float(v), 9) for v in shapely.from_wkb(self.geometry_4326).bounds]
         return {"rank": self.rank, "score": round(float(self.score), 6), "id": self.id,
                 "source": self.source, "kind": self.kind, "row": self.row, "col": self.col,
@@ -444,11 +442,8 @@ class SearchResult:
         return {"index": self.index, "model": self.model, "query": self.query, "k": self.k,
                 "count": len(self.hits), "hits": [h.to_dict() for h in self.hits], "outputs": self.outputs}
 
-    def to_geodataframe(self):
+    def to_geodataframe(self) -> gpd.GeoDataFrame:
         """Hits with a footprint, as polygons in EPSG:4326 (rank, score, source, ...)."""
-        import geopandas as gpd
-        import shapely
-
         recs = [{"rank": h.rank, "score": float(h.score), "source": h.source, "kind": h.kind,
                  "row": h.row, "col": h.col, "id": h.id, "geometry": shapely.from_wkb(h.geometry_4326)}
                 for h in self.hits if h.geometry_4326 is not None]
@@ -456,8 +451,6 @@ class SearchResult:
                                 geometry="geometry", crs="EPSG:4326")
 
     def write_geojson(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        from rsvl.geo.vectors import write_vectors
-
         out = write_vectors(self.to_geodataframe(), path, overwrite=overwrite)
         self.outputs["geojson"] = str(out)
         return out
@@ -480,8 +473,8 @@ def search(
 ) -> SearchResult:
     """The ``k`` entries of the index closest to a text ``query`` or an ``image`` (path).
 
-    ``model`` None loads the index's model with ``rsvl.load`` (``weights``, ``device``); a
-    model given must be the index's (:class:`ModelMismatchError` otherwise).
+    ``model`` None loads the index's model through the registry (``weights``, ``device``);
+    a model given must be the index's (:class:`ModelMismatchError` otherwise).
     """
     text = query.strip() if isinstance(query, str) else None
     if image is None and not text:
@@ -495,15 +488,11 @@ def search(
         raise InputNotFoundError(f"{image}: no such file.", hint="Check the path of the query image.")
     idx = open_index(index)
     if model is None:
-        from rsvl.api import load
-
-        model = load(idx.model, weights=weights, device=device)
+        model = registry.load(idx.model, weights=weights, device=device)
     idx.check_model(model_name(model))
-    import torch
-
     with torch.no_grad():
         if image is not None:
-            q = model.encode_image(_square(load_image(image), int(model.image_size))[None])
+            q = model.encode_image(square_image(load_image(image), int(model.image_size))[None])
         else:
             q = model.encode_text([text])
     qv = q.float().cpu().numpy() if hasattr(q, "cpu") else np.asarray(q, np.float32)

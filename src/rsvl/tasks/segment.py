@@ -16,23 +16,33 @@ confidence, and the prompt), ``PREFIX_overlay.png``, and with ``probabilities=Tr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import torch
 
+from rsvl.console import TaskProgress, progress_scope, state
 from rsvl.data.classes import ClassSpec, format_class_list
 from rsvl.errors import OutputError, PromptError
-from rsvl.geo.raster import RasterSource
+from rsvl.geo.raster import RasterSource, open_dataset
 from rsvl.geo.runner import RasterOutput, TileBatch, TiledRunner
+from rsvl.geo.tiles import TileGrid
+from rsvl.geo.vectors import polygonize_raster, write_vectors
+from rsvl.models.zeroshot import pool_synonyms, resolve_templates, text_classifier
 from rsvl.tasks.render import colormap_for, overlay_png, preview_arrays
-from rsvl.tasks.text import pool_synonyms, resolve_templates, text_classifier
 
 NODATA = 255
+#: pixels per strip when the class raster is polygonised (strips span the scene's width, so
+#: their height is chosen from it: memory stays the same for any scene size)
+POLYGONIZE_STRIP_PIXELS = 4 * 1024 * 1024
 
 
 @dataclass
@@ -70,8 +80,6 @@ class DensePredictor:
         cls_lambda: float = 0.0,
         extra_background: bool = False,
     ) -> None:
-        import torch
-
         self.model = model
         self.classes = list(classes)
         self.templates = resolve_templates(templates, model)
@@ -117,8 +125,6 @@ class DensePredictor:
 
 def check_cls_support(model: Any) -> None:
     """Raise a PromptError unless ``model.dense_features`` takes ``return_cls``."""
-    import inspect
-
     try:
         params = inspect.signature(model.dense_features).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins
@@ -144,7 +150,7 @@ def _argmax_labels(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return values.argmax(axis=0).astype(np.uint8)
 
 
-def thresholded_labels(threshold: float, background: int):
+def thresholded_labels(threshold: float, background: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """A finalize function: argmax, but pixels whose best probability is below
     ``threshold`` get class ``background`` (SegEarth-OV's ``prob_thd`` / ``bg_idx``)."""
 
@@ -165,16 +171,12 @@ def _default_gsd(model: Any, source: str | os.PathLike[str]) -> float | None:
     preferred = getattr(model, "preferred_gsd", None)
     if preferred is None:
         return None
-    from rsvl.geo.raster import open_dataset
-
     with open_dataset(source) as ds:
         return float(preferred) if ds.crs is not None else None
 
 
 def _class_counts(path: Path, n: int) -> np.ndarray:
     """Pixels per class of a class raster, read block by block."""
-    import rasterio
-
     counts = np.zeros(256, np.int64)
     with rasterio.open(path) as ds:
         for _, window in ds.block_windows(1):
@@ -216,7 +218,7 @@ def segment(
     to_crs: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
-    progress: Any = None,  # progress(total) -> context manager yielding advance(n)
+    progress: TaskProgress | None = None,
     model_name: str | None = None,
     cls_lambda: float = 0.0,
     threshold: float = 0.0,
@@ -228,11 +230,8 @@ def segment(
     location; ``threshold`` > 0 gives pixels whose best class probability is below it the
     class ``background`` (a class of the list with that name or synonym, else an extra
     class of that name appended to the list, with no text query).
+    ``progress`` (:class:`rsvl.console.TaskProgress`) is told the number of tiles.
     """
-    import time
-
-    from rsvl.geo.vectors import polygonize_raster, write_vectors
-
     if not classes:
         raise PromptError("no classes given.", hint='Pass e.g. "forest|trees, water, buildings".')
     if len(classes) > 254:
@@ -293,21 +292,16 @@ def segment(
         gsd = None  # native resolution
     with RasterSource(source, bands=bands, target_gsd=gsd) as src:
         for w in src.warnings:
-            from rsvl.console import state
-
             state.warn(w)
-        from contextlib import nullcontext
-
-        from rsvl.geo.tiles import TileGrid
-
         total = len(TileGrid(src.width, src.height, tile, overlap))
-        with progress(total) if progress is not None else nullcontext(None) as advance:
+        with progress_scope(progress, total) as advance:
             runner = TiledRunner(src, predictor, outputs, tile=tile, overlap=overlap, batch_size=batch_size,
                                  settings=settings, overwrite=overwrite, resume=resume, progress=advance)
             res = runner.run()
         gdf = polygonize_raster(paths["classes"], classes=dict(enumerate(names)), min_pixels=min_pixels,
                                 simplify=simplify, confidence_path=paths["confidence"],
-                                attributes={"prompt": prompt})
+                                attributes={"prompt": prompt},
+                                strip_rows=max(64, POLYGONIZE_STRIP_PIXELS // max(src.width, 1)))
         # An empty layer is still written: "no polygons" is an answer.
         gdf["score"] = gdf["score"].astype(float) / 254.0
         write_vectors(gdf, paths["polygons"], to_crs=to_crs, overwrite=True)

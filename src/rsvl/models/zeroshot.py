@@ -1,4 +1,7 @@
-"""Class prompts: templates, text classifiers, synonym pooling (shared by classify and segment).
+"""Zero-shot heads of image-text models: templates, text classifiers, synonym pooling.
+
+Shared by every task that scores images or pixels against class names (classify,
+segment) and by the evaluation harness, as open_clip's ``zero_shot_classifier`` is.
 
 A class list (``rsvl.data.classes``) names each class by one or more synonyms. Every
 synonym becomes one text query: its embedding is the renormalised mean of the embeddings of
@@ -9,13 +12,14 @@ synonyms of one class are max-pooled.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
+
+import numpy as np
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from rsvl.data.classes import ClassSpec, expand_synonyms
 from rsvl.errors import PromptError
-
-if TYPE_CHECKING:
-    import torch
 
 #: FarSLIP's zero-shot classification templates (its default protocol)
 FARSLIP_TEMPLATES: tuple[str, ...] = ("a satellite photo of {}.", "a satellite image of {}")
@@ -23,8 +27,6 @@ FARSLIP_TEMPLATES: tuple[str, ...] = ("a satellite photo of {}.", "a satellite i
 
 def imagenet_templates() -> tuple[str, ...]:
     """The 80 OpenAI ImageNet templates (used by the RS-OVSS protocol), from open_clip."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
@@ -56,8 +58,6 @@ def resolve_templates(templates: str | Sequence[str] | None, model: object) -> t
 
 def text_classifier(model, classes: Sequence[ClassSpec], templates: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
     """(P, D) normalised query embeddings, one per synonym, and each query's class index."""
-    import torch
-
     names, index = expand_synonyms(classes)
     texts = [t.format(n) for n in names for t in templates]
     with torch.no_grad():
@@ -69,8 +69,23 @@ def text_classifier(model, classes: Sequence[ClassSpec], templates: Sequence[str
 
 def pool_synonyms(scores: torch.Tensor, index: Sequence[int], n_classes: int, dim: int = 1) -> torch.Tensor:
     """Max over the synonyms of each class along ``dim``: (..., P, ...) -> (..., K, ...)."""
-    import torch
-
     idx = torch.as_tensor(index, device=scores.device)
     parts = [scores.index_select(dim, (idx == k).nonzero().flatten()).amax(dim=dim, keepdim=True) for k in range(n_classes)]
     return torch.cat(parts, dim=dim)
+
+
+class ZeroShotClassifier:
+    """Embeds the class prompts once; ``scores(images uint8 (B,3,H,W)) -> (B, K)`` probabilities."""
+
+    def __init__(self, model: Any, classes: Sequence[ClassSpec], templates: str | Sequence[str] | None = None) -> None:
+        self.model = model
+        self.classes = list(classes)
+        self.templates = resolve_templates(templates, model)
+        self.queries, self.index = text_classifier(model, self.classes, self.templates)
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            emb = self.model.encode_image(images).float()
+            logits = emb @ self.queries.to(emb.device).T * float(self.model.logit_scale)
+            logits = pool_synonyms(logits, self.index, len(self.classes), dim=1)
+            return logits.softmax(dim=1).cpu().numpy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,14 @@ import pytest
 from conftest import write_raster
 from rasterio.transform import from_origin
 
-from rsvl.errors import OutputError, PromptError
-from rsvl.index.store import (
-    EmbeddingIndex,
+from rsvl.errors import (
     IndexCorruptError,
     IndexNotFoundError,
     ModelMismatchError,
+    OutputError,
+    PromptError,
 )
+from rsvl.index.store import EmbeddingIndex
 from rsvl.tasks import search as S
 
 TILE = 32
@@ -97,10 +99,17 @@ def colour_of(hit) -> str:
 
 def test_build_indexes_tiles_and_images_and_text_search_ranks_red_first(tmp_path, scene, pngs):
     model = FakeRGB()
+    totals: list[int] = []
     calls: list[int] = []
-    res = S.build(model, [scene, pngs], tmp_path / "idx", tile=TILE, batch_size=5, progress=calls.append)
+
+    @contextmanager
+    def progress(total):
+        totals.append(total)
+        yield calls.append
+
+    res = S.build(model, [scene, pngs], tmp_path / "idx", tile=TILE, batch_size=5, progress=progress)
     assert res.count == 12 + 3 and res.tiles_skipped_nodata == 4
-    assert sum(calls) == 16 + 3 and model.images_encoded == 15
+    assert totals == [16 + 3] and sum(calls) == 16 + 3 and model.images_encoded == 15
     idx = EmbeddingIndex.open(tmp_path / "idx")
     m = idx.manifest
     assert (m["model"], m["dim"], m["count"], m["index_type"], m["normalisation"]) == ("fake-rgb", 3, 15, "flat-ip", "l2")

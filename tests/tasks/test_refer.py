@@ -157,3 +157,23 @@ def test_cli_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "nope.tif" in capsys.readouterr().err
     assert main(["refer", str(src), "the ship", "--model", "mini-clip", "-o", str(tmp_path / "o")]) != 0
     assert "not a referring" in capsys.readouterr().err
+
+
+def test_mask_painted_per_window_equals_the_whole_mask():
+    from rsvl.tasks.refer import Candidate, PaintedMask
+
+    rng = np.random.default_rng(0)
+    kept = []
+    for r0, c0, h, w in ((5, 250, 40, 30), (300, 10, 20, 500), (0, 0, 3, 3)):
+        kept.append(Candidate(0.9, 1, r0, c0, rng.random((h, w)) > 0.3))
+    whole = np.zeros((400, 600), np.uint8)
+    for c in kept:
+        r0, c0, r1, c1 = c.bounds
+        whole[r0:r1, c0:c1] |= c.mask
+    lazy = PaintedMask(kept, 400, 600)
+    assert lazy.shape == (1, 400, 600) and lazy.dtype == np.uint8
+    tiled = np.zeros_like(whole)
+    for y in range(0, 400, 128):
+        for x in range(0, 600, 128):
+            tiled[y : y + 128, x : x + 128] = lazy[:, y : y + 128, x : x + 128][0]
+    assert (tiled == whole).all()

@@ -225,3 +225,71 @@ def test_real_landsat_scene_keeps_its_nodata_collar(tmp_path):
         assert b.crs == a.crs and b.transform == a.transform
     assert (got[~valid] == -1).all()
     np.testing.assert_allclose(got[valid], expected[valid], atol=1e-3)
+
+
+# --- the shared read-ahead loop of vector tasks ----------------------------------------------
+
+
+def test_map_tiles_yields_every_tile_in_order_and_skips_invalid_ones(tmp_path):
+    from rsvl.geo.runner import map_tiles
+
+    data = np.full((3, 100, 130), 50, np.uint8)
+    data[:, :40, :] = 0  # nodata rows: the first tile row is empty, tiles of the second partly valid
+    src = write_raster(tmp_path / "in.tif", data, nodata=0)
+    seen: list[int] = []
+    done: list[int] = []
+
+    def predict(batch):
+        seen.append(len(batch))
+        return [w.col_off for w in batch.windows]
+
+    with RasterSource(src) as s:
+        grid = TileGrid(s.width, s.height, 32, 8)
+        outs = list(map_tiles(s, predict, tile=32, overlap=8, batch_size=3, progress=done.append))
+        half = list(map_tiles(s, lambda b: np.zeros(len(b)), tile=32, overlap=8, min_valid=0.5))
+        every = list(map_tiles(s, lambda b: np.zeros(len(b)), tile=32, overlap=8, min_valid=None))
+    assert [o.position for o in outs] == [(r, c) for r, c, _ in grid]
+    assert sum(done) == len(grid) == len(outs)
+    empty = [o for o in outs if not o.valid.any()]
+    assert empty and all(not o.predicted for o in empty)
+    assert all(o.result == o.window.col_off for o in outs if o.predicted)
+    assert sum(seen) == len(grid) - len(empty)
+    assert all(o.valid_fraction >= 0.5 for o in half if o.predicted)
+    assert any(o.predicted for o in outs if 0 < o.valid_fraction < 0.5)
+    assert not any(o.predicted for o in half if o.valid_fraction < 0.5)
+    assert all(o.predicted for o in every)
+    assert outs[5].transform == s.transform * rasterio.Affine.translation(outs[5].window.col_off, outs[5].window.row_off)
+
+
+def test_map_tiles_stops_its_reader_when_the_consumer_stops_or_fails(tmp_path):
+    import threading
+
+    from rsvl.geo.runner import map_tiles
+
+    src = write_raster(tmp_path / "in.tif", np.full((3, 200, 200), 9, np.uint8))
+    with RasterSource(src) as s:
+        gen = map_tiles(s, lambda b: np.zeros(len(b)), tile=32, overlap=0, batch_size=1, prefetch=1)
+        next(gen)
+        gen.close()
+        with pytest.raises(PredictorError, match="2 result"):
+            list(map_tiles(s, lambda b: np.zeros(2), tile=32, overlap=0, batch_size=3))
+    assert not [t for t in threading.enumerate() if t.name == "rsvl-tile-reader"]
+
+
+def test_progress_scope_is_silent_without_a_progress():
+    from contextlib import contextmanager
+
+    from rsvl.console import progress_scope
+
+    with progress_scope(None, 10) as advance:
+        advance(3)
+    got: list[tuple[str, int]] = []
+
+    @contextmanager
+    def progress(total):
+        got.append(("total", total))
+        yield lambda n: got.append(("advance", n))
+
+    with progress_scope(progress, 4) as advance:
+        advance(4)
+    assert got == [("total", 4), ("advance", 4)]
