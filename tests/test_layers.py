@@ -8,7 +8,8 @@
 An import may point down, or sideways within a layer in the order above (eval may call tasks,
 train may use eval's protocols, never the other way). There are no cycles between modules,
 no private name (``_x``) is imported from another module, and imports sit at module level
-unless a ``# lazy:`` comment on the line (or the line above) gives the measured reason.
+unless a ``# lazy:`` comment on the line (or in the comment block above it) gives the
+measured reason.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def imports_of(mod: str, path: Path) -> list[Import]:
             targets = [(a.name, ()) for a in node.names]
         else:
             continue
-        near = " ".join(lines[max(0, node.lineno - 2) : node.end_lineno or node.lineno])
+        above = node.lineno - 2  # the comment block right above the statement counts too
+        while above >= 0 and lines[above].strip().startswith("#"):
+            above -= 1
+        near = " ".join(lines[above + 1 : node.end_lineno or node.lineno])
         for target, names in targets:
             out.append(Import(mod, target, names, node.lineno, id(node) in inside, "# lazy:" in near))
     return out

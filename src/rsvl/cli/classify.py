@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, task_progress
+from rsvl.data.classes import load_classes
+from rsvl.errors import InputNotFoundError, OutputError
 from rsvl.io import atomic_path
 
 
@@ -36,10 +40,8 @@ def classify(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Zero-shot classification: top-k labels per image, or per tile of a raster."""
-    import rsvl
-    from rsvl.data.classes import load_classes
-    from rsvl.errors import InputNotFoundError
-    from rsvl.tasks.classify import classify as run_classify
+    import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.classify import classify as run_classify  # lazy: torch start-up, see rsvl.cli
 
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
@@ -53,8 +55,6 @@ def classify(
     if as_json:
         emit_json(result.to_dict())
         return
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     if result.outputs:
@@ -80,7 +80,6 @@ def classify(
 
 
 def _write_csv(result, path: Path, top_k: int, overwrite: bool) -> None:
-    from rsvl.errors import OutputError
 
     if path.exists() and not overwrite:
         raise OutputError(f"{path} exists.", hint="Pass --overwrite to replace it.")

@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from rsvl.cli.options import parse_bands
+from rsvl.console import emit_json, state, task_progress
+from rsvl.errors import PromptError
 
 
 def register(app: typer.Typer) -> None:
@@ -17,18 +23,16 @@ def register(app: typer.Typer) -> None:
 
 
 def _load(name: str, weights: Path | None, device: str):
-    from rsvl.api import load
+    from rsvl.api import load  # lazy: torch start-up, see rsvl.cli
 
     return load(name, weights=weights, device=device)
 
 
 def _report(result, as_json: bool, verb: str) -> None:
-    from rsvl.console import emit_json
 
     if as_json:
         emit_json(result.to_dict())
         return
-    from rich.console import Console
 
     c = Console(highlight=False)
     c.print(f"{result.index}: {verb} {result.added} vector(s) from {len(result.sources_added)} source(s); "
@@ -58,10 +62,8 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Embed images, folders and raster tiles into a new index folder."""
-    from rsvl.cli.options import parse_bands
-    from rsvl.console import task_progress
-    from rsvl.index.store import check_output
-    from rsvl.tasks.search import build as run_build
+    from rsvl.index.store import check_output  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.search import build as run_build  # lazy: torch start-up, see rsvl.cli
 
     check_output(out, replace=overwrite)
     m = _load(model, weights, device)
@@ -81,9 +83,8 @@ def add(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Add sources to an index; sources already indexed and unchanged are not re-embedded."""
-    from rsvl.console import task_progress
-    from rsvl.index.store import EmbeddingIndex
-    from rsvl.tasks.search import add as run_add
+    from rsvl.index.store import EmbeddingIndex  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.search import add as run_add  # lazy: torch start-up, see rsvl.cli
 
     idx = EmbeddingIndex.open(index)
     if model is not None:
@@ -107,12 +108,10 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Rank the tiles and images of an index by similarity to a text or an image."""
-    from rsvl.console import emit_json, state
-    from rsvl.index.store import EmbeddingIndex
-    from rsvl.tasks.search import search as run_search
+    from rsvl.index.store import EmbeddingIndex  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.search import search as run_search  # lazy: torch start-up, see rsvl.cli
 
     if image is None and (query is None or not query.strip()):
-        from rsvl.errors import PromptError
 
         raise PromptError("empty query: give a text query or --image PATH.",
                           hint=f'Example: rsvl search {index} "a stadium next to a river"')
@@ -129,8 +128,6 @@ def search(
     if as_json:
         emit_json(result.to_dict())
         return
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     t = Table(show_edge=False, title=f"{len(result.hits)} hits ({result.model})")

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, task_progress
+from rsvl.errors import InputNotFoundError
 
 
 def register(app: typer.Typer) -> None:
@@ -35,9 +37,10 @@ def instances(
 ) -> None:
     """Find object instances: PNG overlay + GeoJSON for images; polygons in the source CRS
     (GeoPackage) and optionally an instance-id GeoTIFF for rasters."""
-    import rsvl
-    from rsvl.errors import InputNotFoundError
-    from rsvl.tasks.instances import instances as run_instances
+    import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.instances import (
+        instances as run_instances,  # lazy: torch start-up, see rsvl.cli
+    )
 
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
@@ -54,7 +57,6 @@ def instances(
         doc = [r.to_dict() for r in results]
         emit_json(doc if isinstance(result, list) else doc[0])
         return
-    from rich.console import Console
 
     console = Console(highlight=False)
     for r in results:

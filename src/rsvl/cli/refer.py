@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, task_progress
+from rsvl.errors import InputNotFoundError, UnknownModelError
 
 
 def register(app: typer.Typer) -> None:
@@ -34,11 +36,10 @@ def refer(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Segment the one object EXPRESSION refers to: mask, polygon with score, overlay."""
-    import rsvl
-    from rsvl.errors import InputNotFoundError, UnknownModelError
-    from rsvl.models.registry import get_card
-    from rsvl.tasks.refer import check_expression
-    from rsvl.tasks.refer import refer as run_refer
+    import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.models.registry import get_card  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.refer import check_expression  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.refer import refer as run_refer  # lazy: torch start-up, see rsvl.cli
 
     check_expression(expression)
     if not source.exists():
@@ -57,7 +58,6 @@ def refer(
     if as_json:
         emit_json(result.to_dict())
         return
-    from rich.console import Console
 
     console = Console(highlight=False)
     if result.found:

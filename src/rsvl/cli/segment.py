@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state, task_progress
+from rsvl.data.classes import load_classes
+from rsvl.errors import InputNotFoundError
 
 
 def register(app: typer.Typer) -> None:
@@ -49,10 +53,8 @@ def segment(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Segment RASTER into the given classes: class GeoTIFF, confidence, polygons, PNG overlay."""
-    import rsvl
-    from rsvl.data.classes import load_classes
-    from rsvl.errors import InputNotFoundError
-    from rsvl.tasks.segment import segment as run_segment
+    import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.segment import segment as run_segment  # lazy: torch start-up, see rsvl.cli
 
     if not raster.exists():
         raise InputNotFoundError(f"{raster}: no such file.", hint="Check the path.")
@@ -70,8 +72,6 @@ def segment(
     if as_json:
         emit_json(result.to_dict())
         return
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     console.print(f"{raster.name}: {result.tiles} tile(s), {result.seconds:.1f} s")

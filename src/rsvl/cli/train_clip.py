@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from rsvl.console import emit_json, state
+from rsvl.errors import GridError
 
 
 def register(train_app: typer.Typer) -> None:
@@ -53,11 +54,10 @@ def train_clip_command(
     Writes OUT/final.pt as {'state_dict': {'module.*'}}, loadable with
     `rsvl ... --model <card> --weights OUT/final.pt` and open_clip.
     """
-    # imported here: rsvl.train.clip imports Lightning, measured at 11-13 s, which every other
-    # rsvl command would pay at start-up
+    # lazy: rsvl.train.clip imports Lightning, measured at 11-13 s, which every other
+    # rsvl command would pay at start-up (torch too: see rsvl.cli)
     import torch
 
-    from rsvl.errors import GridError
     from rsvl.train.clip import DISTILL_TYPES, ClipTrainConfig, resolve_precision, train_clip
 
     if threads is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
 from rsvl.console import emit_json, state
+from rsvl.errors import PromptError, UnknownModelError
 
 
 def register(train_app: typer.Typer) -> None:
@@ -14,9 +16,7 @@ def register(train_app: typer.Typer) -> None:
 
 
 def _parse_config(items: list[str] | None) -> dict:
-    import json
 
-    from rsvl.errors import PromptError
 
     out: dict = {}
     for item in items or []:
@@ -61,12 +61,14 @@ def instances(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Train an instance segmentation model on a COCO dataset (train split; val split held out)."""
-    from rsvl.errors import PromptError
-    from rsvl.train.instances import INSTANCE_MODELS, InstanceTrainConfig, train_instances
+    from rsvl.train.instances import (  # lazy: torch start-up, see rsvl.cli
+        INSTANCE_MODELS,
+        InstanceTrainConfig,
+        train_instances,
+    )
 
     key = model.strip().lower().replace("_", "-")
     if key not in INSTANCE_MODELS:
-        from rsvl.errors import UnknownModelError
 
         raise UnknownModelError(f"Unknown instance model {model!r}.",
                                 hint=f"Use one of: {', '.join(INSTANCE_MODELS)}.")
