@@ -93,8 +93,12 @@ def imports_of(mod: str, path: Path) -> list[Import]:
             targets = [(a.name, ()) for a in node.names]
         else:
             continue
-        above = node.lineno - 2  # the comment block right above the statement counts too
-        while above >= 0 and lines[above].strip().startswith("#"):
+        # the comment block above the statement counts too, and one comment covers the
+        # group of imports below it (isort separates them by blank lines)
+        above = node.lineno - 2
+        while above >= 0 and (
+            not lines[above].strip() or lines[above].strip().startswith(("#", "import ", "from "))
+        ):
             above -= 1
         near = " ".join(lines[above + 1 : node.end_lineno or node.lineno])
         for target, names in targets:
