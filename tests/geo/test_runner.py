@@ -231,7 +231,7 @@ def test_real_landsat_scene_keeps_its_nodata_collar(tmp_path):
 
 
 def test_map_tiles_yields_every_tile_in_order_and_skips_invalid_ones(tmp_path):
-    from rsvl.geo.runner import map_tiles
+    from rsvl.geo.stream import map_tiles
 
     data = np.full((3, 100, 130), 50, np.uint8)
     data[:, :40, :] = 0  # nodata rows: the first tile row is empty, tiles of the second partly valid
@@ -264,7 +264,7 @@ def test_map_tiles_yields_every_tile_in_order_and_skips_invalid_ones(tmp_path):
 def test_map_tiles_stops_its_reader_when_the_consumer_stops_or_fails(tmp_path):
     import threading
 
-    from rsvl.geo.runner import map_tiles
+    from rsvl.geo.stream import map_tiles
 
     src = write_raster(tmp_path / "in.tif", np.full((3, 200, 200), 9, np.uint8))
     with RasterSource(src) as s:

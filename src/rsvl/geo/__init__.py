@@ -1,16 +1,8 @@
 """Rasters, tile grids, the streaming tiled runner and vectors. No torch, no models here."""
 
 from rsvl.geo.raster import RasterInfo, RasterSource, open_dataset, plan_bands
-from rsvl.geo.runner import (
-    RasterOutput,
-    RunResult,
-    TileBatch,
-    TiledRunner,
-    TileOutput,
-    TileStream,
-    map_tiles,
-    write_geotiff_from_array,
-)
+from rsvl.geo.runner import RasterOutput, RunResult, TiledRunner
+from rsvl.geo.stream import TileBatch, TileOutput, TileStream, map_tiles
 from rsvl.geo.tiles import TileGrid, blend_weights
 from rsvl.geo.vectors import (
     boxes_to_polygons,
@@ -20,6 +12,7 @@ from rsvl.geo.vectors import (
     polygonize_raster,
     write_vectors,
 )
+from rsvl.geo.writer import write_geotiff_from_array
 
 __all__ = [
     "RasterInfo",

@@ -37,44 +37,24 @@ import queue
 import shutil
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-from affine import Affine
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.shutil import copy as rio_copy
-from rasterio.windows import Window
 
 from rsvl import __version__
 from rsvl.errors import OutputError, PredictorError, ResumeError
 from rsvl.geo.raster import RasterSource
+from rsvl.geo.stream import Predictor, TileBatch, TileStream, drain, subset_batch
 from rsvl.geo.tiles import TileGrid, blend_weights
+from rsvl.geo.writer import Scratch, write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 
 STATE_VERSION = 1
 
 
-@dataclass
-class TileBatch:
-    """What a predictor receives: up to ``batch_size`` tiles of the working grid."""
-
-    images: np.ndarray  # (B, 3, T, T) uint8 RGB, zero outside the raster / where invalid
-    valid: np.ndarray  # (B, T, T) bool
-    windows: list[Window]  # pixel windows in the working grid
-    transforms: list[Affine]  # each tile's affine transform (CRS units)
-    positions: list[tuple[int, int]]  # (row, col) in the tile grid
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-
-Predictor = Callable[[TileBatch], Any]
-Advance = Callable[[int], None]
 Finalize = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -139,234 +119,9 @@ class RunResult:
         return d
 
 
-class Scratch:
-    """A raw (count, H, W) array in a file, written and read with positioned I/O.
-
-    Not a memory map on purpose: mapped pages count towards the process's resident memory,
-    and this array is as large as the scene.
-    """
-
-    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: str, create: bool) -> None:
-        self.path = Path(path)
-        self.shape = shape
-        self.dtype = np.dtype(dtype)
-        count, h, w = shape
-        size = count * h * w * self.dtype.itemsize
-        if create:
-            with open(self.path, "wb") as f:
-                f.truncate(size)
-        elif not self.path.exists() or self.path.stat().st_size != size:
-            raise ResumeError(
-                f"the scratch file {self.path} is missing or has the wrong size.",
-                hint="Run again without --resume to start over.",
-            )
-        self._fd = os.open(self.path, os.O_RDWR)
-
-    def _offset(self, band: int, row: int, col: int) -> int:
-        _, h, w = self.shape
-        return ((band * h + row) * w + col) * self.dtype.itemsize
-
-    def write(self, y: int, x: int, data: np.ndarray) -> None:
-        data = np.ascontiguousarray(data, dtype=self.dtype)
-        for b in range(data.shape[0]):
-            for i in range(data.shape[1]):
-                os.pwrite(self._fd, data[b, i].tobytes(), self._offset(b, y + i, x))
-
-    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
-        _, rows, cols = key
-        count = self.shape[0]
-        y0, y1, _ = rows.indices(self.shape[1])
-        x0, x1, _ = cols.indices(self.shape[2])
-        out = np.empty((count, y1 - y0, x1 - x0), self.dtype)
-        nbytes = (x1 - x0) * self.dtype.itemsize
-        for b in range(count):
-            for i, y in enumerate(range(y0, y1)):
-                buf = os.pread(self._fd, nbytes, self._offset(b, y, x0))
-                out[b, i] = np.frombuffer(buf, self.dtype)
-        return out
-
-    def flush(self) -> None:
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 def partial_dir_for(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     return p.parent / f".{p.name}.rsvl-partial"
-
-
-def tile_keep(valid: np.ndarray, min_valid: float | None) -> np.ndarray:
-    """Which tiles of a (B, T, T) validity stack go to the predictor.
-
-    ``min_valid`` None: every tile. A fraction: tiles with at least one valid pixel whose
-    valid fraction (padding outside the raster counts as invalid) is at least ``min_valid``.
-    """
-    flat = valid.reshape(len(valid), -1)
-    if min_valid is None:
-        return np.ones(len(valid), dtype=bool)
-    return flat.any(axis=1) & (flat.mean(axis=1) >= min_valid)
-
-
-class TileStream:
-    """Reads the tiles of ``grid`` in row-major order on a background thread, ``prefetch``
-    batches ahead, into a bounded queue; iterating yields ``(TileBatch, keep)`` where
-    ``keep`` (bool per tile, see :func:`tile_keep`) says which tiles to predict.
-
-    Use as a context manager: leaving it (normally, on an error or on Ctrl-C) stops and
-    joins the reader thread. ``read_wait`` is the time the consumer waited for tiles.
-    """
-
-    def __init__(
-        self,
-        source: RasterSource,
-        grid: TileGrid,
-        *,
-        batch_size: int = 4,
-        prefetch: int = 2,
-        start_row: int = 0,
-        min_valid: float | None = 0.0,
-    ) -> None:
-        if batch_size < 1:
-            raise PredictorError(f"batch size must be at least 1, got {batch_size}.")
-        self.source = source
-        self.grid = grid
-        self.batch_size = batch_size
-        self.start_row = start_row
-        self.min_valid = min_valid
-        self.read_wait = 0.0
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="rsvl-tile-reader", daemon=True)
-
-    def __enter__(self) -> TileStream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        _drain(self._queue, self._thread)
-
-    def __iter__(self) -> Iterator[tuple[TileBatch, np.ndarray]]:
-        while True:
-            t0 = time.perf_counter()
-            item = self._queue.get()
-            self.read_wait += time.perf_counter() - t0
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self) -> None:
-        try:
-            grid, T = self.grid, self.grid.tile
-            base = self.source.transform
-            with self.source.reader() as reader:
-                images, valids, windows, transforms, positions = [], [], [], [], []
-
-                def flush() -> bool:
-                    batch = TileBatch(
-                        np.stack(images), np.stack(valids), list(windows), list(transforms), list(positions)
-                    )
-                    for lst in (images, valids, windows, transforms, positions):
-                        lst.clear()
-                    return self._put((batch, tile_keep(batch.valid, self.min_valid)))
-
-                for r in range(self.start_row, grid.n_rows):
-                    for c in range(grid.n_cols):
-                        if self._stop.is_set():
-                            return
-                        win = grid.window(r, c)
-                        rgb, valid = reader.read(win)
-                        assert rgb.shape == (3, T, T)
-                        images.append(rgb)
-                        valids.append(valid)
-                        windows.append(win)
-                        transforms.append(base @ Affine.translation(win.col_off, win.row_off))
-                        positions.append((r, c))
-                        if len(images) == self.batch_size and not flush():
-                            return
-                if images and not flush():
-                    return
-            self._put(None)
-        except BaseException as exc:  # handed to the consumer
-            self._put(exc)
-
-
-@dataclass
-class TileOutput:
-    """One tile of a :func:`map_tiles` run and what the predictor said about it."""
-
-    position: tuple[int, int]  # (row, col) in the tile grid
-    window: Window  # in the working grid
-    transform: Affine  # the tile's own affine transform (CRS units)
-    valid: np.ndarray  # (T, T) bool
-    result: Any  # the predictor's output for this tile; None when it was not predicted
-
-    @property
-    def predicted(self) -> bool:
-        return self.result is not None
-
-    @property
-    def valid_fraction(self) -> float:
-        return float(self.valid.mean())
-
-
-def map_tiles(
-    source: RasterSource,
-    predict: Predictor,
-    *,
-    tile: int,
-    overlap: int = 0,
-    batch_size: int = 4,
-    prefetch: int = 2,
-    min_valid: float | None = 0.0,
-    progress: Advance | None = None,
-) -> Iterator[TileOutput]:
-    """Run ``predict`` over the tiles of ``source`` and yield one :class:`TileOutput` per tile,
-    in row-major order: the streaming loop of tasks whose per-tile results are not blended
-    rasters (classify per tile, index build, refer, instances).
-
-    ``predict(TileBatch)`` returns one result per tile of the batch it is given (an array
-    with a leading batch axis or a sequence); tiles that :func:`tile_keep` rejects are not
-    sent and come back with ``result`` None. ``progress(n)`` is called as tiles are done.
-    Tiles are read ahead on a background thread (:class:`TileStream`), so reading overlaps
-    prediction and memory holds a few batches, never the scene.
-    """
-    grid = TileGrid(source.width, source.height, tile, overlap)
-    with TileStream(source, grid, batch_size=batch_size, prefetch=prefetch, min_valid=min_valid) as stream:
-        for batch, keep in stream:
-            idx = np.flatnonzero(keep)
-            results: list[Any] = [None] * len(batch)
-            if len(idx):
-                sub = batch if len(idx) == len(batch) else _subset(batch, idx)
-                out = predict(sub)
-                if len(out) != len(idx):
-                    raise PredictorError(
-                        f"the predictor returned {len(out)} result(s) for a batch of {len(idx)} tile(s)."
-                    )
-                for j, i in enumerate(idx):
-                    results[i] = out[j]
-            for i in range(len(batch)):
-                yield TileOutput(batch.positions[i], batch.windows[i], batch.transforms[i], batch.valid[i], results[i])
-            if progress is not None:
-                progress(len(batch))
 
 
 class TiledRunner:
@@ -587,7 +342,7 @@ class TiledRunner:
         finally:
             stop.set()
             # Unblock the blender if it waits on a full queue, then let it finish.
-            _drain(blend_q, blender)
+            drain(blend_q, blender)
 
     def _blend_loop(self, key: str, inbox: queue.Queue[Any], stop: threading.Event, errors: list[BaseException]) -> None:
         try:
@@ -653,7 +408,7 @@ class TiledRunner:
                 idx = np.arange(len(batch))
             else:
                 return out
-        sub = batch if len(idx) == len(batch) else _subset(batch, idx)
+        sub = batch if len(idx) == len(batch) else subset_batch(batch, idx)
         t0 = time.perf_counter()
         result = self.predict(sub)
         self.stats["predict"] += time.perf_counter() - t0
@@ -749,103 +504,8 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event, failed: Callable
             continue
 
 
-def _drain(q: queue.Queue[Any], thread: threading.Thread) -> None:
-    """Empty ``q`` until ``thread`` (blocked on putting into it) has finished."""
-    while thread.is_alive():
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            pass
-        thread.join(timeout=0.05)
-
-
-def _subset(batch: TileBatch, idx: np.ndarray) -> TileBatch:
-    return TileBatch(
-        batch.images[idx],
-        batch.valid[idx],
-        [batch.windows[i] for i in idx],
-        [batch.transforms[i] for i in idx],
-        [batch.positions[i] for i in idx],
-    )
-
-
 def _as_array(result: Any) -> np.ndarray:
     if hasattr(result, "detach"):  # a torch tensor, without importing torch here
         result = result.detach().float().cpu().numpy()
     return np.asarray(result)
 
-
-def write_geotiff_from_array(
-    array: np.ndarray,
-    path: str | os.PathLike[str],
-    *,
-    crs: Any,
-    transform: Affine,
-    nodata: float | None = None,
-    compress: str = "deflate",
-    cog: bool = False,
-    tags: dict[str, str] | None = None,
-    descriptions: Sequence[str] | None = None,
-    colormap: dict[int, tuple[int, int, int, int]] | None = None,
-    overview_resampling: str = "nearest",
-    block: int = 512,
-    work_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Write a (count, H, W) array (e.g. a memmap) to a tiled compressed GeoTIFF or COG,
-    window by window, so the array never needs to be in memory at once.
-
-    The file appears under ``path`` only when complete.
-    """
-    path = Path(path)
-    count, H, W = array.shape
-    block = 256 if max(H, W) <= 1024 else block
-    dtype = np.dtype(array.dtype).name
-    profile = {
-        "driver": "GTiff",
-        "width": W,
-        "height": H,
-        "count": count,
-        "dtype": dtype,
-        "crs": crs,
-        "transform": transform,
-        "nodata": nodata,
-        "tiled": True,
-        "blockxsize": block,
-        "blockysize": block,
-        "compress": compress,
-        "BIGTIFF": "IF_SAFER",
-    }
-    if compress.lower() in ("deflate", "lzw", "zstd"):
-        profile["predictor"] = 3 if np.issubdtype(array.dtype, np.floating) else 2
-    work = Path(work_dir) if work_dir is not None else path.parent
-    with atomic_path(path) as final_tmp:
-        stage = work / f".{path.name}.gtiff.tmp" if cog else final_tmp
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(stage, "w", **profile) as dst:
-                    for y in range(0, H, block):
-                        h = min(block, H - y)
-                        for x in range(0, W, block):
-                            w = min(block, W - x)
-                            dst.write(np.asarray(array[:, y : y + h, x : x + w]), window=Window(x, y, w, h))
-                    if tags:
-                        dst.update_tags(**tags)
-                    if descriptions:
-                        for i, d in enumerate(descriptions, start=1):
-                            dst.set_band_description(i, d)
-                    if colormap and count == 1 and dtype == "uint8":
-                        dst.write_colormap(1, colormap)
-                if cog:
-                    rio_copy(
-                        stage,
-                        final_tmp,
-                        driver="COG",
-                        compress=compress,
-                        overview_resampling=overview_resampling,
-                        BIGTIFF="IF_SAFER",
-                    )
-        finally:
-            if cog:
-                Path(stage).unlink(missing_ok=True)
-    return path

@@ -30,6 +30,7 @@ from shapely.geometry import shape
 
 from rsvl.errors import NoCRSError, OutputError
 from rsvl.geo.raster import open_dataset
+from rsvl.io import atomic_path
 
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".parquet": "Parquet", ".geoparquet": "Parquet"}
 
@@ -256,16 +257,12 @@ def write_vectors(
         raise OutputError(f"{path.parent}: output folder does not exist.", hint="Create it first.")
     if to_crs is not None:
         if gdf.crs is None:
-
             raise NoCRSError(
                 "cannot reproject polygons that have no CRS (the input raster has none).",
                 hint="Drop the reprojection option, or assign a CRS to the raster first.",
             )
         gdf = gdf.to_crs(to_crs)
-    tmp = path.parent / f".{path.stem}.rsvl-tmp{path.suffix}"
-    if tmp.exists():
-        tmp.unlink()
-    try:
+    with atomic_path(path) as tmp:
         if driver == "Parquet":
             gdf.to_parquet(tmp)
         else:
@@ -275,8 +272,4 @@ def write_vectors(
                 if driver == "GPKG":
                     kwargs["layer"] = layer or path.stem
                 gdf.to_file(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -24,6 +24,7 @@ from pathlib import Path
 import huggingface_hub
 
 from rsvl.errors import WeightsChecksumError, WeightsNotFoundError
+from rsvl.io import atomic_path
 from rsvl.models.cards import ModelCard
 
 #: the installed rsvl package (bundled weights are relative to it)
@@ -261,10 +262,7 @@ def fetch(card: ModelCard, *, force: bool = False) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _missing(card, f"cannot create the cache folder {final.parent} ({exc})") from exc
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(final) as tmp:  # a failed or corrupt download never appears as `final`
         try:
             _download_to(card, tmp)
         except WeightsNotFoundError:
@@ -281,10 +279,7 @@ def fetch(card: ModelCard, *, force: bool = False) -> Path:
                 hint=f"Run `rsvl fetch {card.name}` again; if it keeps failing the file upstream "
                 "differs from the pinned one: " + _fetch_instructions(card),
             )
-        os.replace(tmp, final)
-        _write_marker(final, digest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_marker(final, digest)
     return final
 
 

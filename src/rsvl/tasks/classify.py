@@ -35,9 +35,10 @@ from rsvl.errors import (
     RasterReadError,
 )
 from rsvl.geo.raster import RasterSource
-from rsvl.geo.runner import TileBatch, map_tiles, write_geotiff_from_array
+from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import TileGrid
 from rsvl.geo.vectors import boxes_to_polygons, write_vectors
+from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.models.preprocess import square_image
 from rsvl.models.zeroshot import ZeroShotClassifier
 from rsvl.tasks.render import colormap_for
@@ -189,7 +190,7 @@ def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], setti
                      tile: int, top_k: int, batch_size: int, bands: Sequence[int] | None, gsd: float | None,
                      out: str | os.PathLike[str] | None, overwrite: bool,
                      progress: TaskProgress | None) -> ClassifyResult:
-    """Non-overlapping tiles through the streaming loop (:func:`rsvl.geo.runner.map_tiles`):
+    """Non-overlapping tiles through the streaming loop (:func:`rsvl.geo.stream.map_tiles`):
     what is kept per tile is its prediction and footprint, plus one label pixel per tile."""
     prefix = Path(out) if out is not None else Path.cwd() / src.stem
     if prefix.suffix.lower() in (".gpkg", ".tif"):

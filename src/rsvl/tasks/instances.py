@@ -18,7 +18,7 @@ probabilities) and names its classes in ``model.classes``.
   instance-id GeoTIFF ``PREFIX_instances.tif`` (0 = background); and a PNG overview.
 
 Tiles stream through the read-ahead loop of the tiled runner
-(:func:`rsvl.geo.runner.map_tiles`; tiles without a valid pixel are skipped) and what is
+(:func:`rsvl.geo.stream.map_tiles`; tiles without a valid pixel are skipped) and what is
 kept per tile is polygons, never masks; the instance-id GeoTIFF is rasterised block by
 block from the polygons while it is written.
 """
@@ -49,9 +49,10 @@ from shapely.strtree import STRtree
 from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
 from rsvl.geo.raster import RasterSource
-from rsvl.geo.runner import TileBatch, map_tiles, write_geotiff_from_array
+from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import TileGrid
 from rsvl.geo.vectors import mask_to_polygon, write_vectors
+from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 from rsvl.tasks.render import class_colours
 from rsvl.tasks.sources import find_images, is_georeferenced, no_images_message
@@ -331,7 +332,7 @@ def detect_tiles(predict: Callable[[Sequence[np.ndarray]], list[TileDetections]]
                  advance: Advance | None = None,
                  transform: Any = None) -> tuple[list[Piece], int]:
     """Run ``predict`` over the overlapping tiles of a :class:`RasterSource` through the
-    streaming loop (:func:`rsvl.geo.runner.map_tiles`); pieces in ``transform``'s
+    streaming loop (:func:`rsvl.geo.stream.map_tiles`); pieces in ``transform``'s
     coordinates (default: the source's map coordinates)."""
     if transform is None:
         transform = source.transform
@@ -355,7 +356,7 @@ def detect_tiles(predict: Callable[[Sequence[np.ndarray]], list[TileDetections]]
 class InstanceIds:
     """The (1, H, W) instance-id raster of ``pieces`` (ids 1..N in their order, 0 =
     background; a higher score wins overlapping pixels), rasterised one window at a time
-    when indexed: what :func:`rsvl.geo.runner.write_geotiff_from_array` reads block by block."""
+    when indexed: what :func:`rsvl.geo.writer.write_geotiff_from_array` reads block by block."""
 
     def __init__(self, pieces: Sequence[Piece], height: int, width: int, transform: Any) -> None:
         self.pieces = list(pieces)

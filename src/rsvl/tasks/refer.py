@@ -7,7 +7,7 @@ training), normalised, and the softmax probability of class 1 ("referred") is re
 
 * Small inputs (both sides <= ``tile``) go through whole.
 * Larger rasters are cut into tiles and streamed through the read-ahead loop of the tiled
-  runner (:func:`rsvl.geo.runner.map_tiles`: memory depends on the tile, not the scene;
+  runner (:func:`rsvl.geo.stream.map_tiles`: memory depends on the tile, not the scene;
   tiles without a valid pixel are skipped); every tile proposes candidate objects, and the
   task returns the best one. The model only ever sees
   one tile, so "the leftmost ..." is judged within a tile.
@@ -54,9 +54,10 @@ from scipy import ndimage
 from rsvl.console import TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
 from rsvl.geo.raster import RasterSource
-from rsvl.geo.runner import TileBatch, map_tiles, write_geotiff_from_array
+from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import TileGrid
 from rsvl.geo.vectors import mask_to_polygon, write_vectors
+from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 from rsvl.tasks.render import overlay_png
 
@@ -310,7 +311,7 @@ def _write_json(doc: dict[str, Any], path: Path) -> None:
 
 class PaintedMask:
     """The (1, H, W) uint8 mask of the kept candidates, painted one window at a time when
-    indexed (what :func:`rsvl.geo.runner.write_geotiff_from_array` reads block by block)."""
+    indexed (what :func:`rsvl.geo.writer.write_geotiff_from_array` reads block by block)."""
 
     dtype = np.dtype(np.uint8)
 

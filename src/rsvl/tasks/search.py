@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, ModelMismatchError, PromptError, RasterReadError
 from rsvl.geo.raster import RasterSource, gsd_of, open_dataset
-from rsvl.geo.runner import TileBatch, map_tiles
+from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import TileGrid
 from rsvl.geo.vectors import boxes_to_polygons, write_vectors
 from rsvl.index.store import (
@@ -176,7 +176,7 @@ def _embed_raster(
     min_valid: float, batch_size: int, advance: Advance,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """(metadata row, embedding) per tile of a raster whose valid fraction is at least
-    ``min_valid``, through the streaming loop (:func:`rsvl.geo.runner.map_tiles`)."""
+    ``min_valid``, through the streaming loop (:func:`rsvl.geo.stream.map_tiles`)."""
     foot = _Footprints(rs.crs, rs.transform)
     crs = _crs_text(rs.crs)
 
@@ -212,7 +212,7 @@ def embed_sources(
     """Embed the planned sources: (N, D) float32 vectors and N metadata rows, in order.
 
     Whole images are embedded in batches of ``batch_size``; the tiles of a raster stream
-    through :func:`rsvl.geo.runner.map_tiles` (read ahead, nodata tiles skipped), so what is
+    through :func:`rsvl.geo.stream.map_tiles` (read ahead, nodata tiles skipped), so what is
     kept per tile is its embedding and metadata, never pixels. ``advance(n)`` is called as
     images and tiles (skipped ones included) are done.
     """

@@ -33,7 +33,8 @@ from rsvl.console import TaskProgress, progress_scope, state
 from rsvl.data.classes import ClassSpec, format_class_list
 from rsvl.errors import OutputError, PromptError
 from rsvl.geo.raster import RasterSource, open_dataset
-from rsvl.geo.runner import RasterOutput, TileBatch, TiledRunner
+from rsvl.geo.runner import RasterOutput, TiledRunner
+from rsvl.geo.stream import TileBatch
 from rsvl.geo.tiles import TileGrid
 from rsvl.geo.vectors import polygonize_raster, write_vectors
 from rsvl.models.zeroshot import pool_synonyms, resolve_templates, text_classifier
