@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsvl.data._common import CheckedSamples, load_json, read_csv_pairs, require_dir, require_file
+from rsvl.data.common import CheckedSamples, load_json, read_csv_pairs, require_dir, require_file
 from rsvl.errors import DatasetError
 
 __all__ = [

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from rsvl.data._common import check_image, load_json, require_dir
+from rsvl.data.common import check_image, load_json, require_dir
 from rsvl.data.refgen import split_images
 from rsvl.errors import DatasetError, InputNotFoundError
 

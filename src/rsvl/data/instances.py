@@ -28,7 +28,7 @@ import rasterio
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from rsvl.data._common import require_dir
+from rsvl.data.common import require_dir
 from rsvl.errors import DatasetError
 from rsvl.io import IMAGE_SUFFIXES, write_text
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rsvl.data._common import CheckedSamples, load_json
+from rsvl.data.common import CheckedSamples, load_json
 from rsvl.errors import DatasetError
 
 __all__ = [

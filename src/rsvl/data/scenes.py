@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rsvl.data._common import (
+from rsvl.data.captions import RetrievalSet
+from rsvl.data.common import (
     CheckedSamples,
     check_image,
     load_json,
@@ -20,7 +21,6 @@ from rsvl.data._common import (
     require_dir,
     require_file,
 )
-from rsvl.data.captions import RetrievalSet
 from rsvl.errors import DatasetError
 from rsvl.io import IMAGE_SUFFIXES, is_image_file
 from rsvl.io import read_rgb as _read_any_rgb

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rsvl.data._common import require_dir
+from rsvl.data.common import require_dir
 from rsvl.data.scenes import read_rgb
 from rsvl.errors import DatasetError
 from rsvl.io import IMAGE_SUFFIXES, is_image_file

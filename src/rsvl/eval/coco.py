@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from rsvl.data._common import load_json
 from rsvl.data.coco import detections_to_coco, open_coco, split_ids
+from rsvl.data.common import load_json
 from rsvl.errors import DatasetError
 from rsvl.eval.results import (
     EvalResult,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rsvl.data._common import require_dir
+from rsvl.data.common import require_dir
 from rsvl.data.refer import RRSISD, RefSegRS
 from rsvl.errors import DatasetError
 from rsvl.eval.results import (

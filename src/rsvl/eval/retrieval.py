@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsvl.data._common import load_json
 from rsvl.data.captions import KarpathyCaptionDataset, RetrievalCsvDataset, RetrievalSet
+from rsvl.data.common import load_json
 from rsvl.data.scenes import UCMJsonDataset
 from rsvl.errors import DatasetError
 from rsvl.eval.results import (

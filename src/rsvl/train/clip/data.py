@@ -23,8 +23,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torch.utils.data import Dataset
 
-from rsvl.data._common import check_image, load_json
 from rsvl.data.captions import KarpathyCaptionDataset, RetrievalCsvDataset
+from rsvl.data.common import check_image, load_json
 from rsvl.data.mgrs import MgrsDataset, MgrsRegion, is_mgrs_json, select_regions
 from rsvl.data.scenes import UCMJsonDataset
 from rsvl.errors import DatasetError
