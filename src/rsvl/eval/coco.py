@@ -15,6 +15,7 @@ from rsvl.errors import DatasetError
 from rsvl.eval.results import (
     EvalResult,
     base_settings,
+    finish,
     model_settings,
     subset_indices,
 )
@@ -45,8 +46,7 @@ def run_coco(
             "n_detections": len(dets),
         }
     )
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("coco", metrics, settings)
+    return finish("coco", metrics, settings, t0)
 
 
 def run_coco_model(
@@ -107,5 +107,4 @@ def run_coco_model(
     settings.update({"split": split, "val_fraction": val_fraction, "seed": seed,
                      "n_samples": len(ids), "n_detections": len(dets), "max_dets": max_dets,
                      "detections": None if detections_out is None else str(detections_out)})
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("coco", metrics, settings)
+    return finish("coco", metrics, settings, t0)

@@ -20,7 +20,9 @@ from rsvl.eval.results import (
     EvalResult,
     Progress,
     base_settings,
+    finish,
     model_settings,
+    sample_settings,
     subset_indices,
 )
 from rsvl.metrics import ConfusionMatrix, segmentation_report
@@ -269,12 +271,7 @@ def run_ovss(
             "binary_labels": ds.binary,
             "ignore_index": ds.ignore_index,
             "background_counted": True,
-            "n_samples": len(idx),
-            "n_dataset": len(ds),
-            "limit": limit,
-            "subset": "evenly spaced" if len(idx) < len(ds) else "all",
-            "batch_size": batch_size,
         }
     )
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("ovss", report, settings)
+    settings.update(sample_settings(len(idx), len(ds), limit, batch_size))
+    return finish("ovss", report, settings, t0)

@@ -19,6 +19,7 @@ from rsvl.eval.results import (
     EvalResult,
     Progress,
     base_settings,
+    finish,
     model_settings,
     subset_indices,
 )
@@ -100,8 +101,7 @@ def run_refer(
             "missing": missing,
         }
     )
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("refer", metrics, settings)
+    return finish("refer", metrics, settings, t0)
 
 
 REFER_DATA_LAYOUT = ("a REFER-format root (RRSIS-D layout: ROOT/rrsisd/refs(unc).p, "
@@ -204,5 +204,4 @@ def run_refer_model(
         "limit": limit,
         "batch_size": batch_size,
     })
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("refer", metrics, settings)
+    return finish("refer", metrics, settings, t0)

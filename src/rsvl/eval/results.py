@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,3 +149,21 @@ def subset_indices(n: int, limit: int | None) -> np.ndarray:
 def load_square(path: Path, size: int) -> np.ndarray:
 
     return square_image(np.ascontiguousarray(read_rgb(path).transpose(2, 0, 1)), size)
+
+
+def sample_settings(n_used: int, n_dataset: int, limit: int | None, batch_size: int) -> dict[str, Any]:
+    """The settings every protocol records about which samples it scored and how."""
+    return {
+        "n_samples": n_used,
+        "n_dataset": n_dataset,
+        "limit": limit,
+        "subset": "evenly spaced" if n_used < n_dataset else "all",
+        "batch_size": batch_size,
+    }
+
+
+def finish(task: str, metrics: dict[str, Any], settings: dict[str, Any], t0: float) -> EvalResult:
+    """The protocol's :class:`EvalResult`, with the wall time since ``t0`` in its settings."""
+    settings["seconds"] = round(time.perf_counter() - t0, 3)
+    return EvalResult(task, metrics, settings)
+

@@ -17,8 +17,10 @@ from rsvl.eval.results import (
     EvalResult,
     Progress,
     base_settings,
+    finish,
     load_square,
     model_settings,
+    sample_settings,
     subset_indices,
 )
 from rsvl.metrics import retrieval_recall
@@ -113,13 +115,8 @@ def run_retrieval(
             "dedup_texts": dedup_texts,
             "image_size": size,
             "preprocess": "short side resized to image_size (bilinear, antialias), centre crop",
-            "n_samples": len(samples),
-            "n_dataset": len(ds.samples),
-            "limit": limit,
-            "subset": "evenly spaced" if len(samples) < len(ds.samples) else "all",
             "ks": [1, 5, 10],
-            "batch_size": batch_size,
         }
     )
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("retrieval", metrics, settings)
+    settings.update(sample_settings(len(samples), len(ds.samples), limit, batch_size))
+    return finish("retrieval", metrics, settings, t0)

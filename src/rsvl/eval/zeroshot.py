@@ -16,9 +16,11 @@ from rsvl.eval.results import (
     EvalResult,
     Progress,
     base_settings,
+    finish,
     load_square,
     model_settings,
     prompt_name,
+    sample_settings,
     subset_indices,
 )
 from rsvl.metrics import zeroshot_report
@@ -113,12 +115,7 @@ def run_zeroshot(
             "logit_scale": float(model.logit_scale),
             "image_size": size,
             "preprocess": "short side resized to image_size (bilinear, antialias), centre crop",
-            "n_samples": len(samples),
-            "n_dataset": len(ds),
-            "limit": limit,
-            "subset": "evenly spaced" if len(samples) < len(ds) else "all",
-            "batch_size": batch_size,
         }
     )
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return EvalResult("zeroshot", report, settings)
+    settings.update(sample_settings(len(samples), len(ds), limit, batch_size))
+    return finish("zeroshot", report, settings, t0)
