@@ -1,7 +1,8 @@
 """RSPrompter-anchor: RoI features of a Mask R-CNN style detector prompt SAM's mask decoder.
 
-Note (kept as it is; tracked separately): the RoI poolers (``MultiScaleRoIAlign``) use
-torchvision's default ``aligned=False``.
+Both RoI poolers (7x7 for the box branch, 14x14 for the prompt branch, ``sampling_ratio=0``)
+sample as upstream's mmcv ``RoIAlign`` does, with ``aligned=True``
+(:class:`~rsvl.models.rsprompter.roi_pool.AlignedMultiScaleRoIAlign`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import Tensor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign
 
 from rsvl.models.rsprompter.prompts import RoIPromptHead, sine_positional_encoding
+from rsvl.models.rsprompter.roi_pool import AlignedMultiScaleRoIAlign
 from rsvl.models.rsprompter.transforms import boxes_to_original, masks_to_original, prepare_batch
 from rsvl.models.rsprompter.trunk import FPN_STRIDES, SamTrunk, build_rpn, level_names
 from rsvl.models.sam.sam import Sam
@@ -27,7 +28,7 @@ from rsvl.models.sam.sam import Sam
 class _PromptRoIHeads(RoIHeads):
     """torchvision RoIHeads whose mask branch prompts SAM's decoder (full-image BCE)."""
 
-    def __init__(self, *args: Any, mask_roi_pool: MultiScaleRoIAlign, prompt_head: RoIPromptHead,
+    def __init__(self, *args: Any, mask_roi_pool: AlignedMultiScaleRoIAlign, prompt_head: RoIPromptHead,
                  pe_channels: int, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.prompt_roi_pool = mask_roi_pool
@@ -110,12 +111,12 @@ class RSPrompterAnchor(SamTrunk):
         self.rpn = build_rpn(c, [[s * st for s in anchor_scales] for st in FPN_STRIDES])
         names = level_names(4)
         self.roi_heads = _PromptRoIHeads(
-            MultiScaleRoIAlign(names, 7, 0),
+            AlignedMultiScaleRoIAlign(names, 7, 0),
             TwoMLPHead(c * 49, representation_size),
             FastRCNNPredictor(representation_size, num_classes + 1),
             0.5, 0.5, rcnn_batch_size, 0.25, (10.0, 10.0, 5.0, 5.0),
             score_thresh, nms_thresh, detections_per_img,
-            mask_roi_pool=MultiScaleRoIAlign(names, 14, 0),
+            mask_roi_pool=AlignedMultiScaleRoIAlign(names, 14, 0),
             prompt_head=RoIPromptHead(c, sam.config.prompt_embed_dim, 14, num_points),
             pe_channels=c,
         )

@@ -1,7 +1,9 @@
 """ViTDet-style simple feature pyramid on the aggregated SAM features.
 
-Note (kept as it is; tracked separately): the pyramid's ``LayerNorm2d`` use SAM's default eps
-(1e-6), which may differ from upstream MMCV's LN2d eps.
+Upstream's ``RSSimpleFPN`` builds its norms with ``norm_cfg=dict(type='LN2d')`` through mmcv's
+``build_norm_layer``, which sets ``eps=1e-5`` when the config gives none; so every
+``LayerNorm2d`` here uses eps 1e-5 (:data:`LN_EPS`), not the 1e-6 default of SAM's own
+``LayerNorm2d`` (the SAM neck keeps that one).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from torch import Tensor, nn
 
 from rsvl.models.sam.common import LayerNorm2d
 
+#: eps of the pyramid's LayerNorm2d: mmcv ``build_norm_layer``'s default (upstream's config sets none)
+LN_EPS = 1e-5
+
 
 class _ConvLN(nn.Module):
     """Conv (no bias) + LayerNorm2d; attribute names as MMCV's ConvModule with LN2d."""
@@ -18,7 +23,7 @@ class _ConvLN(nn.Module):
     def __init__(self, cin: int, cout: int, k: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
-        self.norm_layer = LayerNorm2d(cout)
+        self.norm_layer = LayerNorm2d(cout, eps=LN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm_layer(self.conv(x))
@@ -31,7 +36,8 @@ class SimpleFPN(nn.Module):
         super().__init__()
         c = backbone_channel
         self.fpn1 = nn.Sequential(
-            nn.ConvTranspose2d(c, c // 2, 2, 2), LayerNorm2d(c // 2), nn.GELU(), nn.ConvTranspose2d(c // 2, c // 4, 2, 2)
+            nn.ConvTranspose2d(c, c // 2, 2, 2), LayerNorm2d(c // 2, eps=LN_EPS), nn.GELU(),
+            nn.ConvTranspose2d(c // 2, c // 4, 2, 2),
         )
         self.fpn2 = nn.Sequential(nn.ConvTranspose2d(c, c // 2, 2, 2))
         self.fpn3 = nn.Sequential(nn.Identity())

@@ -1,4 +1,9 @@
-"""SAM-det baseline: a torchvision Faster R-CNN whose boxes prompt a frozen SAM at test time."""
+"""SAM-det baseline: a torchvision Faster R-CNN whose boxes prompt a frozen SAM at test time.
+
+The box head pools 7x7 RoIs as upstream's MMDetection Faster R-CNN does (mmcv ``RoIAlign``,
+``sampling_ratio=0``, ``aligned=True``) rather than with torchvision's default pooler
+(``sampling_ratio=2``, ``aligned=False``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from rsvl.models.rsprompter.lora import freeze
+from rsvl.models.rsprompter.roi_pool import AlignedMultiScaleRoIAlign
 from rsvl.models.rsprompter.transforms import check_images, masks_to_original, prepare_batch
 from rsvl.models.sam.sam import Sam
 
@@ -32,6 +38,7 @@ class SamDet(nn.Module):
             body = backbone
         size = sam.img_size
         c = body.out_channels
+        detector_kw.setdefault("box_roi_pool", AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 0))
         self.detector = FasterRCNN(
             body, min_size=min_size or size, max_size=max_size or size,
             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],

@@ -1,7 +1,9 @@
 """SAM-seg baseline: frozen SAM ViT + aggregator + FPN + a Mask R-CNN (or Mask2Former) head.
 
-Note (kept as it is; tracked separately): the RoI poolers (``MultiScaleRoIAlign``) use
-torchvision's default ``aligned=False``.
+The Mask R-CNN head's RoI poolers (7x7 box, 14x14 mask, ``sampling_ratio=0``) sample as
+upstream's mmcv ``RoIAlign`` does, with ``aligned=True``
+(:class:`~rsvl.models.rsprompter.roi_pool.AlignedMultiScaleRoIAlign`); the Mask2Former head
+pools no RoIs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
-from torchvision.ops import MultiScaleRoIAlign
 
 from rsvl.errors import UnknownModelError
 from rsvl.models.rsprompter.losses import QueryLosses
 from rsvl.models.rsprompter.query_head import QueryHead, query_predictions
+from rsvl.models.rsprompter.roi_pool import AlignedMultiScaleRoIAlign
 from rsvl.models.rsprompter.transforms import boxes_to_original, prepare_batch
 from rsvl.models.rsprompter.trunk import FPN_STRIDES, SamTrunk, build_rpn, level_names
 from rsvl.models.sam.sam import Sam
@@ -45,10 +47,10 @@ class SamSeg(SamTrunk):
             self.rpn = build_rpn(c, [[8 * st] for st in FPN_STRIDES])
             names = level_names(4)
             self.roi_heads = RoIHeads(
-                MultiScaleRoIAlign(names, 7, 0), TwoMLPHead(c * 49, representation_size),
+                AlignedMultiScaleRoIAlign(names, 7, 0), TwoMLPHead(c * 49, representation_size),
                 FastRCNNPredictor(representation_size, num_classes + 1),
                 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0), 0.05, 0.5, 100,
-                mask_roi_pool=MultiScaleRoIAlign(names, 14, 0),
+                mask_roi_pool=AlignedMultiScaleRoIAlign(names, 14, 0),
                 mask_head=MaskRCNNHeads(c, [mask_head_channels] * 4, 1),
                 mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
             )
