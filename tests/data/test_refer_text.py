@@ -60,7 +60,7 @@ def test_word_tokenize() -> None:
 # Hand-tagged expressions (Penn Treebank tags; position words as NLTK's tagger treats them).
 HAND_TAGGED = [
     "the/DT storage/NN tank/NN on/IN the/DT left/NN",
-    "the/DT ship/NN in/IN the/DT upper/JJ left/VBD",
+    "the/DT ship/NN in/IN the/DT upper/JJ left/NN",
     "the/DT airplane/NN in/IN the/DT lower/JJR left/VBD",
     "the/DT bridge/NN at/IN the/DT bottom/NN",
     "the/DT largest/JJS ship/NN",
@@ -81,7 +81,7 @@ HAND_TAGGED = [
     "a/DT ground/NN track/NN field/NN in/IN the/DT center/NN",
     "the/DT large/JJ ship/NN docked/VBN in/IN the/DT harbor/NN",
     "the/DT rightmost/JJ of/IN the/DT two/CD bridges/NNS",
-    "the/DT expressway/NN service/NN area/NN at/IN the/DT top/JJ left/VBD",
+    "the/DT expressway/NN service/NN area/NN at/IN the/DT top/JJ left/NN",
     "vehicles/NNS along/IN the/DT road/NN",
     "the/DT round/JJ chimney/NN and/CC the/DT dam/NN",
     "the/DT topmost/JJ of/IN the/DT five/CD vehicles/NNS",
@@ -106,6 +106,21 @@ def test_tagger_accuracy_on_hand_tagged_expressions() -> None:
                 wrong.append(f"{w}: {tag} (gold {gold})")
     assert total > 150
     assert right / total >= 0.97, wrong
+
+
+# "left" after a corner word, as NLTK's tagger reads it: a noun after "upper", "top" and
+# "far", the verb VBD after "lower", "bottom" and "middle"; "right" is a noun after all six.
+CORNER_TAGS = [("upper", "NN"), ("top", "NN"), ("far", "NN"), ("lower", "VBD"), ("bottom", "VBD"),
+               ("middle", "VBD")]
+
+
+@pytest.mark.parametrize("corner, left_tag", CORNER_TAGS)
+def test_left_and_right_after_a_corner_word(corner: str, left_tag: str) -> None:
+    for prep in ("in", "on", "at"):
+        words = ["the", "ship", prep, "the", corner, "left"]
+        tags = [t for _, t in pos_tag(words)]
+        assert tags[:4] == ["DT", "NN", "IN", "DT"] and tags[-1] == left_tag
+        assert pos_tag([*words[:-1], "right"])[-1] == ("right", "NN")
 
 
 # ------------------------------------------------------------------ chunker
@@ -134,8 +149,22 @@ def test_chunker_rejects_unsupported_grammar() -> None:
         RegexpChunker("NP: }<DT>{")
 
 
+def test_corner_phrases_keep_the_whole_spatial_phrase() -> None:
+    # "left" a noun: IN DT JJ NN, one phrase with the position word
+    assert spatial_phrases("the ship in the upper left") == ["in the upper left"]
+    assert spatial_phrases("the car on the top left") == ["on the top left"]
+    assert spatial_phrases("the car at the top left") == ["at the top left"]
+    # "left" a verb: after JJR the third rule takes it; after JJ the second rule stops first
+    assert spatial_phrases("the ship in the lower left") == ["in the lower left"]
+    assert spatial_phrases("the ship at the bottom left") == ["at the bottom"]
+    assert spatial_phrases("the ship in the middle left") == ["in the middle"]
+    # "right" is a noun after every corner word
+    for corner in ("upper", "top", "lower", "bottom", "middle"):
+        assert spatial_phrases(f"the ship in the {corner} right") == [f"in the {corner} right"]
+
+
 def test_spatial_phrases_drop_of_substring() -> None:
-    assert spatial_phrases("the ship in the upper left") == ["in the upper"]
+    assert spatial_phrases("the ship in the upper left") == ["in the upper left"]
     assert spatial_phrases("the storage tank in the lower left") == ["in the lower left"]
     assert spatial_phrases("the leftmost of the three tanks") == []
     # upstream drops any phrase containing the substring "of": "roof" too
@@ -162,11 +191,34 @@ def test_upstream_wordpiece_offset_quirk(tokenizer) -> None:
 def test_upstream_class_word_split_and_grammar(tokenizer) -> None:
     # [CLS] the wind ##mill in the upper left [SEP]
     m = text_role_masks("the windmill in the upper left", tokenizer)
-    assert _on(m.target_mask) == [2]           # one word -> one position: "wind" only
-    assert _on(m.position_mask) == [3, 4, 5]   # "in the upper" shifted onto "##mill in the"
+    assert _on(m.target_mask) == [2]              # one word -> one position: "wind" only
+    assert _on(m.position_mask) == [3, 4, 5, 6]   # "in the upper left" shifted onto "##mill in the upper"
     c = text_role_masks("the windmill in the upper left", tokenizer, alignment="corrected")
     assert _on(c.target_mask) == [2, 3]
-    assert _on(c.position_mask) == [4, 5, 6]
+    assert _on(c.position_mask) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "sentence, upstream, corrected",
+    [
+        # [CLS] the ship in the upper left [SEP]: the phrase covers all four words
+        ("the ship in the upper left", [3, 4, 5, 6], [3, 4, 5, 6]),
+        # [CLS] the car on the top left [SEP]
+        ("the car on the top left", [3, 4, 5, 6], [3, 4, 5, 6]),
+        # [CLS] the base ##ball field on the top left [SEP]: upstream shifts by one piece
+        ("the baseball field on the top left", [4, 5, 6, 7], [5, 6, 7, 8]),
+        # verb cases: "left" is VBD
+        ("the ship in the lower left", [3, 4, 5, 6], [3, 4, 5, 6]),
+        ("the ship at the bottom left", [3, 4, 5], [3, 4, 5]),
+        ("the ship in the middle left", [3, 4, 5], [3, 4, 5]),
+    ],
+)
+def test_corner_phrase_position_masks(tokenizer, sentence: str, upstream: list[int],
+                                      corrected: list[int]) -> None:
+    m = text_role_masks(sentence, tokenizer)
+    assert not m.position_fallback
+    assert _on(m.position_mask) == upstream
+    assert _on(text_role_masks(sentence, tokenizer, alignment="corrected").position_mask) == corrected
 
 
 def test_upstream_first_occurrence_and_multiple_classes(tokenizer) -> None:

@@ -232,6 +232,9 @@ _POSITION_HEADS = {"left", "right", "top", "bottom", "middle", "center", "centre
                    "back", "rear"}
 _CORNER_MODIFIERS = {"upper", "lower", "top", "bottom", "far", "middle", "center", "centre",
                      "leftmost", "rightmost", "topmost", "bottommost"}
+#: corner words after which NLTK's tagger reads "left" as a noun (after the other corner words,
+#: "lower", "bottom", "middle", it reads it as the verb VBD)
+_LEFT_NOUN_AFTER = {"upper", "top", "far"}
 _PUNCT_TAGS = {".": ".", ",": ",", ":": ":", ";": ":", "!": ".", "?": ".", "(": "(",
                ")": ")", "\"": "''", "'": "''", "`": "``", "-": ":", "--": ":"}
 
@@ -276,12 +279,15 @@ def pos_tag(words: Sequence[str]) -> list[tuple[str, str]]:
 
     Built to give NLTK's ``pos_tag`` answer on the words that decide upstream's spatial
     grammar (prepositions, determiners, adjectives, nouns, position words). Position words
-    follow what NLTK's perceptron tagger is known to do with them: a position word after a
-    determiner is a noun ("on the left" -> IN DT NN), one that modifies a following noun or
-    position word is an adjective ("the left side", "the top left"), and "left" after a
-    modifier ("upper left", "lower left") is tagged VBD, which is why upstream's grammar
-    has a ``<JJ.*><VBD>`` rule. These context rules are best guesses: NLTK's data could not
-    be run here to confirm them.
+    follow what NLTK's perceptron tagger does with them: a position word after a determiner
+    is a noun ("on the left" -> IN DT NN), one that modifies a following noun or position
+    word is an adjective ("the left side", "the top left"). "left" after a corner word is a
+    noun after "upper", "top" and "far" ("in the upper left" -> IN DT JJ NN, one phrase) but
+    the verb VBD after "lower", "bottom" and "middle" ("in the lower left" -> IN DT JJR VBD,
+    which is why upstream's grammar has a ``<JJ.*><VBD>`` rule; "at the bottom left" ->
+    IN DT JJ VBD, whose phrase stops at "bottom"); "right" after a corner word is a noun.
+    The corner rule was checked against NLTK's tags on rsvl's generated expressions; the
+    other context rules are best guesses, not confirmed against NLTK's data.
     """
     lowered = [w.lower() for w in words]
     tags: list[str] = []
@@ -295,7 +301,7 @@ def pos_tag(words: Sequence[str]) -> list[tuple[str, str]]:
         tag: str | None
         if w in ("left", "right"):
             if prev in _CORNER_MODIFIERS:
-                tag = "VBD" if w == "left" else "NN"
+                tag = "VBD" if w == "left" and prev not in _LEFT_NOUN_AFTER else "NN"
             elif nxt_nounish and nxt not in _POSITION_HEADS:
                 tag = "JJ"  # "the left side", "the right bank"
             else:
