@@ -27,7 +27,7 @@ def classify(
     labels_file: Path = typer.Option(None, "--labels-file", help="Class file: one class per line, synonyms separated by commas."),
     model: str = typer.Option("mini-clip", "--model", "-m", help="Model name (see `rsvl models`)."),
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
-    templates: str = typer.Option(None, "--templates", help="'imagenet', 'farslip', or one template with {} (default: the model's)."),
+    templates: str = typer.Option(None, "--templates", help="'imagenet', 'farslip', or one template with {} (default: the model's). Templates only: the scale stays the model's."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to report per image."),
     tile: int = typer.Option(None, "--tile", help="Classify a grid of tiles of this size (default for georeferenced rasters: the model's input size)."),
     gsd: float = typer.Option(None, "--gsd", help="Resample rasters to this GSD (metres) first."),
@@ -39,7 +39,13 @@ def classify(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Zero-shot classification: top-k labels per image, or per tile of a raster."""
+    """Zero-shot classification: top-k labels per image, or per tile of a raster.
+
+    Scores are softmax over the classes of the model's own logit scale x cosine similarity
+    (exp of the scale the checkpoint learned, capped at 100), also with --templates
+    farslip. FarSLIP's benchmark protocol (rsvl eval zeroshot --templates farslip) fixes the
+    scale at 100 instead: same ranking, other probabilities.
+    """
     import rsvl  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.classify import classify as run_classify  # lazy: torch start-up, see rsvl.cli
 

@@ -1,4 +1,11 @@
-"""Zero-shot scene classification: FarSLIP's protocol (templates averaged per class, top-1/top-5, per-class accuracy)."""
+"""Zero-shot scene classification: FarSLIP's protocol (templates averaged per class, top-1/top-5, per-class accuracy).
+
+With ``templates="farslip"`` the whole protocol is FarSLIP's: its two templates and scores
+``softmax(100 x cosine)`` (:data:`~rsvl.models.zeroshot.FARSLIP_LOGIT_SCALE`), not the
+checkpoint's own logit scale; other templates score with the model's scale. Either way the
+ranking (top-1, top-5, per-class accuracy) is the same; the scale used is recorded in the
+settings (``logit_scale``, ``logit_scale_source``).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from rsvl.eval.results import (
     subset_indices,
 )
 from rsvl.metrics import zeroshot_report
-from rsvl.models.zeroshot import ZeroShotClassifier
+from rsvl.models.zeroshot import FARSLIP_LOGIT_SCALE, ZeroShotClassifier
 
 SCENE_LAYOUTS = (
     "a ucm.json index (or a folder holding one): {'classes': [...], 'samples': [{'image', 'label', "
@@ -79,8 +86,12 @@ def run_zeroshot(
     model_name: str | None = None,
     weights: str | Path | None = None,
     progress: Progress = None,
+    logit_scale: float | None = None,
 ) -> EvalResult:
-    """Zero-shot scene classification (FarSLIP / SkyScript protocol); see module doc."""
+    """Zero-shot scene classification (FarSLIP / SkyScript protocol); see module doc.
+
+    ``logit_scale`` None = the protocol's: 100 with ``templates="farslip"``, else the model's.
+    """
     t0 = time.perf_counter()
     ds, layout, used_split = open_scene_dataset(dataset_path, split, classes_file)
     prompts = [prompt_name(c) for c in ds.classes]
@@ -88,7 +99,13 @@ def run_zeroshot(
     if dup:
         raise PromptError(f"Two classes have the same prompt name {sorted(dup)[0]!r}.")
     specs = [ClassSpec(p, (p,)) for p in prompts]
-    clf = ZeroShotClassifier(model, specs, templates)
+    if logit_scale is not None:
+        scale_source = "given"
+    elif isinstance(templates, str) and templates.strip().lower() == "farslip":
+        logit_scale, scale_source = FARSLIP_LOGIT_SCALE, "farslip protocol (fixed 100 x cosine)"
+    else:
+        scale_source = "model"
+    clf = ZeroShotClassifier(model, specs, templates, logit_scale=logit_scale)
     idx = subset_indices(len(ds), limit)
     samples = [ds.samples[i] for i in idx]
     ds_labels = np.asarray([s.label for s in samples], np.int64)
@@ -112,7 +129,8 @@ def run_zeroshot(
             "classes": list(ds.classes),
             "prompt_names": prompts,
             "templates": list(clf.templates),
-            "logit_scale": float(model.logit_scale),
+            "logit_scale": clf.logit_scale,
+            "logit_scale_source": scale_source,
             "image_size": size,
             "preprocess": "short side resized to image_size (bilinear, antialias), centre crop",
         }

@@ -6,7 +6,9 @@ segment) and by the evaluation harness, as open_clip's ``zero_shot_classifier`` 
 A class list (``rsvl.data.classes``) names each class by one or more synonyms. Every
 synonym becomes one text query: its embedding is the renormalised mean of the embeddings of
 the synonym written into each template, as in CLIP's zero-shot protocol. Scores of the
-synonyms of one class are max-pooled.
+synonyms of one class are max-pooled. Probabilities are the softmax over the classes of
+``logit_scale x cosine``: the model's own (learned) logit scale unless a protocol fixes one
+(FarSLIP's fixes 100, :data:`FARSLIP_LOGIT_SCALE`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from rsvl.errors import PromptError
 
 #: FarSLIP's zero-shot classification templates (its default protocol)
 FARSLIP_TEMPLATES: tuple[str, ...] = ("a satellite photo of {}.", "a satellite image of {}")
+
+#: FarSLIP's zero-shot protocol scores with a fixed ``100 x cosine`` (open_clip's zero-shot
+#: evaluation), whatever logit scale the checkpoint learned
+FARSLIP_LOGIT_SCALE = 100.0
 
 
 def imagenet_templates() -> tuple[str, ...]:
@@ -75,17 +81,26 @@ def pool_synonyms(scores: torch.Tensor, index: Sequence[int], n_classes: int, di
 
 
 class ZeroShotClassifier:
-    """Embeds the class prompts once; ``scores(images uint8 (B,3,H,W)) -> (B, K)`` probabilities."""
+    """Embeds the class prompts once; ``scores(images uint8 (B,3,H,W)) -> (B, K)`` probabilities.
 
-    def __init__(self, model: Any, classes: Sequence[ClassSpec], templates: str | Sequence[str] | None = None) -> None:
+    ``logit_scale`` multiplies the cosine before the softmax: None = the model's own
+    ``model.logit_scale``; a protocol passes its fixed one (FarSLIP: 100). It changes the
+    probabilities, never the ranking.
+    """
+
+    def __init__(
+        self, model: Any, classes: Sequence[ClassSpec], templates: str | Sequence[str] | None = None,
+        logit_scale: float | None = None,
+    ) -> None:
         self.model = model
         self.classes = list(classes)
         self.templates = resolve_templates(templates, model)
+        self.logit_scale = float(model.logit_scale if logit_scale is None else logit_scale)
         self.queries, self.index = text_classifier(model, self.classes, self.templates)
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             emb = self.model.encode_image(images).float()
-            logits = emb @ self.queries.to(emb.device).T * float(self.model.logit_scale)
+            logits = emb @ self.queries.to(emb.device).T * self.logit_scale
             logits = pool_synonyms(logits, self.index, len(self.classes), dim=1)
             return logits.softmax(dim=1).cpu().numpy()
