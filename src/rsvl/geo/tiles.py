@@ -73,8 +73,14 @@ def check_tiling(tile: int, overlap: int, batch_size: int | None = None) -> None
             f"overlap must be >= 0 and smaller than the tile size ({tile}), got {overlap}.",
             hint="A common choice is an overlap of 1/8 to 1/4 of the tile.",
         )
-    if batch_size is not None and (not _whole(batch_size) or batch_size < 1):
-        raise GridError(f"batch size must be a whole number of tiles, at least 1, got {batch_size}.",
+    if batch_size is not None:
+        check_batch_size(batch_size)
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise :class:`GridError` unless ``batch_size`` is a whole number >= 1."""
+    if not _whole(batch_size) or batch_size < 1:
+        raise GridError(f"batch size must be a whole number, at least 1, got {batch_size}.",
                         hint="Leave --batch-size out to use the default.")
 
 
