@@ -15,8 +15,18 @@ flight, and one ``overlap``-row strip of the carried sums — never the scene.
 Finished blocks go to a raw scratch file next to the output (positioned writes, not a
 memory map, so the scene never counts towards resident memory); at the end the
 scratch is written window by window to a tiled, compressed GeoTIFF (or COG) under a
-temporary name and renamed into place. After each tile row the scratch is flushed and the
-carry and position are saved, so an interrupted run resumes where it stopped.
+temporary name and renamed into place. After each tile row the scratch is flushed and a
+checkpoint is saved: one file (``checkpoint.npz``: next row, resume key and the carried
+overlap together, written under a temporary name and renamed), so a kill at any moment
+leaves the previous checkpoint or the new one, never a position with another row's carry;
+an interrupted run resumes where it stopped. ``--resume`` always compares the run's key
+(input, settings, outputs) with the checkpoint's, or, when nothing was interrupted, with the
+key recorded in the finished outputs' tags.
+
+One run at a time per output: the run holds an ``flock`` on ``.NAME.rsvl-lock`` beside the
+partial folder (released by the kernel however the holder dies), and a second run is told
+who holds it instead of deleting the first run's work. Outputs that resolve to a file the
+run reads (the source, its sidecars, a VRT's rasters) are refused.
 
 A background thread reads (and converts) the next windows while the predictor runs.
 

@@ -201,6 +201,8 @@ def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], setti
         prefix = prefix.with_suffix("")
     gpkg, label_tif = Path(f"{prefix}_tiles.gpkg"), Path(f"{prefix}_tiles.tif")
     check_outputs([gpkg, label_tif], [src])
+    if not prefix.parent.exists():
+        raise OutputError(f"{prefix.parent}: output folder does not exist.", hint="Create it first.")
     for p in (gpkg, label_tif):
         if p.exists() and not overwrite:
             raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
