@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rsvl.errors import InputNotFoundError, RasterReadError, RsvlError
+from rsvl.errors import InputNotFoundError, OutputError, RasterReadError, RsvlError
 
 #: suffixes of the files rsvl treats as images when it is given a folder (plain images and
 #: every raster format GDAL reads by extension that users keep scenes in, VRT mosaics included)
@@ -141,3 +141,32 @@ def read_rgb(path: str | Path, *, error: type[RsvlError] = RasterReadError) -> n
         raise error(
             f"Cannot read image {p} ({exc}).", hint="Re-download or remove the file."
         ) from exc
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: equal after resolving symlinks, ``.`` and ``..``,
+    or (both existing) the same inode, which also catches hard links."""
+    pa, pb = Path(a), Path(b)
+    if os.path.realpath(pa) == os.path.realpath(pb):
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def refuse_inputs_as_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
+    """Raise :class:`OutputError` when an output path is (or is a folder holding) a file the
+    run reads. Checked before anything is written, with or without ``--overwrite``:
+    replacing the input is never what a user asked for."""
+    ins = [Path(p) for p in inputs]
+    for out in outputs:
+        o = Path(out)
+        real_out = os.path.realpath(o)
+        for i in ins:
+            inside = o.is_dir() and os.path.realpath(i).startswith(real_out.rstrip(os.sep) + os.sep)
+            if same_file(o, i) or inside:
+                raise OutputError(
+                    f"the output {o} would replace {i}, which this run reads.",
+                    hint="Choose another output name or folder (-o); inputs are never overwritten.",
+                )

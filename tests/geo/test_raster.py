@@ -152,3 +152,21 @@ def test_real_rasters_describe_themselves():
     with rasterio.open(landsat) as ds:
         np.testing.assert_array_equal(valid, ds.dataset_mask() > 0)
     assert 0.2 < valid.mean() < 0.9  # the black collar is nodata
+
+
+def test_target_gsd_is_metres_on_a_geographic_raster(tmp_path):
+    """EPSG:4326 pixels are degrees: a 0.3 m target used to give a 1 x 1 px working grid."""
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    from rsvl.geo.raster import gsd_metres, open_dataset, resampled_size
+
+    deg = 0.00001  # about 1.11 m at the equator
+    src = write_raster(tmp_path / "geo.tif", np.full((3, 100, 200), 90, np.uint8), crs="EPSG:4326",
+                       transform=from_origin(10.0, 0.0005, deg, deg))
+    with RasterSource(src, target_gsd=0.5565) as s:
+        assert abs(s.width - 400) <= 2 and abs(s.height - 200) <= 2
+        rgb, valid = s.read(Window(0, 0, 64, 64))
+        assert valid.all() and (rgb == 90).all()
+    with open_dataset(src) as ds:
+        assert resampled_size(ds, gsd_metres(ds)) == (200, 100)

@@ -10,7 +10,7 @@ from rasterio.transform import from_origin
 
 from rsvl.errors import OutputError, PredictorError, ResumeError
 from rsvl.geo.raster import RasterSource
-from rsvl.geo.runner import RasterOutput, TiledRunner, partial_dir_for
+from rsvl.geo.runner import CHECKPOINT, RasterOutput, TiledRunner, partial_dir_for
 from rsvl.geo.tiles import TileGrid, blend_weights
 
 
@@ -133,7 +133,8 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     with RasterSource(src) as s, pytest.raises(Interrupt):
         TiledRunner(s, dying, [RasterOutput(out, 2)], **kw).run()
     assert not out.exists()  # nothing under the final name
-    state = json.loads((partial_dir_for(out) / "state.json").read_text())
+    with np.load(partial_dir_for(out) / CHECKPOINT) as z:
+        state = json.loads(str(z["state"]))
     assert state["next_row"] >= 2
 
     seen = []
@@ -293,3 +294,132 @@ def test_progress_scope_is_silent_without_a_progress():
     with progress_scope(progress, 4) as advance:
         advance(4)
     assert got == [("total", 4), ("advance", 4)]
+
+
+# -- never lose or mislabel a user's data (issue 16) -----------------------------------------
+
+
+def test_output_that_is_the_input_is_refused_even_with_overwrite(tmp_path):
+    data = np.full((3, 80, 80), 5, np.uint8)
+    src = write_raster(tmp_path / "in.tif", data)
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.tif"
+    link.symlink_to(src)
+    for out in (src, tmp_path / "sub" / ".." / "in.tif", link):
+        with RasterSource(src) as s, pytest.raises(OutputError, match="reads"):
+            TiledRunner(s, const_predictor, [RasterOutput(out, 3)], tile=32, overlap=8, overwrite=True).run()
+    with rasterio.open(src) as ds:
+        np.testing.assert_array_equal(ds.read(), data)
+
+
+def test_resume_on_complete_outputs_still_checks_the_settings(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.full((3, 100, 100), 1, np.uint8))
+    out = tmp_path / "out.tif"
+    kw = dict(tile=64, overlap=16)
+    with RasterSource(src) as s:
+        TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], settings={"prompt": "a"}, **kw).run()
+    before = out.read_bytes()
+    with RasterSource(src) as s, pytest.raises(ResumeError, match="settings"):
+        TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], settings={"prompt": "b"}, resume=True, **kw).run()
+    # the same settings: nothing to do, the outputs are this run's
+    with RasterSource(src) as s:
+        res = TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], settings={"prompt": "a"}, resume=True, **kw).run()
+    assert res.tiles_resumed == res.tiles
+    assert out.read_bytes() == before
+    # an output rsvl did not write (or wrote without a key) is not taken for a finished run
+    other = tmp_path / "other.tif"
+    write_raster(other, np.zeros((2, 100, 100), np.float32))
+    with RasterSource(src) as s, pytest.raises(ResumeError, match="settings"):
+        TiledRunner(s, coord_predictor, [RasterOutput(other, 2)], settings={"prompt": "a"}, resume=True, **kw).run()
+
+
+@pytest.mark.parametrize("after_rename", [True, False])
+def test_kill_while_the_checkpoint_is_written_never_resumes_wrong(tmp_path, monkeypatch, after_rename):
+    """A kill at any moment of writing the checkpoint (before its file is renamed into
+    place, or right after it landed) resumes to exactly the uninterrupted result."""
+    import rsvl.geo.runner as runner_mod
+
+    src = write_raster(tmp_path / "in.tif", np.full((3, 300, 300), 1, np.uint8))
+    ref, out = tmp_path / "ref.tif", tmp_path / "out.tif"
+    kw = dict(tile=64, overlap=16, batch_size=2, settings={"model": "coord"})
+    with RasterSource(src) as s:
+        TiledRunner(s, coord_predictor, [RasterOutput(ref, 2)], **kw).run()
+
+    real = runner_mod.atomic_path
+    calls = {"n": 0}
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def killed_on_second(path, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 and not after_rename:
+            with real(path, **k) as tmp:
+                yield tmp
+                raise KeyboardInterrupt  # the file is written but not renamed
+        with real(path, **k) as tmp:
+            yield tmp
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the first file of the checkpoint has landed
+
+    monkeypatch.setattr(runner_mod, "atomic_path", killed_on_second)
+    with RasterSource(src) as s, pytest.raises(KeyboardInterrupt):
+        TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], **kw).run()
+    monkeypatch.setattr(runner_mod, "atomic_path", real)
+    assert not out.exists()
+    with RasterSource(src) as s:
+        res = TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], resume=True, **kw).run()
+    assert res.tiles_resumed > 0
+    with rasterio.open(ref) as a, rasterio.open(out) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_told_who_holds_it(tmp_path):
+    src = write_raster(tmp_path / "in.tif", np.full((3, 200, 200), 1, np.uint8))
+    out = tmp_path / "out.tif"
+    errors = []
+
+    def predictor(batch):
+        if not errors:
+            with RasterSource(src) as s2:
+                try:
+                    TiledRunner(s2, coord_predictor, [RasterOutput(out, 2)], tile=64, overlap=16, overwrite=True).run()
+                except OutputError as exc:
+                    errors.append(exc)
+            assert partial_dir_for(out).exists()  # the first run's work is still there
+        return coord_predictor(batch)
+
+    with RasterSource(src) as s:
+        TiledRunner(s, predictor, [RasterOutput(out, 2)], tile=64, overlap=16).run()
+    assert errors and "another rsvl run" in str(errors[0])
+    import os
+
+    assert f"pid {os.getpid()}" in str(errors[0])
+    assert out.exists()
+    # the lock went with the run: the next one is free to start
+    with RasterSource(src) as s:
+        TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], tile=64, overlap=16, overwrite=True).run()
+
+
+def test_stale_lock_file_of_a_dead_run_is_taken_over(tmp_path):
+    from rsvl.geo.runner import lock_path_for
+
+    src = write_raster(tmp_path / "in.tif", np.full((3, 64, 64), 1, np.uint8))
+    out = tmp_path / "out.tif"
+    lock_path_for(out).write_text("pid 999999 on elsewhere since long ago")
+    with RasterSource(src) as s:
+        TiledRunner(s, coord_predictor, [RasterOutput(out, 2)], tile=32, overlap=8).run()
+    assert out.exists() and not lock_path_for(out).exists()
+
+
+@pytest.mark.parametrize("kw", [dict(tile=0), dict(tile=-32), dict(overlap=-1), dict(overlap=32), dict(batch_size=0)])
+def test_grid_options_out_of_range_are_grid_errors(tmp_path, kw):
+    from rsvl.errors import GridError
+    from rsvl.geo.stream import map_tiles
+
+    src = write_raster(tmp_path / "in.tif", np.full((3, 64, 64), 1, np.uint8))
+    args = dict(tile=32, overlap=8, batch_size=2) | kw
+    with RasterSource(src) as s, pytest.raises(GridError):
+        TiledRunner(s, coord_predictor, [RasterOutput(tmp_path / "o.tif", 2)], **args)
+    with RasterSource(src) as s, pytest.raises(GridError):
+        list(map_tiles(s, coord_predictor, **args))

@@ -67,7 +67,7 @@ def build(
 
     check_output(out, replace=overwrite)
     m = _load(model, weights, device)
-    result = run_build(m, sources, out, tile=int(tile or m.image_size), overlap=overlap, gsd=gsd,
+    result = run_build(m, sources, out, tile=tile, overlap=overlap, gsd=gsd,
                        bands=parse_bands(bands), batch_size=batch_size, ivf_threshold=ivf_threshold, nprobe=nprobe,
                        overwrite=overwrite, progress=task_progress("index", unit="images"))
     _report(result, as_json, "indexed")

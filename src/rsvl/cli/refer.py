@@ -23,7 +23,7 @@ def refer(
     model: str = typer.Option("mini-refer", "--model", "-m", help="Referring model (see `rsvl models`)."),
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint instead of the model card's file."),
     bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
-    gsd: float = typer.Option(None, "--gsd", help="Resample to this GSD (CRS units) before the model; default: native."),
+    gsd: float = typer.Option(None, "--gsd", help="Resample to this GSD (metres, also on EPSG:4326) before the model; default: native."),
     tile: int = typer.Option(1280, "--tile", help="Inputs larger than this are cut into tiles of this size (mini-refer was trained on whole ~500-1100 px images resized to 480)."),
     overlap: int = typer.Option(256, "--overlap", help="Tile overlap in pixels."),
     threshold: float = typer.Option(0.5, "--threshold", help="Probability above which a pixel belongs to the object."),

@@ -157,21 +157,46 @@ def _linear_units(ds: rasterio.io.DatasetReader) -> str | None:
         return "unknown"
 
 
-def gsd_metres(ds: rasterio.io.DatasetReader) -> float | None:
-    """Ground sample distance in metres (mean of x and y), or None without a CRS."""
+def pixel_size_metres(ds: rasterio.io.DatasetReader) -> tuple[float, float] | None:
+    """Pixel size (x, y) in metres, or None without a CRS. A geographic CRS's degrees are
+    converted at the scene's central latitude; other units through the CRS's factor."""
     if ds.crs is None:
         return None
     gx, gy = gsd_of(ds)
     if ds.crs.is_geographic:
         lat = (ds.bounds.top + ds.bounds.bottom) / 2.0
         m_per_deg = 111_320.0
-        return float((gx * m_per_deg * math.cos(math.radians(lat)) + gy * m_per_deg) / 2.0)
+        return (gx * m_per_deg * math.cos(math.radians(lat)), gy * m_per_deg)
     factor = 1.0
     try:
         factor = float(ds.crs.linear_units_factor[1])
     except Exception:  # pragma: no cover
         pass
-    return float((gx + gy) / 2.0 * factor)
+    return (gx * factor, gy * factor)
+
+
+def gsd_metres(ds: rasterio.io.DatasetReader) -> float | None:
+    """Ground sample distance in metres (mean of x and y), or None without a CRS."""
+    size = pixel_size_metres(ds)
+    return None if size is None else float((size[0] + size[1]) / 2.0)
+
+
+def resampled_size(ds: rasterio.io.DatasetReader, target_gsd: float) -> tuple[int, int]:
+    """(width, height) of ``ds`` resampled to ``target_gsd`` metres per pixel (geographic
+    rasters included: their pixel size is converted to metres first)."""
+    size = pixel_size_metres(ds)
+    if size is None:
+        raise NoCRSError("a raster without a CRS has no ground sample distance to resample from.")
+    mx, my = size
+    return (max(1, int(round(ds.width * mx / target_gsd))), max(1, int(round(ds.height * my / target_gsd))))
+
+
+def source_files(path: str | os.PathLike[str]) -> list[str]:
+    """Every local file GDAL reads for ``path``: the raster, its sidecars (.ovr, .aux.xml,
+    .msk) and, for a VRT, the rasters it refers to."""
+    with open_dataset(path) as ds:
+        files = list(ds.files or [])
+    return [str(path), *(f for f in files if not f.startswith("/vsi"))]
 
 
 @dataclass(frozen=True)
@@ -232,7 +257,8 @@ class RasterSource:
     stretch: ``"auto"`` (percentile stretch unless the data is already 8-bit),
         ``"percentile"`` (always), or ``"none"`` (clip values to 0..255).
     percentiles: low/high percentiles of the stretch.
-    target_gsd: resample reads to this ground sample distance (CRS units, usually metres);
+    target_gsd: resample reads to this ground sample distance in metres (also for a
+        geographic CRS, whose degrees are converted at the scene's latitude);
         the working grid (``width``, ``height``, ``transform``) is then that of the resampled
         raster. None keeps the native resolution.
     """
@@ -271,10 +297,9 @@ class RasterSource:
                     f"{self.path} has no CRS, so a target GSD in ground units cannot be applied.",
                     hint="Drop --gsd, or assign a CRS first (e.g. gdal_edit.py -a_srs EPSG:XXXX).",
                 )
-            gx, gy = gsd_of(ds)
-            self.scale = (target_gsd / gx, target_gsd / gy)
-            self.width = max(1, int(round(ds.width / self.scale[0])))
-            self.height = max(1, int(round(ds.height / self.scale[1])))
+            # The target is in metres whatever the CRS's units (degrees for EPSG:4326).
+            self.width, self.height = resampled_size(ds, target_gsd)
+            self.scale = (ds.width / self.width, ds.height / self.height)
             self.transform = ds.transform @ rasterio.Affine.scale(
                 ds.width / self.width, ds.height / self.height
             )

@@ -15,8 +15,18 @@ flight, and one ``overlap``-row strip of the carried sums — never the scene.
 Finished blocks go to a raw scratch file next to the output (positioned writes, not a
 memory map, so the scene never counts towards resident memory); at the end the
 scratch is written window by window to a tiled, compressed GeoTIFF (or COG) under a
-temporary name and renamed into place. After each tile row the scratch is flushed and the
-carry and position are saved, so an interrupted run resumes where it stopped.
+temporary name and renamed into place. After each tile row the scratch is flushed and a
+checkpoint is saved: one file (``checkpoint.npz``: next row, resume key and the carried
+overlap together, written under a temporary name and renamed), so a kill at any moment
+leaves the previous checkpoint or the new one, never a position with another row's carry;
+an interrupted run resumes where it stopped. ``--resume`` always compares the run's key
+(input, settings, outputs) with the checkpoint's, or, when nothing was interrupted, with the
+key recorded in the finished outputs' tags.
+
+One run at a time per output: the run holds an ``flock`` on ``.NAME.rsvl-lock`` beside the
+partial folder (released by the kernel however the holder dies), and a second run is told
+who holds it instead of deleting the first run's work. Outputs that resolve to a file the
+run reads (the source, its sidecars, a VRT's rasters) are refused.
 
 A background thread reads (and converts) the next windows while the predictor runs.
 
@@ -30,11 +40,14 @@ they write are produced block by block through :func:`write_geotiff_from_array`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,16 +56,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 
 from rsvl import __version__
 from rsvl.errors import OutputError, PredictorError, ResumeError
-from rsvl.geo.raster import RasterSource
+from rsvl.geo.raster import RasterSource, source_files
 from rsvl.geo.stream import Predictor, TileBatch, TileStream, drain, subset_batch
-from rsvl.geo.tiles import TileGrid, blend_weights
+from rsvl.geo.tiles import TileGrid, blend_weights, check_tiling
 from rsvl.geo.writer import Scratch, write_geotiff_from_array
-from rsvl.io import atomic_path, write_text
+from rsvl.io import atomic_path, refuse_inputs_as_outputs
 
-STATE_VERSION = 1
+#: version 2: the checkpoint is one file (state and carry together, one atomic rename)
+STATE_VERSION = 2
+#: the one checkpoint file in the partial folder
+CHECKPOINT = "checkpoint.npz"
+#: output tag holding the resume key of the run that wrote the output
+KEY_TAG = "rsvl_resume_key"
 
 
 Finalize = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -124,6 +143,76 @@ def partial_dir_for(path: str | os.PathLike[str]) -> Path:
     return p.parent / f".{p.name}.rsvl-partial"
 
 
+def lock_path_for(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.parent / f".{p.name}.rsvl-lock"
+
+
+class OutputLock:
+    """An exclusive lock on one output's partial folder, held for the whole run.
+
+    ``flock`` on a lock file beside the partial folder: the kernel drops it when the holder
+    exits, however it exits (kill -9 included), so a stale lock of a dead run is simply taken
+    over. The file names the holder (pid, host, start time) for the error another run gets.
+    """
+
+    def __init__(self, output: str | os.PathLike[str]) -> None:
+        self.output = Path(output)
+        self.path = lock_path_for(output)
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise OutputError(
+                    f"{self.output} is being written by another rsvl run ({self.holder()}).",
+                    hint="Wait for that run to finish or stop it, or choose another output name.",
+                ) from None
+            # The holder before us may have removed the file after we opened it: lock the
+            # file that is under the name now.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class TiledRunner:
     """Run ``predict`` over every tile of ``source`` and write blended outputs.
 
@@ -153,8 +242,7 @@ class TiledRunner:
         resume: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise PredictorError(f"batch size must be at least 1, got {batch_size}.")
+        check_tiling(tile, overlap, batch_size)
         if not outputs:
             raise OutputError("a tiled run needs at least one output.")
         self.source = source
@@ -172,6 +260,8 @@ class TiledRunner:
         names = [str(Path(o.path).resolve()) for o in self.outputs]
         if len(set(names)) != len(names):
             raise OutputError("two outputs of one run have the same path.")
+        refuse_inputs_as_outputs([o.path for o in self.outputs], source_files(source.path)
+                                 if os.path.exists(source.path) else [])
         self.partial = partial_dir_for(self.outputs[0].path)
 
     # -- settings and resume -------------------------------------------------------------
@@ -212,11 +302,38 @@ class TiledRunner:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        for o in self.outputs:
+            if not Path(o.path).parent.exists():
+                raise OutputError(f"{Path(o.path).parent}: output folder does not exist.", hint="Create it first.")
+        with OutputLock(self.outputs[0].path):
+            return self._run_locked()
+
+    def _complete_outputs_match(self, key: str) -> bool:
+        """With --resume and nothing interrupted: True when every output exists and was
+        written by a run with this very key; a ResumeError when one was not (other
+        settings, other input, or written before keys were recorded)."""
+        if not all(Path(o.path).exists() for o in self.outputs):
+            return False
+        for o in self.outputs:
+            try:
+                with rasterio.open(o.path) as ds:
+                    found = ds.tags().get(KEY_TAG)
+            except rasterio.errors.RasterioIOError:
+                found = None
+            if found != key:
+                raise ResumeError(
+                    f"{o.path} exists but was not written by a run with these settings and this input; "
+                    "there is nothing to resume.",
+                    hint="Pass --overwrite to replace it with a new run, or choose another output name.",
+                )
+        return True
+
+    def _run_locked(self) -> RunResult:
         t_start = time.perf_counter()
-        key = self._resume_key()
+        key = self._key = self._resume_key()
         state = self._load_state(key)
-        if self.resume and state is None and all(Path(o.path).exists() for o in self.outputs):
-            # Nothing was interrupted: the outputs of this run are already complete.
+        if self.resume and state is None and self._complete_outputs_match(key):
+            # Nothing was interrupted: the outputs of this very run are already complete.
             return RunResult([Path(o.path) for o in self.outputs], len(self.grid), 0, len(self.grid),
                              0, time.perf_counter() - t_start, 0.0, 0.0, 0.0, self.run_settings())
         self._check_outputs(resuming=state is not None)
@@ -234,9 +351,11 @@ class TiledRunner:
         self._carry: np.ndarray | None = None
         if state and channels is not None:
             self._open_scratch(create=False)
-            carry_path = self.partial / "carry.npy"
             if start_row < grid.n_rows and start_row > 0 and grid.overlap > 0:
-                self._carry = np.load(carry_path)
+                self._carry = state["carry"]
+                if self._carry is None:
+                    raise ResumeError(f"the saved state in {self.partial} has no carried overlap.",
+                                      hint="Run again without --resume to start over.")
         self.stats = {"predict": 0.0, "read_wait": 0.0, "finalize": 0.0, "skipped": 0}
         tiles_resumed = start_row * grid.n_cols
         if self.progress and tiles_resumed:
@@ -261,14 +380,23 @@ class TiledRunner:
         )
 
     def _load_state(self, key: str) -> dict[str, Any] | None:
-        state_path = self.partial / "state.json"
+        """The checkpoint: one file holding the position, the key and the carried overlap
+        together, so what it says and the carry it holds always belong to one tile row."""
+        ckpt = self.partial / CHECKPOINT
         if not self.resume:
             return None
-        if not state_path.exists():
+        if not ckpt.exists():
+            if (self.partial / "state.json").exists():
+                raise ResumeError(
+                    f"the interrupted run in {self.partial} was saved by an older rsvl and cannot be resumed safely.",
+                    hint="Run again without --resume (add --overwrite if outputs exist) to start over.",
+                )
             return None
         try:
-            state = json.loads(state_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            with np.load(ckpt, allow_pickle=False) as z:
+                state = json.loads(str(z["state"]))
+                state["carry"] = np.array(z["carry"]) if "carry" in z.files else None
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise ResumeError(
                 f"cannot read the saved state in {self.partial} ({exc}).",
                 hint="Run again without --resume to start over.",
@@ -283,11 +411,14 @@ class TiledRunner:
     def _save_state(self, key: str, next_row: int) -> None:
         for m in self._scratch:
             m.flush()
-        if self._carry is not None:
-            with atomic_path(self.partial / "carry.npy") as tmp:
-                np.save(tmp, self._carry)
         state = {"version": STATE_VERSION, "key": key, "next_row": next_row, "channels": self.channels}
-        write_text(self.partial / "state.json", json.dumps(state))
+        arrays: dict[str, np.ndarray] = {"state": np.array(json.dumps(state))}
+        if self._carry is not None:
+            arrays["carry"] = self._carry
+        # One file, one rename: a kill leaves either the previous checkpoint or this one.
+        with atomic_path(self.partial / CHECKPOINT) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
 
     def _open_scratch(self, create: bool) -> None:
         H, W = self.source.height, self.source.width
@@ -477,7 +608,7 @@ class TiledRunner:
                 nodata=o.nodata,
                 compress=o.compress,
                 cog=bool(o.cog),
-                tags={"rsvl_settings": json.dumps(settings, sort_keys=True), **o.tags},
+                tags={"rsvl_settings": json.dumps(settings, sort_keys=True), KEY_TAG: self._key, **o.tags},
                 descriptions=o.descriptions,
                 colormap=o.colormap,
                 overview_resampling=o.overview_resampling,

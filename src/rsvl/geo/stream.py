@@ -23,7 +23,7 @@ from rasterio.windows import Window
 
 from rsvl.errors import PredictorError
 from rsvl.geo.raster import RasterSource
-from rsvl.geo.tiles import TileGrid
+from rsvl.geo.tiles import TileGrid, check_tiling
 
 
 @dataclass
@@ -77,8 +77,7 @@ class TileStream:
         start_row: int = 0,
         min_valid: float | None = 0.0,
     ) -> None:
-        if batch_size < 1:
-            raise PredictorError(f"batch size must be at least 1, got {batch_size}.")
+        check_tiling(grid.tile, grid.overlap, batch_size)
         self.source = source
         self.grid = grid
         self.batch_size = batch_size

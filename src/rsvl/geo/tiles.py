@@ -25,13 +25,7 @@ class TileGrid:
     overlap: int
 
     def __post_init__(self) -> None:
-        if self.tile < 16:
-            raise GridError(f"tile size must be at least 16 pixels, got {self.tile}.")
-        if not 0 <= self.overlap < self.tile:
-            raise GridError(
-                f"overlap must be >= 0 and smaller than the tile size ({self.tile}), got {self.overlap}.",
-                hint="A common choice is an overlap of 1/8 to 1/4 of the tile.",
-            )
+        check_tiling(self.tile, self.overlap)
         if self.width < 1 or self.height < 1:
             raise GridError(f"empty raster ({self.width} x {self.height}).")
 
@@ -58,6 +52,52 @@ class TileGrid:
         for r in range(self.n_rows):
             for c in range(self.n_cols):
                 yield r, c, self.window(r, c)
+
+
+#: largest tile side accepted: a (C+2) x tile x tile float32 accumulator per tile in flight
+#: stays in the hundreds of MB below it
+MAX_TILE = 8192
+
+
+def check_tiling(tile: int, overlap: int, batch_size: int | None = None) -> None:
+    """Raise :class:`GridError` unless ``tile``, ``overlap`` (and ``batch_size``) make a grid.
+
+    Every raster task calls this with the user's values before the first tile is read; an
+    explicit 0 or negative value is refused, never replaced by a default.
+    """
+    if not _whole(tile) or not 16 <= tile <= MAX_TILE:
+        raise GridError(f"tile size must be a whole number of pixels from 16 to {MAX_TILE}, got {tile}.",
+                        hint="Leave --tile out to use the model's tile size.")
+    if not _whole(overlap) or not 0 <= overlap < tile:
+        raise GridError(
+            f"overlap must be >= 0 and smaller than the tile size ({tile}), got {overlap}.",
+            hint="A common choice is an overlap of 1/8 to 1/4 of the tile.",
+        )
+    if batch_size is not None:
+        check_batch_size(batch_size)
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise :class:`GridError` unless ``batch_size`` is a whole number >= 1."""
+    if not _whole(batch_size) or batch_size < 1:
+        raise GridError(f"batch size must be a whole number, at least 1, got {batch_size}.",
+                        hint="Leave --batch-size out to use the default.")
+
+
+def _whole(x: object) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating)) and float(x).is_integer()
+
+
+def check_gsd(gsd: float | None) -> float | None:
+    """The working GSD in metres for a user's ``gsd``: None stays None (the task's default),
+    0 means the native resolution (None); a negative or non-finite value is a GridError."""
+    if gsd is None:
+        return None
+    value = float(gsd)
+    if not math.isfinite(value) or value < 0:
+        raise GridError(f"GSD must be a positive number of metres per pixel (or 0 for native), got {gsd}.",
+                        hint="E.g. --gsd 0.5, or --gsd 0 to keep the raster's own resolution.")
+    return value
 
 
 def _count(size: int, tile: int, stride: int) -> int:

@@ -36,13 +36,13 @@ from rsvl.errors import (
 )
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
-from rsvl.geo.tiles import TileGrid
+from rsvl.geo.tiles import TileGrid, check_batch_size, check_gsd, check_tiling
 from rsvl.geo.vectors import boxes_to_polygons, write_vectors
 from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.models.preprocess import square_image
 from rsvl.models.zeroshot import ZeroShotClassifier
 from rsvl.tasks.render import colormap_for
-from rsvl.tasks.sources import find_images, is_georeferenced, no_images_message
+from rsvl.tasks.sources import check_outputs, find_images, is_georeferenced, no_images_message
 
 #: tiles whose valid (not nodata) fraction is below this are not classified
 MIN_VALID = 0.5
@@ -113,6 +113,10 @@ def classify(
     src = Path(source)
     if not src.exists():
         raise InputNotFoundError(f"{src}: no such file or folder.", hint="Check the path.")
+    check_batch_size(batch_size)
+    gsd = check_gsd(gsd) or None  # 0: the native resolution
+    if tile is not None:
+        check_tiling(tile, 0)
     clf = ZeroShotClassifier(model, classes, templates)
     names = [c.name for c in classes]
     settings = {"task": "classify", "model": getattr(model, "name", type(model).__name__),
@@ -140,7 +144,7 @@ def classify(
             preds = top_k_predictions(clf.classes, [str(src)], clf.scores(img[None]), top_k)
             advance(1)
         return ClassifyResult(names, preds, settings=settings)
-    return _classify_raster(clf, src, names, settings, tile=tile or model.image_size, top_k=top_k,
+    return _classify_raster(clf, src, names, settings, tile=int(tile) if tile is not None else int(model.image_size), top_k=top_k,
                             batch_size=batch_size, bands=bands, gsd=gsd, out=out, overwrite=overwrite,
                             progress=progress)
 
@@ -196,6 +200,9 @@ def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], setti
     if prefix.suffix.lower() in (".gpkg", ".tif"):
         prefix = prefix.with_suffix("")
     gpkg, label_tif = Path(f"{prefix}_tiles.gpkg"), Path(f"{prefix}_tiles.tif")
+    check_outputs([gpkg, label_tif], [src])
+    if not prefix.parent.exists():
+        raise OutputError(f"{prefix.parent}: output folder does not exist.", hint="Create it first.")
     for p in (gpkg, label_tif):
         if p.exists() and not overwrite:
             raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")

@@ -50,12 +50,19 @@ from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
-from rsvl.geo.tiles import TileGrid
+from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
 from rsvl.geo.vectors import mask_to_polygon, write_vectors
 from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 from rsvl.tasks.render import class_colours
-from rsvl.tasks.sources import find_images, is_georeferenced, no_images_message
+from rsvl.tasks.sources import (
+    check_outputs,
+    check_to_crs,
+    check_vector_format,
+    find_images,
+    is_georeferenced,
+    no_images_message,
+)
 
 
 @dataclass
@@ -424,8 +431,12 @@ def instances(
     src = Path(source)
     if not src.exists():
         raise InputNotFoundError(f"{src}: no such file or folder.", hint="Check the path.")
-    if vector_format not in ("gpkg", "geojson", "parquet"):
-        raise OutputError(f"unknown vector format {vector_format!r}.", hint="Use gpkg, geojson or parquet.")
+    vector_format = check_vector_format(vector_format)
+    check_to_crs(to_crs)
+    gsd = check_gsd(gsd) or None  # 0: the native resolution
+    check_tiling(tile, 0 if overlap is None else overlap, batch_size)
+    tile = int(tile)
+    overlap = int(overlap) if overlap is not None else tile // 4
     if not 0.0 <= score <= 1.0:
         raise PromptError(f"--score {score} is not between 0 and 1.", hint="Example: --score 0.5")
     keep = select_classes(model, classes)
@@ -444,7 +455,7 @@ def instances(
                                     vector_format=vector_format, to_crs=to_crs,
                                     instance_tif=instance_tif, merge_iou=merge_iou,
                                     merge_overlap=merge_overlap, overwrite=overwrite,
-                                    model_name=model_name))
+                                    model_name=model_name, reads=files))
                 advance(1)
         return results
     prefix = Path(out) if out is not None else Path.cwd() / src.stem
@@ -460,6 +471,7 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
          bands: Sequence[int] | None, gsd: float | None, vector_format: str, to_crs: str | None,
          instance_tif: bool, merge_iou: float, merge_overlap: float, overwrite: bool,
          progress: TaskProgress | None = None, model_name: str | None = None,
+         reads: Sequence[Path] = (),
          ) -> InstancesResult:
     t0 = time.perf_counter()
     names = predict.names
@@ -467,13 +479,14 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
     paths = output_paths(prefix, vector_format, georef)
     if not (georef and instance_tif):
         paths.pop("instance_tif", None)
+    check_outputs(paths.values(), [src, *reads])
     for p in paths.values():
         if p.exists() and not overwrite:
             raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
         if not p.parent.exists():
             p.parent.mkdir(parents=True, exist_ok=True)
     if overlap is None:
-        overlap = tile // 4
+        overlap = int(tile) // 4
     settings: dict[str, Any] = {
         "task": "instances", "model": model_name or getattr(predict.model, "name", type(predict.model).__name__),
         "classes": [names[i] for i in keep] if keep is not None else names, "score": score,

@@ -55,11 +55,12 @@ from rsvl.console import TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
-from rsvl.geo.tiles import TileGrid
+from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
 from rsvl.geo.vectors import mask_to_polygon, write_vectors
 from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 from rsvl.tasks.render import overlay_png
+from rsvl.tasks.sources import check_outputs, check_to_crs, check_vector_format
 
 __all__ = ["Candidate", "ReferPredictor", "ReferResult", "find_candidates", "refer"]
 
@@ -220,20 +221,22 @@ def refer(
         prefix = prefix.with_suffix("")
     if not prefix.parent.exists():
         raise OutputError(f"{prefix.parent}: output folder does not exist.", hint="Create it first.")
+    vector_format = check_vector_format(vector_format)
+    check_to_crs(to_crs)
+    gsd = check_gsd(gsd) or None  # 0: the native resolution
+    check_tiling(tile, overlap, batch_size)
+    tile, overlap = int(tile), int(overlap)
     predict = predictor if predictor is not None else ReferPredictor(model, expression, device)
 
     src = RasterSource(path, bands=bands, target_gsd=gsd)
     try:
         georef = src.crs is not None
-        vec_suffix = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}.get(vector_format.lower())
-        if vec_suffix is None:
-            raise OutputError(f"unknown vector format {vector_format!r}.", hint="Use gpkg, geojson or parquet.")
-        if not georef:
-            vec_suffix = ".geojson"
+        vec_suffix = f".{vector_format}" if georef else ".geojson"
         paths = {"mask": prefix.with_name(prefix.name + ("_mask.tif" if georef else "_mask.png")),
                  "vector": prefix.with_name(prefix.name + vec_suffix),
                  "overlay": prefix.with_name(prefix.name + "_overlay.png"),
                  "json": prefix.with_name(prefix.name + ".json")}
+        check_outputs(paths.values(), [path])
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing and not overwrite:
             raise OutputError(f"{existing[0]} exists.", hint="Pass --overwrite or choose another -o prefix.")

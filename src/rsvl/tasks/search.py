@@ -37,9 +37,9 @@ from rasterio.windows import Window
 
 from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, ModelMismatchError, PromptError, RasterReadError
-from rsvl.geo.raster import RasterSource, gsd_of, open_dataset
+from rsvl.geo.raster import RasterSource, open_dataset, resampled_size
 from rsvl.geo.stream import TileBatch, map_tiles
-from rsvl.geo.tiles import TileGrid
+from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
 from rsvl.geo.vectors import boxes_to_polygons, write_vectors
 from rsvl.index.store import (
     DEFAULT_IVF_THRESHOLD,
@@ -52,7 +52,7 @@ from rsvl.index.store import (
 from rsvl.models import registry
 from rsvl.models.preprocess import square_image
 from rsvl.tasks.classify import load_image
-from rsvl.tasks.sources import find_images, no_images_message
+from rsvl.tasks.sources import check_outputs, find_images, no_images_message
 
 
 def model_name(model: Any) -> str:
@@ -113,8 +113,7 @@ def plan_sources(
         with open_dataset(path) as ds:
             w, h, crs = ds.width, ds.height, ds.crs
             if crs is not None and gsd:
-                gx, gy = gsd_of(ds)
-                w, h = max(1, round(ds.width * gx / gsd)), max(1, round(ds.height * gy / gsd))
+                w, h = resampled_size(ds, gsd)
         if crs is not None and (w > tile or h > tile):
             n = len(TileGrid(w, h, tile, overlap))
             planned.append(SourceFile(str(path), st.st_size, st.st_mtime_ns, "raster", n))
@@ -319,7 +318,10 @@ def build(
     """
     out = Path(out)
     check_output(out, replace=overwrite)
-    tile = int(tile or getattr(model, "image_size", 224))
+    gsd = check_gsd(gsd) or None  # 0: the native resolution
+    tile = int(tile) if tile is not None else int(getattr(model, "image_size", 224))
+    check_tiling(tile, overlap, batch_size)
+    check_outputs([out], expand_sources(sources))
     planned = plan_sources(sources, tile=tile, overlap=overlap, gsd=gsd)
     with progress_scope(progress, sum(p.items for p in planned)) as advance:
         vectors, rows = embed_sources(model, planned, tile=tile, overlap=overlap, gsd=gsd, bands=bands,

@@ -35,10 +35,11 @@ from rsvl.errors import OutputError, PromptError
 from rsvl.geo.raster import RasterSource, open_dataset
 from rsvl.geo.runner import RasterOutput, TiledRunner
 from rsvl.geo.stream import TileBatch
-from rsvl.geo.tiles import TileGrid
+from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
 from rsvl.geo.vectors import polygonize_raster, write_vectors
 from rsvl.models.zeroshot import pool_synonyms, resolve_templates, text_classifier
 from rsvl.tasks.render import colormap_for, overlay_png, preview_arrays
+from rsvl.tasks.sources import check_outputs, check_to_crs, check_vector_format
 
 NODATA = 255
 #: pixels per strip when the class raster is polygonised (strips span the scene's width, so
@@ -237,11 +238,17 @@ def segment(
         raise PromptError("no classes given.", hint='Pass e.g. "forest|trees, water, buildings".')
     if len(classes) > 254:
         raise PromptError(f"{len(classes)} classes: at most 254 fit a uint8 class raster.")
-    vector_format = vector_format.lower().lstrip(".")
-    if vector_format not in ("gpkg", "geojson", "parquet"):
-        raise OutputError(f"unknown vector format {vector_format!r}.", hint="Use gpkg, geojson or parquet.")
+    # Every option is checked here, before the model sees a tile: a bad one must not fail
+    # after hours of work.
+    vector_format = check_vector_format(vector_format)
+    check_to_crs(to_crs)
+    gsd = check_gsd(gsd)
+    tile = int(tile) if tile is not None else int(getattr(model, "preferred_tile", 256))
+    overlap = int(overlap) if overlap is not None else tile // 4
+    check_tiling(tile, overlap, batch_size)
     t0 = time.perf_counter()
     paths = output_paths(out, probabilities, vector_format)
+    check_outputs(paths.values(), [source])
     if not overwrite and not resume:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
@@ -249,8 +256,6 @@ def segment(
     if not 0.0 <= threshold < 1.0:
         raise PromptError(f"threshold {threshold} is not a probability in [0, 1).",
                           hint="SegEarth-OV uses 0.1-0.4 depending on the dataset; 0 turns it off.")
-    tile = int(tile or getattr(model, "preferred_tile", 256))
-    overlap = int(overlap if overlap is not None else tile // 4)
     prompt = format_class_list(classes)
     bg_idx = find_background(classes, background) if threshold > 0 else None
     extra_background = threshold > 0 and bg_idx is None
@@ -289,7 +294,7 @@ def segment(
                                     descriptions=names, tags=class_tags, overview_resampling="average"))
     if gsd is None:
         gsd = _default_gsd(model, source)
-    elif gsd <= 0:
+    elif gsd == 0:
         gsd = None  # native resolution
     with RasterSource(source, bands=bands, target_gsd=gsd) as src:
         for w in src.warnings:

@@ -1,15 +1,34 @@
 """What every task asks of its input paths: the images of a folder, and whether a file is
-georeferenced (which decides between pixel and map outputs)."""
+georeferenced (which decides between pixel and map outputs); and the checks every raster
+task makes of its options and output paths before the first tile is read."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from rsvl.geo.raster import open_dataset
-from rsvl.io import IMAGE_SUFFIXES, is_image_file
+from pyproj import CRS
+from pyproj.exceptions import CRSError
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "is_georeferenced", "no_images_message"]
+from rsvl.errors import OutputError, RsvlError
+from rsvl.geo.raster import open_dataset, source_files
+from rsvl.io import IMAGE_SUFFIXES, is_image_file, refuse_inputs_as_outputs
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "VECTOR_FORMATS",
+    "check_outputs",
+    "check_to_crs",
+    "check_vector_format",
+    "find_images",
+    "is_georeferenced",
+    "no_images_message",
+]
+
+#: vector formats the raster tasks write, by ``--vector-format`` name
+VECTOR_FORMATS = ("gpkg", "geojson", "parquet")
 
 
 def find_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -26,3 +45,40 @@ def is_georeferenced(path: str | os.PathLike[str]) -> bool:
     """True when GDAL finds a CRS in ``path``."""
     with open_dataset(path) as ds:
         return ds.crs is not None
+
+
+def check_vector_format(vector_format: str) -> str:
+    """The normalised ``--vector-format`` (gpkg, geojson, parquet), or an OutputError."""
+    fmt = str(vector_format).lower().lstrip(".")
+    if fmt not in VECTOR_FORMATS:
+        raise OutputError(f"unknown vector format {vector_format!r}.", hint="Use gpkg, geojson or parquet.")
+    return fmt
+
+
+def check_to_crs(to_crs: Any) -> None:
+    """Raise an OutputError now, before any tile is read, if ``--to-crs`` is not a CRS."""
+    if to_crs is None:
+        return
+    try:
+        CRS.from_user_input(to_crs)
+    except (CRSError, TypeError, ValueError) as exc:
+        raise OutputError(
+            f"--to-crs {to_crs!r} is not a coordinate reference system ({str(exc).splitlines()[0]}).",
+            hint="Use an EPSG code such as EPSG:4326, EPSG:32633, or a PROJ/WKT string.",
+        ) from None
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike[str]], sources: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse output paths that resolve to a file the run reads: each source and every
+    file GDAL reads for it (sidecars, a VRT's rasters). With or without ``--overwrite``."""
+    inputs: list[str] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_file():
+            try:
+                inputs += source_files(p)
+            except RsvlError:  # not a raster GDAL opens: the file itself is still an input
+                inputs.append(str(p))
+        elif p.is_dir():
+            inputs.append(str(p))
+    refuse_inputs_as_outputs(outputs, inputs)
