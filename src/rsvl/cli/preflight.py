@@ -26,15 +26,15 @@ def raster_file(path: Path) -> bool:
         return ds.crs is not None
 
 
-def file_or_folder(path: Path) -> None:
-    """Check that ``path`` exists; a file must open as a raster or image, a folder must hold
-    images."""
+def file_or_folder(path: Path) -> bool | None:
+    """Check that ``path`` exists; a file must open as a raster or image (returns whether it
+    is georeferenced), a folder must hold images (returns None)."""
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such file or folder.", hint="Check the path.")
     if path.is_dir():
         images(path)
-    else:
-        raster_file(path)
+        return None
+    return raster_file(path)
 
 
 def images(folder: Path) -> list[Path]:
