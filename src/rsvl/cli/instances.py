@@ -9,7 +9,7 @@ from rich.console import Console
 
 from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
-from rsvl.console import emit_json, task_progress
+from rsvl.console import emit_json, state, task_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -77,3 +77,11 @@ def instances(
                       f"{r.tiles} tile(s), {r.seconds:.1f} s", markup=False)
         for k, v in r.outputs.items():
             console.print(f"  {k}: {v}", markup=False)
+    if results and not any(r.instances for r in results):
+        state.notice(nothing_found(model, results[0].classes, score))
+
+
+def nothing_found(model: str, classes: list[str], score: float) -> str:
+    """The one line that says what a model can find, when it found nothing."""
+    return (f"nothing found: {model} detects only {', '.join(classes)} "
+            f"(--score {score}); other objects are not detected.")
