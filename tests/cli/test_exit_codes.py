@@ -118,6 +118,24 @@ def test_ctrl_c_in_process_returns_130_and_says_so(tmp_path, monkeypatch, capsys
     assert "interrupted" in err and "--resume" not in err  # classify has no --resume
 
 
+def test_ctrl_c_answered_with_sys_exit_still_exits_130(monkeypatch, capsys):
+    """Lightning (rsvl train ...) catches KeyboardInterrupt, shuts down and calls sys.exit(1)."""
+    from rsvl.tasks import classify as task
+
+    def lightning_like(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    monkeypatch.setattr(task, "classify", lightning_like)
+    assert main(["classify", SAMPLE, "-l", "forest, water"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # any other sys.exit is left alone
+        monkeypatch.setattr(task, "classify", lambda *a, **k: sys.exit(3))
+        main(["classify", SAMPLE, "-l", "forest, water"])
+
+
 def test_interrupted_message_names_resume_only_where_it_exists():
     from rsvl.cli import interrupted_message
 

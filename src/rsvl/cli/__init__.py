@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         code = 130
+    except SystemExit as exc:
+        # Lightning answers Ctrl-C with a graceful shutdown and sys.exit(1)
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        code = 130
     except typer.TyperException as exc:  # usage mistakes: usage line, Click's message, exit 2
         exc.show()
         return exc.exit_code
