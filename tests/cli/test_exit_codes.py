@@ -147,3 +147,18 @@ def test_interrupted_message_names_resume_only_where_it_exists():
 
 def _no_model(*args, **kwargs):
     raise AssertionError("a model was loaded before the inputs were checked")
+
+
+def test_class_list_checks_leave_plain_class_names_alone(tmp_path, monkeypatch):
+    from rsvl.cli import preflight
+    from rsvl.errors import PromptError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "water").write_text("")  # a file that happens to be called like a class
+    (tmp_path / "classes.txt").write_text("forest\nwater\n")
+    for ok in ("water", "forest|trees, water", "st. mary's church, water", None):
+        preflight.not_a_path(ok)
+    with pytest.raises(PromptError, match="--labels-file classes.txt"):
+        preflight.not_a_path("classes.txt")
+    with pytest.raises(PromptError, match="one raster per run"):
+        preflight.not_a_path(str(tmp_path))

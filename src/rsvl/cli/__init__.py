@@ -7,6 +7,8 @@ Conventions every command keeps:
 * A user error (``RsvlError``) prints one line ``error: ...`` on stderr and exits non-zero;
   the traceback appears only with ``rsvl --debug``.
 * ``rsvl --quiet`` silences progress bars and notices.
+* Exit codes: 0 done, 2 user error or usage mistake, 130 interrupted (Ctrl-C), 1 a bug.
+* Inputs and outputs are checked before a model loads (:mod:`rsvl.cli.preflight`).
 
 Command groups live in ``rsvl.cli.*``; each module exposes ``register(app)``.
 

@@ -72,7 +72,9 @@ def not_a_path(classes: str | None) -> None:
     if not text or "," in text or "|" in text:
         return
     p = Path(text).expanduser()
-    if p.suffix.lower() in IMAGE_SUFFIXES or (p.exists() and p.is_dir()):
+    if "/" not in text and os.sep not in text and not p.suffix:
+        return  # a plain word ("water") is a class even if a file of that name is here
+    if p.suffix.lower() in IMAGE_SUFFIXES or p.is_dir():
         raise PromptError(
             f"the class list {classes!r} is a raster or image path: segment takes one raster per run.",
             hint='Give the classes after the raster, e.g. "forest|trees, water", and run once per raster.',
