@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -87,14 +88,70 @@ def _no_advance(n: int = 1) -> None:
     return None
 
 
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class ProgressLines:
+    """Plain progress lines for logs (stderr not a terminal), e.g.
+    ``segment: 120/1200 tiles, 3.1 tiles/s, eta 5m48s``: one each time another tenth of the
+    work is done or ``every`` seconds have passed since the last line, and one at the end."""
+
+    def __init__(self, total: int, description: str, *, unit: str = "tiles", every: float = 30.0,
+                 write: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.description, self.unit, self.every = total, description, unit, every
+        self.write = write if write is not None else self._stderr
+        self.clock = clock
+        self.done = 0
+        self.start = self.last = clock()
+        self.tenth = 0  # tenths of the work already reported
+
+    @staticmethod
+    def _stderr(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        tenth = 10 * self.done // self.total if self.total > 0 else 10
+        if tenth > self.tenth or now - self.last >= self.every or self.done >= self.total:
+            if self.done >= self.total and self.tenth >= 10:
+                return  # the final line is out already
+            self.tenth = max(tenth, self.tenth)
+            self.last = now
+            self.write(self.line(now))
+
+    def line(self, now: float) -> str:
+        text = f"{self.description}: {self.done}/{self.total} {self.unit}"
+        elapsed = now - self.start
+        if elapsed > 0 and self.done > 0:
+            rate = self.done / elapsed
+            text += f", {rate:.1f} {self.unit}/s"
+            if self.done < self.total:
+                text += f", eta {_duration((self.total - self.done) / rate)}"
+            else:
+                text += f", {_duration(elapsed)}"
+        return text
+
+
 @contextmanager
 def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "tiles") -> Iterator[Advance]:
-    """A Rich progress bar on stderr (done/total, rate, ETA); silent under --quiet.
+    """Progress on stderr, silent under --quiet: a Rich bar (done/total, rate, ETA) on a
+    terminal, :class:`ProgressLines` when stderr goes to a file or pipe (a log).
 
     Yields a callable ``advance(n=1)``.
     """
     if not enabled or state.quiet:
         yield _no_advance
+        return
+    if not state.err.is_terminal:
+        yield ProgressLines(total, description, unit=unit)
         return
     columns = (
         TextColumn("{task.description}"),

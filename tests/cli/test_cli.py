@@ -112,3 +112,17 @@ def test_main_job_segments_the_bundled_sample(tmp_path, capsys):
         assert abs(ds.transform.a - 0.3048) < 0.01  # resampled to the model's training GSD
     for key in ("polygons", "overlay", "confidence"):
         assert (tmp_path / "sub" / doc["outputs"][key].split("/")[-1]).exists()
+
+
+def test_readme_claims_only_commands_that_exist():
+    import typer.main
+
+    from rsvl.cli import app
+
+    readme = (REPO / "README.md").read_text()
+    commands = set(typer.main.get_command(app).commands)
+    named = set(re.findall(r"`rsvl ([a-z][a-z-]*)", readme)) | set(re.findall(r"&& rsvl ([a-z][a-z-]*)", readme))
+    assert named and named <= commands, f"README names commands rsvl lacks: {named - commands}"
+    intro = readme.split("## ")[0].lower()
+    for missing in ("chat", "service", "ray"):
+        assert not re.search(rf"\b{missing}\b", intro), f"the README's opening claims {missing!r}"

@@ -372,3 +372,32 @@ def test_unpublished_weights_say_how_to_get_them(net, monkeypatch):
     assert weights.is_available_offline(card)
     with pytest.raises(ValueError, match="exactly one"):
         WeightsSource(filename="x", unpublished="y", url="https://example.org/x")
+
+
+def test_cards_whose_trained_weights_are_unpublished_are_bring_your_own(net, tmp_path):
+    """RSPrompter's cards name SAM ViT-B (what training starts from): `fetch` must not
+    download it as if it were the model, `models` must not call it available, and the
+    message says in one line what to pass."""
+    card = get_card("rsprompter-anchor-nwpu")
+    assert not weights.trained_weights_published(card)
+    assert weights.weights_state(card) == "bring your own"
+    # even with SAM ViT-B already in rsvl's cache under the card's name
+    placed = weights.cache_path(card)
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(PAYLOAD)
+    assert not weights.is_available_offline(card) and weights.weights_state(card) == "bring your own"
+    with pytest.raises(WeightsNotFoundError, match="no trained checkpoint") as e:
+        weights.fetch(card)
+    assert "--weights PATH" in str(e.value) and "\n" not in str(e.value)
+    assert net.calls == []  # nothing was downloaded
+
+
+def test_weights_state_of_each_kind(net):
+    assert weights.weights_state(get_card("mini-clip")) == "bundled"
+    assert weights.weights_state(get_card("fianet-rrsisd")) == "bring your own"
+    card = get_card("farslip2-vit-b16")
+    assert weights.weights_state(card) == "download"
+    weights.cache_path(card).parent.mkdir(parents=True)
+    weights.cache_path(card).write_bytes(PAYLOAD)
+    assert weights.weights_state(card) == "cached"
+    assert net.calls == []

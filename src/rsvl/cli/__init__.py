@@ -7,6 +7,8 @@ Conventions every command keeps:
 * A user error (``RsvlError``) prints one line ``error: ...`` on stderr and exits non-zero;
   the traceback appears only with ``rsvl --debug``.
 * ``rsvl --quiet`` silences progress bars and notices.
+* Exit codes: 0 done, 2 user error or usage mistake, 130 interrupted (Ctrl-C), 1 a bug.
+* Inputs and outputs are checked before a model loads (:mod:`rsvl.cli.preflight`).
 
 Command groups live in ``rsvl.cli.*``; each module exposes ``register(app)``.
 
@@ -22,9 +24,10 @@ itself; ``rsvl --help``,
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-import click
 import typer
+import typer.main
 
 from rsvl import __version__
 from rsvl.cli import classify, data, index, info, instances, models, refer, segment, train
@@ -40,7 +43,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
 
 
 def _version_callback(value: bool) -> None:
@@ -66,33 +68,68 @@ for _module in (info, classify, segment, index, instances, refer, models, evalua
     _module.register(app)
 
 
+def _leaf_command(args: list[str]) -> Any:
+    """The command ``args`` invoke (``rsvl train clip ...`` -> the ``clip`` command), or None."""
+    cmd: Any = typer.main.get_command(app)
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        sub = getattr(cmd, "commands", {}).get(arg)
+        if sub is None:
+            break
+        cmd = sub
+    return cmd
+
+
+def interrupted_message(args: list[str]) -> str:
+    """What to tell a user who pressed Ctrl-C: the way back in for commands with --resume."""
+    try:
+        cmd = _leaf_command(args)
+        resumable = any("--resume" in getattr(p, "opts", ()) for p in getattr(cmd, "params", ()))
+    except Exception:  # never let the message hide the interruption
+        resumable = False
+    return "interrupted; rerun with --resume to continue" if resumable else "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script. Returns the process exit code."""
+    """Entry point of the console script. Returns the process exit code.
+
+    0: success; 1: an unexpected error (a bug: rerun with --debug); 2: a user error
+    (``RsvlError``: one line saying what to do) or a usage mistake (Click's usage line and
+    message); 130: interrupted (Ctrl-C).
+    """
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args
     try:
-        app(args=args, prog_name="rsvl", standalone_mode=False)
+        # Outside standalone mode Typer returns the exit code of a `typer.Exit` and turns
+        # KeyboardInterrupt into a returned 130 (typer 0.29: see pyproject's pin).
+        code = app(args=args, prog_name="rsvl", standalone_mode=False)
     except RsvlError as exc:
         if state.debug:
             raise
         state.error(str(exc))
         return exc.exit_code
     except typer.Exit as exc:
-        return exc.exit_code
+        code = exc.exit_code
     except typer.Abort:
         state.error("aborted")
         return 130
     except KeyboardInterrupt:
-        state.error("interrupted; rerun with --resume to continue where the run stopped")
-        return 130
-    except Exception as exc:  # click usage errors and anything unexpected
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+        code = 130
+    except SystemExit as exc:
+        # Lightning answers Ctrl-C with a graceful shutdown and sys.exit(1)
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        code = 130
+    except typer.TyperException as exc:  # usage mistakes: usage line, Click's message, exit 2
+        exc.show()
+        return exc.exit_code
+    except Exception as exc:
         if state.debug:
             raise
         state.error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return 1
-    return 0
-
+    if code == 130:
+        state.error(interrupted_message(args))
+        return 130
+    return code if isinstance(code, int) else 0

@@ -10,10 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, task_progress
 from rsvl.data.classes import load_classes
-from rsvl.errors import InputNotFoundError, OutputError
+from rsvl.errors import OutputError
 from rsvl.io import atomic_path
 
 
@@ -48,10 +49,13 @@ def classify(
     """
     import rsvl  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.classify import classify as run_classify  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.classify import raster_output_paths  # lazy: torch start-up, see rsvl.cli
 
-    if not source.exists():
-        raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
     specs = load_classes(inline=labels, file=labels_file)
+    georeferenced = preflight.file_or_folder(source)
+    if georeferenced is not None and (tile is not None or georeferenced):
+        preflight.new_outputs(raster_output_paths(source, out), overwrite)
+    preflight.new_outputs([csv_path], overwrite)
     m = rsvl.load(model, weights=weights, device=device)
     result = run_classify(m, source, specs, templates=templates, top_k=top_k, batch_size=batch_size,
                           bands=parse_bands(bands), tile=tile, gsd=gsd, out=out, overwrite=overwrite,

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state, task_progress
 from rsvl.errors import PromptError
@@ -64,8 +65,10 @@ def build(
     """Embed images, folders and raster tiles into a new index folder."""
     from rsvl.index.store import check_output  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.search import build as run_build  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.search import expand_sources  # lazy: torch start-up, see rsvl.cli
 
     check_output(out, replace=overwrite)
+    expand_sources(sources)
     m = _load(model, weights, device)
     result = run_build(m, sources, out, tile=tile, overlap=overlap, gsd=gsd,
                        bands=parse_bands(bands), batch_size=batch_size, ivf_threshold=ivf_threshold, nprobe=nprobe,
@@ -85,8 +88,10 @@ def add(
     """Add sources to an index; sources already indexed and unchanged are not re-embedded."""
     from rsvl.index.store import EmbeddingIndex  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.search import add as run_add  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.search import expand_sources  # lazy: torch start-up, see rsvl.cli
 
     idx = EmbeddingIndex.open(index)
+    expand_sources(sources)
     if model is not None:
         idx.check_model(model, what="extend")
     m = _load(idx.model, weights, device)
@@ -118,6 +123,9 @@ def search(
     idx = EmbeddingIndex.open(index)
     if model is not None:
         idx.check_model(model)
+    if image is not None:
+        preflight.raster_file(image)
+    preflight.new_outputs([geojson], overwrite)
     m = _load(idx.model, weights, device)
     result = run_search(idx, query, k=k, image=image, model=m, nprobe=nprobe)
     if geojson is not None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
-from rsvl.console import emit_json, task_progress
-from rsvl.errors import InputNotFoundError
+from rsvl.console import emit_json, state, task_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -41,9 +41,21 @@ def instances(
     from rsvl.tasks.instances import (
         instances as run_instances,  # lazy: torch start-up, see rsvl.cli
     )
+    from rsvl.tasks.instances import output_paths  # lazy: torch start-up, see rsvl.cli
 
-    if not source.exists():
-        raise InputNotFoundError(f"{source}: no such file or folder.", hint="Check the path.")
+    preflight.file_or_folder(source)
+    preflight.vector_format(vector_format)
+    if source.is_dir():
+        base = out if out is not None else Path.cwd() / source.name
+        jobs = [(f, base / f.stem) for f in preflight.images(source)]
+    else:
+        jobs = [(source, out if out is not None else Path.cwd() / source.stem)]
+    for path, prefix in jobs:
+        georeferenced = preflight.raster_file(path)
+        paths = output_paths(prefix, vector_format, georeferenced)
+        if not (georeferenced and instance_tif):
+            paths.pop("instance_tif", None)
+        preflight.new_outputs(paths.values(), overwrite)
     m = rsvl.load(model, weights=weights, device=device)
     progress = task_progress("instances", unit="images" if source.is_dir() else "tiles")
     result = run_instances(
@@ -65,3 +77,11 @@ def instances(
                       f"{r.tiles} tile(s), {r.seconds:.1f} s", markup=False)
         for k, v in r.outputs.items():
             console.print(f"  {k}: {v}", markup=False)
+    if results and not any(r.instances for r in results):
+        state.notice(nothing_found(model, results[0].classes, score))
+
+
+def nothing_found(model: str, classes: list[str], score: float) -> str:
+    """The one line that says what a model can find, when it found nothing."""
+    return (f"nothing found: {model} detects only {', '.join(classes)} "
+            f"(--score {score}); other objects are not detected.")

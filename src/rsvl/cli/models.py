@@ -19,22 +19,28 @@ def models(
     family: str = typer.Option(None, "--family", help="Only this family (clip, mini-clip, sam, ...)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """List every model rsvl knows, where its weights come from, and whether they are here."""
+    """List every model rsvl knows and where its weights come from: bundled, cached, download, or bring your own."""
     from rsvl.models.registry import list_cards  # lazy: see rsvl.cli
-    from rsvl.models.weights import is_available_offline  # lazy: see rsvl.cli
+    from rsvl.models.weights import (  # lazy: see rsvl.cli
+        is_available_offline,
+        trained_weights_published,
+        weights_state,
+    )
 
     rows = []
     for card in list_cards(family=family, task=task):
         src = card.source
+        published = trained_weights_published(card)
         rows.append({
             "name": card.name,
             "family": card.family,
             "architecture": card.architecture,
             "tasks": list(card.tasks),
             "licence": card.licence,
-            "source": src.download_url if getattr(src, "download_url", None) else (src.bundled or ("unpublished" if src.unpublished else "")),
-            "revision": src.revision,
+            "source": (src.download_url or src.bundled or "") if published else "unpublished",
+            "revision": src.revision if published else None,
             "sha256": card.sha256,
+            "weights": weights_state(card),
             "available_offline": bool(is_available_offline(card)),
         })
     if as_json:
@@ -43,13 +49,13 @@ def models(
 
     t = Table(show_edge=False)
     t.add_column("name", no_wrap=True)
-    for col in ("family", "tasks", "offline", "licence"):
-        t.add_column(col)
+    for col in ("family", "tasks", "weights", "licence"):
+        t.add_column(col, no_wrap=col == "weights")
     for r in rows:
-        t.add_row(r["name"], r["family"], ",".join(r["tasks"]) or "-", "yes" if r["available_offline"] else "no",
-                  r["licence"].split(" (")[0])
+        t.add_row(r["name"], r["family"], ",".join(r["tasks"]) or "-", r["weights"], r["licence"].split(" (")[0])
     Console(highlight=False, width=max(100, Console().width)).print(t)
-    state.notice("Fetch one with `rsvl fetch NAME`, or pass --weights PATH to any command.")
+    state.notice("weights: bundled (ships with rsvl), cached (here), download (`rsvl fetch NAME` or first use), "
+                 "bring your own (nothing published: pass a trained file with --weights PATH).")
 
 
 def fetch(

@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, task_progress
-from rsvl.errors import InputNotFoundError, UnknownModelError
+from rsvl.errors import UnknownModelError
 
 
 def register(app: typer.Typer) -> None:
@@ -38,17 +39,20 @@ def refer(
     """Segment the one object EXPRESSION refers to: mask, polygon with score, overlay."""
     import rsvl  # lazy: torch start-up, see rsvl.cli
     from rsvl.models.registry import get_card  # lazy: torch start-up, see rsvl.cli
-    from rsvl.tasks.refer import check_expression  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.refer import (
+        check_expression,  # lazy: torch start-up, see rsvl.cli
+        output_paths,  # lazy: torch start-up, see rsvl.cli
+    )
     from rsvl.tasks.refer import refer as run_refer  # lazy: torch start-up, see rsvl.cli
 
     check_expression(expression)
-    if not source.exists():
-        raise InputNotFoundError(f"{source}: no such file.", hint="Check the path of the image or raster.")
+    georeferenced = preflight.raster_file(source)
     card = get_card(model)
     if "refer" not in card.tasks:
         raise UnknownModelError(f"{card.name} is not a referring-segmentation model.",
                                 hint="Use --model mini-refer (see `rsvl models` for the refer task).")
     prefix = out if out is not None else Path.cwd() / source.stem
+    preflight.new_outputs(output_paths(prefix, vector_format, georeferenced).values(), overwrite)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     m = rsvl.load(card.name, weights=weights, device=device)
     result = run_refer(m, source, expression, prefix, tile=tile, overlap=overlap, threshold=threshold,

@@ -8,10 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state, task_progress
 from rsvl.data.classes import load_classes
-from rsvl.errors import InputNotFoundError
 
 
 def register(app: typer.Typer) -> None:
@@ -54,12 +54,16 @@ def segment(
 ) -> None:
     """Segment RASTER into the given classes: class GeoTIFF, confidence, polygons, PNG overlay."""
     import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.tasks.segment import output_paths  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.segment import segment as run_segment  # lazy: torch start-up, see rsvl.cli
 
-    if not raster.exists():
-        raise InputNotFoundError(f"{raster}: no such file.", hint="Check the path.")
+    preflight.not_a_path(classes)
     specs = load_classes(inline=classes, file=labels_file)
+    preflight.raster_file(raster)
     prefix = out if out is not None else Path.cwd() / raster.stem
+    if not resume:
+        paths = output_paths(prefix, probabilities, preflight.vector_format(vector_format))
+        preflight.new_outputs(paths.values(), overwrite)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     m = rsvl.load(model, weights=weights, device=device)
     progress = task_progress("segment")

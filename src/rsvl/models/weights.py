@@ -169,6 +169,8 @@ def _local_path(card: ModelCard) -> Path | None:
     bundled = _bundled_path(card)
     if bundled is not None:
         return bundled
+    if not trained_weights_published(card) and not card.source.unpublished:
+        return None  # the card's file is not the model's weights
     cached = cache_path(card)
     if cached.is_file():
         return _check_cached(card, cached)
@@ -178,11 +180,47 @@ def _local_path(card: ModelCard) -> Path | None:
     return None
 
 
+def trained_weights_published(card: ModelCard) -> bool:
+    """False when no trained checkpoint of the model is published: the card's source says so
+    (``unpublished``), or its file is only what training starts from (RSPrompter's cards
+    name SAM ViT-B; ``metadata["trained_weights_published"]`` is False)."""
+    return not card.source.unpublished and card.metadata.get("trained_weights_published", True) is not False
+
+
 def is_available_offline(card: ModelCard) -> bool:
-    """True when the checkpoint is on this machine (bundled, in rsvl's or HF's cache)."""
-    if _bundled_path(card) is not None or cache_path(card).is_file():
+    """True when the checkpoint a task loads is on this machine (bundled, in rsvl's or HF's
+    cache); never for a card whose trained weights are unpublished and only --weights serves."""
+    if _bundled_path(card) is not None:
         return True
-    return _hf_cached_path(card) is not None
+    if not trained_weights_published(card):
+        return bool(card.source.unpublished) and cache_path(card).is_file()
+    return cache_path(card).is_file() or _hf_cached_path(card) is not None
+
+
+#: what :func:`weights_state` returns
+WEIGHTS_STATES = ("bundled", "cached", "download", "bring your own")
+
+
+def weights_state(card: ModelCard) -> str:
+    """Where a task gets ``card``'s weights on this machine: ``bundled`` (ships with rsvl),
+    ``cached`` (already here), ``download`` (``rsvl fetch`` or the first use downloads it),
+    ``bring your own`` (nothing published: a trained file must be given with --weights)."""
+    if card.source.bundled:
+        return "bundled"
+    if is_available_offline(card):
+        return "cached"
+    return "download" if trained_weights_published(card) else "bring your own"
+
+
+def _bring_your_own(card: ModelCard) -> WeightsNotFoundError:
+    if card.source.unpublished:
+        return _missing(card, "its authors publish no weights, so there is nothing to download")
+    return WeightsNotFoundError(
+        f"{card.name}: no trained checkpoint of this model is published, so there is nothing to "
+        f"download (the card's {card.source.filename} is only what training starts from).",
+        hint=f"Train one (`rsvl train {card.tasks[0] if card.tasks else '--help'}`) or get one from "
+        "the model's authors, and pass it with --weights PATH.",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,11 +286,13 @@ def fetch(card: ModelCard, *, force: bool = False) -> Path:
         return bundled
     if card.source.bundled:
         raise _missing(card, "the file shipped with rsvl is missing; reinstall rsvl")
+    if not trained_weights_published(card) and not card.source.unpublished:
+        raise _bring_your_own(card)  # the card's download would not be the model's weights
     final = cache_path(card)
     if final.is_file() and not force:
         return _check_cached(card, final)
     if card.source.unpublished:
-        raise _missing(card, "its authors publish no weights, so there is nothing to download")
+        raise _bring_your_own(card)
     if is_offline():
         raise _missing(
             card, "offline mode is on (RSVL_OFFLINE / HF_HUB_OFFLINE) and it is not cached"
@@ -321,4 +361,6 @@ __all__ = [
     "is_offline",
     "resolve_weights",
     "sha256_file",
+    "trained_weights_published",
+    "weights_state",
 ]

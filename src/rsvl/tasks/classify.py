@@ -190,19 +190,24 @@ def _as_chw(a: np.ndarray, i: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def raster_output_paths(src: str | os.PathLike[str], out: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    """The GeoPackage and label GeoTIFF that classifying the tiles of raster ``src`` writes."""
+    prefix = Path(out) if out is not None else Path.cwd() / Path(src).stem
+    if prefix.suffix.lower() in (".gpkg", ".tif"):
+        prefix = prefix.with_suffix("")
+    return Path(f"{prefix}_tiles.gpkg"), Path(f"{prefix}_tiles.tif")
+
+
 def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], settings: dict[str, Any], *,
                      tile: int, top_k: int, batch_size: int, bands: Sequence[int] | None, gsd: float | None,
                      out: str | os.PathLike[str] | None, overwrite: bool,
                      progress: TaskProgress | None) -> ClassifyResult:
     """Non-overlapping tiles through the streaming loop (:func:`rsvl.geo.stream.map_tiles`):
     what is kept per tile is its prediction and footprint, plus one label pixel per tile."""
-    prefix = Path(out) if out is not None else Path.cwd() / src.stem
-    if prefix.suffix.lower() in (".gpkg", ".tif"):
-        prefix = prefix.with_suffix("")
-    gpkg, label_tif = Path(f"{prefix}_tiles.gpkg"), Path(f"{prefix}_tiles.tif")
+    gpkg, label_tif = raster_output_paths(src, out)
     check_outputs([gpkg, label_tif], [src])
-    if not prefix.parent.exists():
-        raise OutputError(f"{prefix.parent}: output folder does not exist.", hint="Create it first.")
+    if not gpkg.parent.exists():
+        raise OutputError(f"{gpkg.parent}: output folder does not exist.", hint="Create it first.")
     for p in (gpkg, label_tif):
         if p.exists() and not overwrite:
             raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")

@@ -181,6 +181,28 @@ def _rank(c: Candidate) -> tuple[bool, float, int]:
     return (not c.cut, c.score, c.pixels)
 
 
+def output_prefix(out: str | os.PathLike[str]) -> Path:
+    """``out`` without a suffix rsvl itself would add (``x.tif`` -> ``x``)."""
+    prefix = Path(out)
+    if prefix.suffix.lower() in (".tif", ".tiff", ".png", ".gpkg", ".geojson", ".json"):
+        prefix = prefix.with_suffix("")
+    return prefix
+
+
+def output_paths(out: str | os.PathLike[str], vector_format: str, georeferenced: bool) -> dict[str, Path]:
+    """The files :func:`refer` writes for the output prefix ``out``."""
+    prefix = output_prefix(out)
+    vec_suffix = {"gpkg": ".gpkg", "geojson": ".geojson", "parquet": ".parquet"}.get(vector_format.lower())
+    if vec_suffix is None:
+        raise OutputError(f"unknown vector format {vector_format!r}.", hint="Use gpkg, geojson or parquet.")
+    if not georeferenced:
+        vec_suffix = ".geojson"
+    return {"mask": prefix.with_name(prefix.name + ("_mask.tif" if georeferenced else "_mask.png")),
+            "vector": prefix.with_name(prefix.name + vec_suffix),
+            "overlay": prefix.with_name(prefix.name + "_overlay.png"),
+            "json": prefix.with_name(prefix.name + ".json")}
+
+
 def refer(
     model: Any,
     source: str | os.PathLike[str],
@@ -216,9 +238,7 @@ def refer(
     path = Path(source)
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such file.", hint="Check the path of the image or raster.")
-    prefix = Path(out)
-    if prefix.suffix.lower() in (".tif", ".tiff", ".png", ".gpkg", ".geojson", ".json"):
-        prefix = prefix.with_suffix("")
+    prefix = output_prefix(out)
     if not prefix.parent.exists():
         raise OutputError(f"{prefix.parent}: output folder does not exist.", hint="Create it first.")
     vector_format = check_vector_format(vector_format)
@@ -231,11 +251,7 @@ def refer(
     src = RasterSource(path, bands=bands, target_gsd=gsd)
     try:
         georef = src.crs is not None
-        vec_suffix = f".{vector_format}" if georef else ".geojson"
-        paths = {"mask": prefix.with_name(prefix.name + ("_mask.tif" if georef else "_mask.png")),
-                 "vector": prefix.with_name(prefix.name + vec_suffix),
-                 "overlay": prefix.with_name(prefix.name + "_overlay.png"),
-                 "json": prefix.with_name(prefix.name + ".json")}
+        paths = output_paths(prefix, vector_format, georef)
         check_outputs(paths.values(), [path])
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing and not overwrite:
