@@ -533,8 +533,15 @@ class WindowReader:
         s = self.source
         col, row = int(window.col_off), int(window.row_off)
         w, h = int(window.width), int(window.height)
-        rgb = np.zeros((3, h, w), dtype=np.uint8)
-        valid = np.zeros((h, w), dtype=bool)
+        try:
+            rgb = np.zeros((3, h, w), dtype=np.uint8)
+            valid = np.zeros((h, w), dtype=bool)
+        except (ValueError, MemoryError) as exc:  # a header that claims billions of pixels
+            raise RasterReadError(
+                f"{s.path}: a {w} x {h} px window of this raster is too large to read into memory.",
+                hint="Check the file's size in `rsvl info`: a corrupt header can claim it; a "
+                "genuine raster that large needs a CRS so rsvl reads it tile by tile.",
+            ) from exc
         c0, r0 = max(col, 0), max(row, 0)
         c1, r1 = min(col + w, s.width), min(row + h, s.height)
         if c1 <= c0 or r1 <= r0:
