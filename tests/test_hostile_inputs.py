@@ -376,3 +376,15 @@ def test_every_refusal_is_an_rsvl_error():
     # the classes the hostile cases raise are user errors: the CLI prints one line, exit 2
     for cls in (CheckpointMismatchError, DatasetError, RasterReadError, InputNotFoundError):
         assert issubclass(cls, RsvlError) and cls.exit_code == 2
+
+
+def test_huge_index_manifest_is_not_read_into_memory(tmp_path):
+    from rsvl.errors import IndexCorruptError
+    from rsvl.index.store import EmbeddingIndex
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    with open(folder / "manifest.json", "wb") as fh:  # sparse: costs no disk
+        fh.truncate(4 << 30)
+    with pytest.raises(IndexCorruptError, match="more than any manifest rsvl writes"):
+        EmbeddingIndex.open(folder)
