@@ -388,3 +388,16 @@ def test_huge_index_manifest_is_not_read_into_memory(tmp_path):
         fh.truncate(4 << 30)
     with pytest.raises(IndexCorruptError, match="more than any manifest rsvl writes"):
         EmbeddingIndex.open(folder)
+
+
+def test_vrt_raw_raster_band_inside_an_archive_is_refused(tmp_path, monkeypatch):
+    import zipfile
+
+    from rsvl.geo.raster import open_dataset
+
+    monkeypatch.delenv("RSVL_ALLOW_VRT_RAW", raising=False)
+    vrt = raw_vrt(tmp_path / "leak.vrt")
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.write(vrt, "leak.vrt")
+    with pytest.raises(RasterReadError, match="raw raster band"):
+        open_dataset(f"/vsizip/{tmp_path / 'a.zip'}/leak.vrt")

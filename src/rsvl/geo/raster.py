@@ -102,6 +102,15 @@ def _vrt_raw_source(path: Path, depth: int = 0) -> str | None:
     return None
 
 
+def _raw_vrt_refused(text: str, raw: str) -> RasterReadError:
+    return RasterReadError(
+        f"{text} is a VRT with a raw raster band that reads {raw} as pixels; rsvl refuses "
+        "raw bands, which can expose any local file.",
+        hint=f"If you trust this VRT, set {ALLOW_VRT_RAW_ENV}=1; otherwise convert the data "
+        "to a GeoTIFF (gdal_translate) and pass that.",
+    )
+
+
 def open_dataset(
     path: str | os.PathLike[str], *, allow_vrt_raw: bool | None = None
 ) -> rasterio.io.DatasetReader:
@@ -121,12 +130,7 @@ def open_dataset(
     allowed = vrt_raw_allowed() if allow_vrt_raw is None else allow_vrt_raw
     raw = None if is_remote or allowed else _vrt_raw_source(p)
     if raw is not None:
-        raise RasterReadError(
-            f"{text} is a VRT with a raw raster band that reads {raw} as pixels; rsvl refuses "
-            "raw bands, which can expose any local file.",
-            hint=f"If you trust this VRT, set {ALLOW_VRT_RAW_ENV}=1; otherwise convert the data "
-            "to a GeoTIFF (gdal_translate) and pass that.",
-        )
+        raise _raw_vrt_refused(text, raw)
     try:
         # an opt-in after import (the keyword) lifts the process-wide switch for this open
         lift = allowed and os.environ.get("GDAL_VRT_ENABLE_RAWRASTERBAND", "").upper() == "NO"
@@ -140,6 +144,11 @@ def open_dataset(
             f"{text}: GDAL cannot read this file as a raster ({_first_line(exc)}).",
             hint="Check that it is a complete GeoTIFF/COG/VRT/JPEG2000/PNG/JPEG file (a truncated download or a non-raster file gives this error).",
         ) from exc
+    if not allowed and ds.driver == "VRT":  # also covers /vsi paths the check above skips
+        xml = str(ds.tags(ns="xml:VRT").get("xml:VRT", ""))
+        if "vrtrawrasterband" in xml.lower():
+            ds.close()
+            raise _raw_vrt_refused(text, "a local file")
     if ds.count == 0:
         ds.close()
         raise RasterReadError(f"{text} has no raster bands.", hint="Pass a file with at least one band.")
