@@ -9,17 +9,20 @@ never a half-written output under the final name.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rsvl.errors import InputNotFoundError, OutputError, RasterReadError, RsvlError
+from rsvl.errors import DatasetError, InputNotFoundError, OutputError, RasterReadError, RsvlError
 
 #: suffixes of the files rsvl treats as images when it is given a folder (plain images and
 #: every raster format GDAL reads by extension that users keep scenes in, VRT mosaics included)
@@ -170,3 +173,68 @@ def refuse_inputs_as_outputs(outputs: Iterable[str | Path], inputs: Iterable[str
                     f"the output {o} would replace {i}, which this run reads.",
                     hint="Choose another output name or folder (-o); inputs are never overwritten.",
                 )
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain data: lists, tuples, dicts, sets, strings, bytes,
+    numbers, booleans and ``None``.
+
+    Everything that could run code in a pickle (a class, a function, ``__reduce__``) reaches
+    the unpickler as a global to look up; :meth:`find_class` refuses every one, so no
+    object of the file's choosing is ever created or called. Persistent ids are refused too.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise RefusedGlobal(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("the file uses persistent ids, which plain data never does")
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a Python object (``module.name``) that :class:`PlainUnpickler` refuses."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+        super().__init__(f"{module}.{name}")
+
+
+def read_plain_pickle(
+    path: str | Path,
+    *,
+    what: str = "Pickle file",
+    error: type[RsvlError] = DatasetError,
+    hint: str | None = None,
+) -> Any:
+    """Unpickle ``path`` with :class:`PlainUnpickler`: a file that holds only plain data
+    (the REFER annotation format) loads; anything else raises one ``error`` line.
+
+    Args:
+        path: the file.
+        what: the file's name in messages ("REFER refs file").
+        error: the :class:`~rsvl.errors.RsvlError` subclass to raise.
+        hint: what to do, for a refused or unreadable file.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"{what} {p} does not exist.", hint="Check the path.") from exc
+    except OSError as exc:
+        raise error(f"{what} {p} cannot be read ({exc}).", hint=hint) from exc
+    try:
+        return PlainUnpickler(io.BytesIO(data)).load()
+    except RefusedGlobal as exc:
+        raise error(
+            f"{what} {p} holds Python objects ({exc.module}.{exc.name}) that rsvl refuses to "
+            "unpickle: loading them could run code from the file, and a genuine file holds only "
+            "lists, dicts, strings and numbers.",
+            hint=hint,
+        ) from exc
+    except Exception as exc:  # truncated or malformed: the unpickler raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise error(
+            f"{what} {p} is not a readable pickle ({type(exc).__name__}{': ' if first else ''}"
+            f"{first}).",
+            hint=hint,
+        ) from exc

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from rsvl.errors import DatasetError
+from rsvl.io import read_plain_pickle
 
 __all__ = ["RRSISD_LAYOUT", "REFSEGRS_LAYOUT", "ReferSample", "RefSegRS", "RRSISD",
            "decode_segmentation"]
@@ -127,13 +127,18 @@ class RRSISD:
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder {self.image_dir} not found",
                                hint=f"Expected {layout}.")
+        # REFER's format is a pickle: read as plain data only (lists, dicts, str, numbers),
+        # so a crafted file cannot run code
+        refs = read_plain_pickle(refs_path, what="REFER refs file", error=DatasetError,
+                                 hint=f"Expected {layout}; regenerate the refs file "
+                                 "(`rsvl data refgen`) or take it from the dataset's release.")
         try:
-            with open(refs_path, "rb") as f:
-                refs = pickle.load(f)  # noqa: S301 - REFER's format is a pickle
             instances = json.loads(inst_path.read_text())
-        except (OSError, pickle.UnpicklingError, json.JSONDecodeError, EOFError) as exc:
-            raise DatasetError(f"cannot read {ddir}: {exc}", hint=f"Expected {layout}.") from exc
-        if not isinstance(refs, list) or "images" not in instances \
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"cannot read {inst_path}: {exc}",
+                               hint=f"Expected {layout}.") from exc
+        if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs) \
+                or not isinstance(instances, dict) or "images" not in instances \
                 or "annotations" not in instances:
             raise DatasetError(f"{ddir} does not hold REFER refs and COCO instances",
                                hint=f"Expected {layout}.")

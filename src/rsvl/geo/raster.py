@@ -9,6 +9,7 @@ tile of a scene is converted identically and no read ever touches the whole rast
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
@@ -39,12 +41,83 @@ from rsvl.errors import (
 # a larger cache only makes peak memory grow with the scene (bench/task_memory.py).
 os.environ.setdefault("GDAL_CACHEMAX", "64")
 
+#: set to 1 to let VRTs read raw local files (VRTRawRasterBand); refused by default
+ALLOW_VRT_RAW_ENV = "RSVL_ALLOW_VRT_RAW"
+
+
+def vrt_raw_allowed() -> bool:
+    """True when the user opted in to VRT raw raster bands (``RSVL_ALLOW_VRT_RAW=1``)."""
+    return os.environ.get(ALLOW_VRT_RAW_ENV, "").strip().lower() in {"1", "yes", "true", "on"}
+
+
+# A VRTRawRasterBand reads any local file (/etc/passwd, a key) as pixels, and rsvl reads
+# untrusted rasters. GDAL >= 3.12 honours this switch everywhere it opens a VRT (nested
+# ones too); open_dataset also checks the VRT itself, for the GDALs that predate it.
+os.environ.setdefault("GDAL_VRT_ENABLE_RAWRASTERBAND", "YES" if vrt_raw_allowed() else "NO")
+
 #: longest side of the decimated read used for stretch statistics
 STATS_MAX_SIDE = 1024
 
 
-def open_dataset(path: str | os.PathLike[str]) -> rasterio.io.DatasetReader:
-    """Open a raster with GDAL, turning every failure into an error that says what to do."""
+#: largest VRT rsvl parses to look for raw raster bands (a mosaic of 10k sources is ~5 MB)
+VRT_CHECK_MAX_BYTES = 64 * 1024 * 1024
+_VRT_MAX_DEPTH = 8
+
+
+def _vrt_raw_source(path: Path, depth: int = 0) -> str | None:
+    """The file a VRTRawRasterBand of the VRT at ``path`` (or of a local VRT it uses as a
+    source, recursively) would read, or ``None`` when there is none. Non-VRT files are
+    ``None``; a VRT too large or nested too deep to check counts as raw."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+            if b"<vrtdataset" not in head.lower():
+                return None
+            size = path.stat().st_size
+            if size > VRT_CHECK_MAX_BYTES or depth > _VRT_MAX_DEPTH:
+                return f"(a VRT too large or nested too deep to check: {path})"
+            fh.seek(0)
+            data = fh.read()
+    except OSError:
+        return None
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        # GDAL will refuse it too; a textual hit still counts as raw
+        return str(path) if b"vrtrawrasterband" in data.lower() else None
+    for band in root.iter():
+        if str(band.get("subClass", band.get("subclass", ""))).lower() == "vrtrawrasterband":
+            src = band.findtext("SourceFilename") or "?"
+            return src.strip()
+    for node in root.iter("SourceFilename"):
+        name = (node.text or "").strip()
+        if not name or name.startswith("/vsi") or "://" in name:
+            continue
+        rel = str(node.get("relativeToVRT", node.get("relativetoVRT", "0"))).strip() == "1"
+        src = path.parent / name if rel else Path(name)
+        if src.is_file() and src.resolve() != path.resolve():
+            found = _vrt_raw_source(src, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def _raw_vrt_refused(text: str, raw: str) -> RasterReadError:
+    return RasterReadError(
+        f"{text} is a VRT with a raw raster band that reads {raw} as pixels; rsvl refuses "
+        "raw bands, which can expose any local file.",
+        hint=f"If you trust this VRT, set {ALLOW_VRT_RAW_ENV}=1; otherwise convert the data "
+        "to a GeoTIFF (gdal_translate) and pass that.",
+    )
+
+
+def open_dataset(
+    path: str | os.PathLike[str], *, allow_vrt_raw: bool | None = None
+) -> rasterio.io.DatasetReader:
+    """Open a raster with GDAL, turning every failure into an error that says what to do.
+
+    A VRT with a raw raster band (``VRTRawRasterBand``, which reads any local file as
+    pixels) is refused unless ``allow_vrt_raw`` (default: ``RSVL_ALLOW_VRT_RAW=1``)."""
     p = Path(path)
     text = str(path)
     is_remote = text.startswith(("/vsi", "http://", "https://", "s3://", "gs://"))
@@ -54,8 +127,16 @@ def open_dataset(path: str | os.PathLike[str]) -> rasterio.io.DatasetReader:
         )
     if not is_remote and p.is_dir():
         raise RasterReadError(f"{text} is a folder, not a raster.", hint="Pass a raster file (GeoTIFF, COG, VRT, JPEG2000, PNG, JPEG).")
+    allowed = vrt_raw_allowed() if allow_vrt_raw is None else allow_vrt_raw
+    raw = None if is_remote or allowed else _vrt_raw_source(p)
+    if raw is not None:
+        raise _raw_vrt_refused(text, raw)
     try:
-        with warnings.catch_warnings():
+        # an opt-in after import (the keyword) lifts the process-wide switch for this open
+        lift = allowed and os.environ.get("GDAL_VRT_ENABLE_RAWRASTERBAND", "").upper() == "NO"
+        with warnings.catch_warnings(), (
+            rasterio.Env(GDAL_VRT_ENABLE_RAWRASTERBAND="YES") if lift else contextlib.nullcontext()
+        ):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(text)
     except RasterioIOError as exc:
@@ -63,6 +144,11 @@ def open_dataset(path: str | os.PathLike[str]) -> rasterio.io.DatasetReader:
             f"{text}: GDAL cannot read this file as a raster ({_first_line(exc)}).",
             hint="Check that it is a complete GeoTIFF/COG/VRT/JPEG2000/PNG/JPEG file (a truncated download or a non-raster file gives this error).",
         ) from exc
+    if not allowed and ds.driver == "VRT":  # also covers /vsi paths the check above skips
+        xml = str(ds.tags(ns="xml:VRT").get("xml:VRT", ""))
+        if "vrtrawrasterband" in xml.lower():
+            ds.close()
+            raise _raw_vrt_refused(text, "a local file")
     if ds.count == 0:
         ds.close()
         raise RasterReadError(f"{text} has no raster bands.", hint="Pass a file with at least one band.")
@@ -481,8 +567,15 @@ class WindowReader:
         s = self.source
         col, row = int(window.col_off), int(window.row_off)
         w, h = int(window.width), int(window.height)
-        rgb = np.zeros((3, h, w), dtype=np.uint8)
-        valid = np.zeros((h, w), dtype=bool)
+        try:
+            rgb = np.zeros((3, h, w), dtype=np.uint8)
+            valid = np.zeros((h, w), dtype=bool)
+        except (ValueError, MemoryError) as exc:  # a header that claims billions of pixels
+            raise RasterReadError(
+                f"{s.path}: a {w} x {h} px window of this raster is too large to read into memory.",
+                hint="Check the file's size in `rsvl info`: a corrupt header can claim it; a "
+                "genuine raster that large needs a CRS so rsvl reads it tile by tile.",
+            ) from exc
         c0, r0 = max(col, 0), max(row, 0)
         c1, r1 = min(col + w, s.width), min(row + h, s.height)
         if c1 <= c0 or r1 <= r0:

@@ -42,6 +42,8 @@ from rsvl.errors import IndexCorruptError, IndexNotFoundError, ModelMismatchErro
 from rsvl.io import TMP_MARK, atomic_dir, atomic_path, write_text
 
 MANIFEST = "manifest.json"
+#: largest manifest.json an index may have (rsvl's are about 1 KB)
+MANIFEST_MAX_BYTES = 1 << 20
 FORMAT = "rsvl-index"
 FORMAT_VERSION = 1
 #: above this many vectors an IVF index is built instead of an exact flat one
@@ -150,6 +152,8 @@ class EmbeddingIndex:
             raise IndexNotFoundError(f"{p} is not an rsvl index (no {MANIFEST}).", hint=_build_hint(p))
         rebuild = f"Rebuild it: `rsvl index build SOURCES... -o {p} --overwrite`."
         try:
+            if mpath.stat().st_size > MANIFEST_MAX_BYTES:  # rsvl writes ~1 KB; never read a huge one
+                raise ValueError(f"{mpath.stat().st_size} bytes, more than any manifest rsvl writes")
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"{mpath} is unreadable ({exc}).", hint=rebuild) from exc

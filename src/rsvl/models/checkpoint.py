@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -70,7 +73,9 @@ def _data_globals() -> list[Any]:
 
 def torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` on the CPU, memory-mapped when the format allows."""
-    with torch.serialization.safe_globals(_data_globals()):
+    with torch.serialization.safe_globals(_data_globals()), warnings.catch_warnings():
+        # torch warns about pickle protocols it did not write; the load itself decides
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
@@ -96,6 +101,59 @@ def resolve_file(path: str | Path, what: str = "Checkpoint") -> Path:
     return p
 
 
+#: what to do with a checkpoint that pickles Python objects, when its source is trusted
+CONVERT_HINT = (
+    "If the file comes from a source you trust, convert it once to a .safetensors file of "
+    "its weights (unpickle it in your own Python, then safetensors.torch.save_file(state_dict, "
+    "'model.safetensors')) and pass that file instead."
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _torch_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only error that says what it met, without the advice
+    around it."""
+    text = str(exc)
+    op = re.search(r"Unsupported operand (\d+)", text)
+    if op:
+        return f"pickle opcode {op.group(1)} is not accepted by the safe loader"
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)",
+            "(2)", "WeightsUnpickler error: \n")
+    for line in text.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.startswith(skip):
+            return line[:200]
+    return type(exc).__name__
+
+
+def refused_objects(
+    path: Path, what: str, exc: BaseException, hint: str | None = None
+) -> CheckpointMismatchError:
+    """The one-line error for a checkpoint that the safe (weights-only) loader refused: a
+    pickle naming Python objects (classes, functions, ``__reduce__`` payloads), or bytes that
+    are no checkpoint at all. torch's own multi-line text (which suggests turning the safety
+    off) is not repeated."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    kind = _kind_of(path)
+    if found or kind.startswith("a "):
+        held = (f"Python objects ({found.group(1)}) that rsvl refuses to unpickle" if found
+                else f"pickle data that rsvl refuses to unpickle ({_torch_detail(exc)})")
+        return CheckpointMismatchError(
+            f"{what} {path} holds {held}: rsvl loads only tensors and plain data and never "
+            "executes code from a file.",
+            hint=hint or CONVERT_HINT,
+        )
+    return CheckpointMismatchError(
+        f"{what} {path} is not a PyTorch or safetensors checkpoint ({kind}: {_torch_detail(exc)}).",
+        hint="Check the path; a truncated download gives this error: delete the file and "
+        "download it again.",
+    )
+
+
 def read_file(path: str | Path, what: str = "Checkpoint", hint: str | None = None) -> Any:
     """The object stored in a checkpoint file (safetensors or safe ``torch.load``), wrappers
     and all. ``hint`` replaces the default advice for a file that pickles Python objects."""
@@ -105,12 +163,7 @@ def read_file(path: str | Path, what: str = "Checkpoint", hint: str | None = Non
             return load_file(str(p), device="cpu")
         return torch_load(p)
     except pickle.UnpicklingError as exc:
-        raise CheckpointMismatchError(
-            f"{what} {p} contains Python objects that rsvl refuses to unpickle "
-            f"(only tensors and plain containers are loaded; {exc}).",
-            hint=hint or "Convert it to a plain state dict or a .safetensors file where the "
-            "file is trusted: torch.save(torch.load(p, weights_only=False)['state_dict'], out).",
-        ) from exc
+        raise refused_objects(p, what, exc, hint) from exc
     except Exception as exc:  # corrupt zip, truncated download, TorchScript archive ...
         if "TorchScript" in str(exc):
             raise CheckpointMismatchError(
@@ -119,9 +172,45 @@ def read_file(path: str | Path, what: str = "Checkpoint", hint: str | None = Non
                 "CLIP: open_clip_pytorch_model.bin, which `rsvl fetch openai-vit-b16` downloads).",
             ) from exc
         raise CheckpointMismatchError(
-            f"{what} {p} cannot be read ({type(exc).__name__}: {exc}).",
+            f"{what} {p} cannot be read ({type(exc).__name__}: {_first_line(exc)}).",
             hint="The file is probably truncated or corrupt: delete it and download it again.",
         ) from exc
+
+
+def _kind_of(path: Path) -> str:
+    """What a file that is not safetensors looks like, for messages."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return "a PyTorch (.pt/.bin) zip checkpoint"
+    if head[:1] == b"\x80":
+        return "a pickle (legacy PyTorch checkpoint)"
+    return "corrupt, truncated or another format"
+
+
+def read_safetensors(
+    path: str | Path, what: str = "Checkpoint", hint: str | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file (nothing else is accepted): one
+    :class:`~rsvl.errors.CheckpointMismatchError` line for a pickle, a truncated file or a
+    header that lies about its sizes."""
+    p = resolve_file(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no items()
+    except Exception as exc:  # safetensors raises its own error types
+        kind = _kind_of(p)
+        detail = f"it is {kind}" if kind.startswith("a ") else f"{kind}: {_first_line(exc)}"
+        raise CheckpointMismatchError(
+            f"{what} {p} is not a readable safetensors file ({detail}).", hint=hint
+        ) from exc
+    return tensors, meta
 
 
 def unwrap(

