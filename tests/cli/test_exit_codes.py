@@ -163,3 +163,22 @@ def test_class_list_checks_leave_plain_class_names_alone(tmp_path, monkeypatch):
         preflight.not_a_path("classes.txt")
     with pytest.raises(PromptError, match="one raster per run"):
         preflight.not_a_path(str(tmp_path))
+
+
+def test_a_full_disk_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import errno
+    import importlib
+
+    task = importlib.import_module("rsvl.tasks.segment")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out_classes.tif"))
+
+    monkeypatch.setattr(task, "segment", full)
+    raster = write_raster(tmp_path / "scene.tif", np.zeros((3, 32, 32), np.uint8))
+    code = main(["segment", str(raster), "water, forest", "-o", str(tmp_path / "out"), "--gsd", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "disk is full" in lines[0] and "out_classes.tif" in lines[0]
+    assert "unexpected" not in err

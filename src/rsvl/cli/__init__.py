@@ -23,6 +23,7 @@ itself; ``rsvl --help``,
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any
 
@@ -124,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as exc:  # usage mistakes: usage line, Click's message, exit 2
         exc.show()
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or state.debug:
+            if state.debug:
+                raise
+            state.error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+            return 1
+        where = f" writing {exc.filename}" if exc.filename else ""
+        state.error(
+            f"the disk is full{where}: free some space or write elsewhere (-o); no output was "
+            "left half-written, and a run with --resume continues from its last saved row"
+        )
+        return 2
     except Exception as exc:
         if state.debug:
             raise
