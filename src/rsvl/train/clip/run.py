@@ -39,6 +39,7 @@ from rsvl.models.weights import resolve_weights
 from rsvl.train.clip.config import ClipTrainConfig, resolve_precision
 from rsvl.train.clip.data import ClipTrainData, open_train_items
 from rsvl.train.clip.module import ClipFineTuner
+from rsvl.train.resume import fit
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def train_clip(
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "train_config.json", json.dumps(settings, indent=2))
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    fit(trainer, module, train_dataloaders=loader, ckpt_path=ckpt_path)
     weights_out = out / "final.pt"
     if trainer.is_global_zero:
         save_farslip_checkpoint(
