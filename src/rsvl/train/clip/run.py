@@ -34,6 +34,7 @@ from rsvl.errors import (
 from rsvl.io import atomic_path, write_text
 from rsvl.models import clip
 from rsvl.models.cards import ModelCard
+from rsvl.models.device import check_device
 from rsvl.models.registry import REGISTRY
 from rsvl.models.weights import resolve_weights
 from rsvl.train.clip.config import ClipTrainConfig, resolve_precision
@@ -221,6 +222,8 @@ def train_clip(
         dataset, batch_size=batch_size, shuffle=True, drop_last=True,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
     )
+    if accelerator in ("gpu", "cuda"):
+        check_device("cuda")  # one line instead of Lightning's MisconfigurationException
     prec = resolve_precision(precision, accelerator)
     module = ClipFineTuner(net, cfg)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
