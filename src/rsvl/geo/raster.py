@@ -485,6 +485,8 @@ class RasterSource:
             "stretch_high": list(self.stretch.high),
             "working_size": [self.width, self.height],
             "working_gsd": self.target_gsd,
+            "resample_factor": round(self.resample_plan().factor, 4),
+            "resampling_note": self.resample_plan().describe(),
         }
         if self.stretch.method == "percentile":
             p = self.stretch.percentiles
