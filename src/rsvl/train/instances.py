@@ -472,6 +472,7 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
     """Train (or resume) one instance model; see the module docstring."""
     L = lightning
     _quiet_lightning(quiet)
+    cuda = check_device(cfg.device).startswith("cuda")  # before anything is written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     coco = open_coco(cfg.data, cfg.images)
@@ -512,7 +513,6 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
     module = make_module(cfg, coco.classes, coco.cat_ids, steps_total, model=model)
     module.val_gt = coco.subset(val_ids) if val_ids else None
 
-    cuda = check_device(cfg.device).startswith("cuda")
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,

@@ -343,6 +343,7 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
     """
     cfg = config or ReferTrainConfig()
     log = log or (lambda m: None if quiet else print(m, file=sys.stderr, flush=True))
+    accel = "gpu" if check_device(cfg.device).startswith("cuda") else "cpu"  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -352,7 +353,6 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    accel = "gpu" if check_device(cfg.device).startswith("cuda") else "cpu"
     if model is None:
         model = model_to_train(model_name, weights, "cuda" if accel == "gpu" else "cpu", swin=swin, bert=bert,
                             vocab=vocab)
