@@ -86,3 +86,7 @@ class IndexCorruptError(RsvlError):
 
 class ModelMismatchError(RsvlError):
     """The model used to query or extend an index is not the one that built it."""
+
+
+class DeviceError(RsvlError):
+    """The requested device (``--device cuda``, ``mps``...) does not exist on this machine."""

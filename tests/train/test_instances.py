@@ -218,3 +218,22 @@ def test_models_are_built_by_their_family(tmp_path):
     assert isinstance(mini, MiniInstances)
     with pytest.raises(UnknownModelError):
         build_model(replace(cfg, model="mask-rcnn"), ["a"])
+
+
+def test_resume_from_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    import os
+
+    from rsvl.errors import CheckpointMismatchError
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    data = make_coco(tmp_path / "data", n=4)
+    (tmp_path / "run").mkdir()
+    torch.save({"state_dict": {}, "loops": Payload()}, tmp_path / "run" / "last.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="rsvl refuses to unpickle") as err:
+        train_instances(cfg(tmp_path, data, epochs=1, resume=True), quiet=True)
+    assert not marker.exists() and "weights_only=False" not in str(err.value)

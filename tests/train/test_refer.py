@@ -259,3 +259,26 @@ def test_fianet_starts_from_swin_and_bert_not_random(monkeypatch, tmp_path):
     model_to_train("fianet", swin=tmp_path / "swin.pth", bert=tmp_path / "bert", vocab=tmp_path / "vocab.txt")
     assert seen == {"swin": tmp_path / "swin.pth", "bert": tmp_path / "bert", "vocab": tmp_path / "vocab.txt",
                     "tmem": FianetConfig().num_tmem}
+
+
+def test_resume_from_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    import os
+
+    from rsvl.errors import CheckpointMismatchError
+    from rsvl.models.mini.refer import tiny_mini_refer
+    from rsvl.train.refer import ReferTrainConfig, train_refer
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    make_rrsisd(tmp_path / "data")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "loops": Payload()}, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    cfg = ReferTrainConfig(epochs=1, batch_size=2, cache_features=False)
+    with pytest.raises(CheckpointMismatchError, match="rsvl refuses to unpickle") as err:
+        train_refer("mini-refer", tmp_path / "data", tmp_path / "run", cfg, model=tiny_mini_refer(32),
+                    cache_dir=tmp_path / "cache", resume=True, quiet=True)
+    assert not marker.exists() and "weights_only=False" not in str(err.value)

@@ -11,6 +11,7 @@ from rich.table import Table
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state
 from rsvl.geo.raster import RasterSource
+from rsvl.geo.tiles import check_gsd
 
 
 def register(app: typer.Typer) -> None:
@@ -21,11 +22,13 @@ def info(
     raster: Path = typer.Argument(..., help="Any raster GDAL reads (GeoTIFF, COG, VRT, JPEG2000, PNG, JPEG)."),
     bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, 1-based, e.g. 4,3,2 (or one band)."),
     stretch: str = typer.Option("auto", "--stretch", help="auto | percentile | none."),
+    gsd: float = typer.Option(None, "--gsd", help="Also say what resampling to this GSD (metres) would do "
+                              "(segment's default is the model's training GSD: 0.3048 m for mini-clip)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Print size, bands, dtype, CRS, GSD, nodata, overviews, and how rsvl will read it."""
 
-    with RasterSource(raster, bands=parse_bands(bands), stretch=stretch) as src:
+    with RasterSource(raster, bands=parse_bands(bands), stretch=stretch, target_gsd=check_gsd(gsd) or None) as src:
         meta = src.info()
     for w in meta.warnings:
         state.warn(w)
@@ -59,6 +62,7 @@ def _print(m) -> None:
     t.add_row("blocks", f"{m.block_shapes[0][1]} x {m.block_shapes[0][0]}")
     t.add_row("rsvl will", m.plan["bands_note"])
     t.add_row("", m.plan["stretch_note"])
+    t.add_row("", m.plan["resampling_note"])
     if m.nodata is not None or m.has_mask:
         t.add_row("", "nodata/masked pixels are left out of every output")
     console.print(t)

@@ -29,7 +29,8 @@ def segment(
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
     templates: str = typer.Option(None, "--templates", help="'imagenet', 'farslip', or one template with {} (default: the model's)."),
     bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
-    gsd: float = typer.Option(None, "--gsd", help="Resample to this GSD (metres) for the model; default: the model's training GSD; 0: native."),
+    gsd: float = typer.Option(None, "--gsd", help="Resample to this GSD (metres) for the model; default: the model's training GSD (refused if "
+                                 "that upsamples more than 4x: pass it to confirm); 0: native."),
     tile: int = typer.Option(None, "--tile", help="Tile size in pixels (default: the model's)."),
     overlap: int = typer.Option(None, "--overlap", help="Tile overlap in pixels (default: a quarter of the tile)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from rsvl.data.common import require_dir
 from rsvl.errors import DatasetError
+from rsvl.geo.raster import open_dataset
 from rsvl.io import IMAGE_SUFFIXES, write_text
 
 __all__ = ["mask_instances", "whu_to_coco", "write_coco"]
@@ -55,7 +55,7 @@ def mask_instances(mask: np.ndarray, connectivity: int = 4, min_pixels: int = 1)
 def _read_band(path: Path) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # plain tiles have no georeference
-        with rasterio.open(path) as ds:
+        with open_dataset(path) as ds:  # a raw-band VRT is refused here too
             return ds.read(1)
 
 

@@ -277,6 +277,74 @@ def resampled_size(ds: rasterio.io.DatasetReader, target_gsd: float) -> tuple[in
     return (max(1, int(round(ds.width * mx / target_gsd))), max(1, int(round(ds.height * my / target_gsd))))
 
 
+#: the largest upsampling (native GSD / target GSD) a model's *default* GSD may apply
+#: unasked: beyond it a run costs factor**2 times the tiles for no new detail
+MAX_DEFAULT_UPSAMPLE = 4.0
+
+
+def _metres(v: float | None) -> str:
+    if v is None:
+        return "?"
+    return f"{v:.3g} m" if v < 100 else f"{v:,.0f} m"
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """What resampling does to one raster: the native and working GSD (metres), the linear
+    factor (native / working; > 1 upsamples) and the native and working grid sizes."""
+
+    native_gsd: float | None
+    target_gsd: float | None
+    native_size: tuple[int, int]
+    working_size: tuple[int, int]
+
+    @property
+    def resampled(self) -> bool:
+        return self.target_gsd is not None
+
+    @property
+    def factor(self) -> float:
+        if self.target_gsd is None or not self.native_gsd:
+            return 1.0
+        return self.native_gsd / self.target_gsd
+
+    def describe(self, tiles: int | None = None) -> str:
+        """One line: ``resampling 5 m -> 0.3 m (16.7x upsampling): 934x723 -> 15,567x12,050 px, 4,960 tiles``."""
+        (nw, nh), (w, h) = self.native_size, self.working_size
+        tail = "" if tiles is None else f", {tiles:,} tile{'s' if tiles != 1 else ''}"
+        if not self.resampled:
+            gsd = f" at the native {_metres(self.native_gsd)}" if self.native_gsd else ""
+            return f"no resampling: {w:,}x{h:,} px{gsd}{tail}"
+        f = self.factor
+        way = f"{f:.3g}x upsampling" if f >= 1 else f"{1 / f:.3g}x downsampling"
+        return (f"resampling {_metres(self.native_gsd)} -> {_metres(self.target_gsd)} ({way}): "
+                f"{nw:,}x{nh:,} -> {w:,}x{h:,} px{tail}")
+
+    def tags(self) -> dict[str, Any]:
+        """The plan as recorded in output settings (GSDs in metres, rounded)."""
+        return {
+            "native_gsd": None if self.native_gsd is None else round(self.native_gsd, 6),
+            "target_gsd": None if self.target_gsd is None else round(self.target_gsd, 6),
+            "resample_factor": round(self.factor, 4),
+        }
+
+    def check_default(self, tiles: int, native_tiles: int | None = None, *,
+                      limit: float = MAX_DEFAULT_UPSAMPLE) -> None:
+        """Refuse a *default* target GSD that upsamples more than ``limit`` times: the user
+        confirms it with an explicit ``--gsd`` or runs at the native resolution with ``--gsd 0``."""
+        if self.resampled and self.factor > limit:
+            native = _metres(self.native_gsd).replace(" m", "")
+            target = f"{self.target_gsd:g}"
+            raise GridError(
+                f"this {_metres(self.native_gsd)} raster would be resampled {self.factor:.3g}x to the model's "
+                f"{_metres(self.target_gsd)} training GSD ({tiles:,} tiles instead of "
+                f"{native_tiles if native_tiles is not None else max(1, round(tiles / self.factor ** 2)):,} "
+                f"at the native resolution); rsvl does not upsample more than "
+                f"{limit:g}x unasked.",
+                hint=f"Pass --gsd 0 to run at the native {native} m, or --gsd {target} to confirm.",
+            )
+
+
 def source_files(path: str | os.PathLike[str]) -> list[str]:
     """Every local file GDAL reads for ``path``: the raster, its sidecars (.ovr, .aux.xml,
     .msk) and, for a VRT, the rasters it refers to."""
@@ -417,6 +485,8 @@ class RasterSource:
             "stretch_high": list(self.stretch.high),
             "working_size": [self.width, self.height],
             "working_gsd": self.target_gsd,
+            "resample_factor": round(self.resample_plan().factor, 4),
+            "resampling_note": self.resample_plan().describe(),
         }
         if self.stretch.method == "percentile":
             p = self.stretch.percentiles
@@ -528,9 +598,15 @@ class RasterSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def resample_plan(self) -> ResamplePlan:
+        """What resampling to ``target_gsd`` does to this raster (see :class:`ResamplePlan`)."""
+        return ResamplePlan(gsd_metres(self._ds), self.target_gsd, (self.native_width, self.native_height),
+                            (self.width, self.height))
+
     def settings(self) -> dict[str, Any]:
         """What decides the pixels a model sees: recorded in output tags."""
         return {
+            **self.resample_plan().tags(),
             "source": os.path.basename(self.path),
             "bands": list(self.band_plan.bands),
             "stretch": self.stretch.method,

@@ -23,6 +23,7 @@ from typing import Any
 from rsvl.errors import UnknownModelError
 from rsvl.models import clip, fianet, mini, rsprompter, sam
 from rsvl.models.cards import ModelCard
+from rsvl.models.device import check_device
 
 #: family name -> package, in the order `rsvl models` lists them
 FAMILIES: dict[str, ModuleType] = {
@@ -117,6 +118,7 @@ def load(
     **options: Any,
 ) -> Any:
     """The network of ``name`` with its published checkpoint (or ``weights``), on ``device``."""
+    device = check_device(device)
     card = resolve_card(name, weights)
     net = FAMILIES[card.family].load(card, weights=weights, device=device, **options)
     if not getattr(net, "name", None):

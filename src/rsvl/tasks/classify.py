@@ -42,7 +42,13 @@ from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.models.preprocess import square_image
 from rsvl.models.zeroshot import ZeroShotClassifier
 from rsvl.tasks.render import colormap_for
-from rsvl.tasks.sources import check_outputs, find_images, is_georeferenced, no_images_message
+from rsvl.tasks.sources import (
+    announce_resampling,
+    check_outputs,
+    find_images,
+    is_georeferenced,
+    no_images_message,
+)
 
 #: tiles whose valid (not nodata) fraction is below this are not classified
 MIN_VALID = 0.5
@@ -220,6 +226,8 @@ def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], setti
     records: list[dict[str, Any]] = []
     preds: list[Prediction] = []
     with RasterSource(src, bands=bands, target_gsd=gsd) as rs:
+        announce_resampling(rs, tile, 0)
+        settings = {**settings, **rs.resample_plan().tags()}
         grid = TileGrid(rs.width, rs.height, tile, 0)
         labels = np.full((1, grid.n_rows, grid.n_cols), 255, np.uint8)
         with progress_scope(progress, len(grid)) as advance:

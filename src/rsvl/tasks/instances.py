@@ -50,12 +50,13 @@ from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
-from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
+from rsvl.geo.tiles import check_gsd, check_tiling
 from rsvl.geo.vectors import mask_to_polygon, write_vectors
 from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 from rsvl.tasks.render import class_colours
 from rsvl.tasks.sources import (
+    announce_resampling,
     check_outputs,
     check_to_crs,
     check_vector_format,
@@ -504,7 +505,7 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
                                           rs.width, rs.height, valid=valid)
             n_tiles = 1
         else:
-            grid_len = len(TileGrid(rs.width, rs.height, tile, overlap))
+            grid_len = announce_resampling(rs, tile, overlap)
             with progress_scope(progress, grid_len) as adv:
                 pieces, n_tiles = detect_tiles(predict, rs, tile, overlap, batch_size, adv,
                                                transform=rs.transform if georef else Affine.identity())

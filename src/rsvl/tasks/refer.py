@@ -55,12 +55,12 @@ from rsvl.console import TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
-from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
+from rsvl.geo.tiles import check_gsd, check_tiling
 from rsvl.geo.vectors import mask_to_polygon, write_vectors
 from rsvl.geo.writer import write_geotiff_from_array
 from rsvl.io import atomic_path, write_text
 from rsvl.tasks.render import overlay_png
-from rsvl.tasks.sources import check_outputs, check_to_crs, check_vector_format
+from rsvl.tasks.sources import announce_resampling, check_outputs, check_to_crs, check_vector_format
 
 __all__ = ["Candidate", "ReferPredictor", "ReferResult", "find_candidates", "refer"]
 
@@ -260,7 +260,7 @@ def refer(
         W, H = src.width, src.height
         whole = W <= tile and H <= tile
         candidates: list[Candidate] = []
-        n_tiles = 1
+        n_tiles = announce_resampling(src, tile, overlap)  # 1 when whole
         if whole:
             rgb, valid = src.read(Window(0, 0, W, H))
             with progress_scope(progress, 1) as advance:
@@ -268,7 +268,6 @@ def refer(
                 advance(1)
             candidates = find_candidates(prob, valid, threshold=threshold, min_pixels=min_pixels)
         else:
-            n_tiles = len(TileGrid(W, H, tile, overlap))
 
             def predict_batch(batch: TileBatch) -> np.ndarray:
                 return np.asarray(predict(batch.images))
@@ -315,7 +314,7 @@ def refer(
                       "crs": src.crs.to_string() if georef else None, "width": W, "height": H,
                       "tile": tile, "overlap": overlap, "tiled": not whole, "threshold": threshold,
                       "min_pixels": min_pixels, "keep": keep, "gsd": gsd, "bands": list(bands) if bands else None,
-                      "image_size": getattr(model, "image_size", None)},
+                      "image_size": getattr(model, "image_size", None), **src.resample_plan().tags()},
         )
         _write_json(result.to_dict(), paths["json"])
         result.outputs["json"] = str(paths["json"])

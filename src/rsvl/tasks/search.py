@@ -52,7 +52,7 @@ from rsvl.index.store import (
 from rsvl.models import registry
 from rsvl.models.preprocess import square_image
 from rsvl.tasks.classify import load_image
-from rsvl.tasks.sources import check_outputs, find_images, no_images_message
+from rsvl.tasks.sources import announce_resampling, check_outputs, find_images, no_images_message
 
 
 def model_name(model: Any) -> str:
@@ -244,6 +244,7 @@ def embed_sources(
                         flush()
                     continue
                 flush()  # rows stay in source order
+                announce_resampling(rs, tile, overlap)
                 for row, vec in _embed_raster(model, rs, base, size=size, tile=tile, overlap=overlap,
                                               min_valid=min_valid, batch_size=batch_size, advance=step):
                     rows.append(row)

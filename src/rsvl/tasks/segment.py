@@ -35,11 +35,11 @@ from rsvl.errors import OutputError, PromptError
 from rsvl.geo.raster import RasterSource, open_dataset
 from rsvl.geo.runner import RasterOutput, TiledRunner
 from rsvl.geo.stream import TileBatch
-from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
+from rsvl.geo.tiles import check_gsd, check_tiling
 from rsvl.geo.vectors import polygonize_raster, write_vectors
 from rsvl.models.zeroshot import pool_synonyms, resolve_templates, text_classifier
 from rsvl.tasks.render import colormap_for, overlay_png, preview_arrays
-from rsvl.tasks.sources import check_outputs, check_to_crs, check_vector_format
+from rsvl.tasks.sources import announce_resampling, check_outputs, check_to_crs, check_vector_format
 
 NODATA = 255
 #: pixels per strip when the class raster is polygonised (strips span the scene's width, so
@@ -292,6 +292,7 @@ def segment(
     if probabilities:
         outputs.append(RasterOutput(paths["probabilities"], len(names), "float32", nodata=-1.0,
                                     descriptions=names, tags=class_tags, overview_resampling="average"))
+    default_gsd = gsd is None  # the model's training GSD, not asked for: refused above 4x upsampling
     if gsd is None:
         gsd = _default_gsd(model, source)
     elif gsd == 0:
@@ -299,7 +300,7 @@ def segment(
     with RasterSource(source, bands=bands, target_gsd=gsd) as src:
         for w in src.warnings:
             state.warn(w)
-        total = len(TileGrid(src.width, src.height, tile, overlap))
+        total = announce_resampling(src, tile, overlap, default=default_gsd)
         with progress_scope(progress, total) as advance:
             runner = TiledRunner(src, predictor, outputs, tile=tile, overlap=overlap, batch_size=batch_size,
                                  settings=settings, overwrite=overwrite, resume=resume, progress=advance)

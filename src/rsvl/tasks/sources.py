@@ -12,11 +12,14 @@ from typing import Any
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
+from rsvl.console import state
 from rsvl.errors import OutputError, RsvlError
-from rsvl.geo.raster import open_dataset, source_files
+from rsvl.geo.raster import RasterSource, open_dataset, source_files
+from rsvl.geo.tiles import TileGrid
 from rsvl.io import IMAGE_SUFFIXES, is_image_file, refuse_inputs_as_outputs
 
 __all__ = [
+    "announce_resampling",
     "IMAGE_SUFFIXES",
     "VECTOR_FORMATS",
     "check_outputs",
@@ -82,3 +85,19 @@ def check_outputs(outputs: Iterable[str | os.PathLike[str]], sources: Iterable[s
         elif p.is_dir():
             inputs.append(str(p))
     refuse_inputs_as_outputs(outputs, inputs)
+
+
+def announce_resampling(src: RasterSource, tile: int, overlap: int, *, default: bool = False) -> int:
+    """Say on stderr, before the first tile, what resampling does to ``src`` (native ->
+    working GSD, factor, working grid, tiles) and return the number of tiles. With
+    ``default`` (the GSD is the model's, not the user's) an upsampling above
+    :data:`rsvl.geo.raster.MAX_DEFAULT_UPSAMPLE` is refused (a GridError naming ``--gsd 0``
+    and the explicit ``--gsd`` that confirms it)."""
+    plan = src.resample_plan()
+    tiles = len(TileGrid(src.width, src.height, tile, overlap))
+    if default:
+        native = len(TileGrid(src.native_width, src.native_height, tile, overlap))
+        plan.check_default(tiles, native)
+    if plan.resampled:
+        state.notice(plan.describe(tiles))
+    return tiles

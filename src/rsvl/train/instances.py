@@ -47,8 +47,10 @@ from rsvl.errors import DatasetError, ResumeError, UnknownModelError
 from rsvl.io import atomic_path, read_rgb, write_text
 from rsvl.metrics import coco_evaluate
 from rsvl.models import registry, rsprompter
+from rsvl.models.device import check_device
 from rsvl.models.mini.instances import MiniInstances, save_mini_instances
 from rsvl.models.rsprompter.transforms import to_tensor
+from rsvl.train.resume import fit
 
 #: models ``rsvl train instances`` can build
 MINI_MODELS = ("mini-instances",)
@@ -470,6 +472,7 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
     """Train (or resume) one instance model; see the module docstring."""
     L = lightning
     _quiet_lightning(quiet)
+    cuda = check_device(cfg.device).startswith("cuda")  # before anything is written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     coco = open_coco(cfg.data, cfg.images)
@@ -510,7 +513,6 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
     module = make_module(cfg, coco.classes, coco.cat_ids, steps_total, model=model)
     module.val_gt = coco.subset(val_ids) if val_ids else None
 
-    cuda = cfg.device in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
@@ -527,8 +529,8 @@ def train_instances(cfg: InstanceTrainConfig, *, model: torch.nn.Module | None =
         enable_model_summary=False,
         default_root_dir=str(out),
     )
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader,
-                ckpt_path=str(ckpt) if cfg.resume else None, weights_only=True)
+    fit(trainer, module, train_dataloaders=loader, val_dataloaders=val_loader,
+        ckpt_path=ckpt if cfg.resume else None)
     save_last(trainer, out)
     weights = export_weights(module, out)
     losses = module.losses

@@ -19,6 +19,7 @@ from PIL import Image
 
 from rsvl.errors import DatasetError
 from rsvl.io import atomic_path, read_rgb
+from rsvl.models.checkpoint import read_file
 from rsvl.models.mini.clip import pool_features
 from rsvl.models.mini.towers import LITE_MEAN, LITE_STD
 
@@ -160,7 +161,7 @@ def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int
     for view in VIEWS:
         f = cache / f"image-{data.digest}-{view}-meanmax-v{IMAGE_CACHE_VERSION}.pt"
         if f.is_file():
-            out.append(torch.load(f, weights_only=True))
+            out.append(read_file(f, "Feature cache"))
             continue
         t0, feats = time.time(), []
         for i in range(0, len(data.samples), batch_size):
@@ -182,7 +183,7 @@ def cache_text_features(texts: Sequence[str], cache: Path, tower: Any, tag: str)
     key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     f = cache / f"text-{tag}-{key}-v{CACHE_VERSION}.pt"
     if f.is_file():
-        return torch.load(f, weights_only=True)
+        return read_file(f, "Feature cache")
     feats = tower(list(texts)).float()
     with atomic_path(f) as tmp:
         torch.save(feats, tmp)
@@ -244,7 +245,7 @@ def cache_mosaic_features(data: UcmData, split: str, n: int, seed: int, cache: P
     """Tower maps of ``n`` mosaics of ``split`` images, with per-cell (stride 8) labels."""
     f = cache / f"mosaic-{data.digest}-{split}-{n}-{seed}-v{CACHE_VERSION}.pt"
     if f.is_file():
-        return torch.load(f, weights_only=True)
+        return read_file(f, "Feature cache")
     idx = data.split(split)
     cidx = {c: i for i, c in enumerate(data.classes)}
     by_class: dict[int, list[int]] = {}

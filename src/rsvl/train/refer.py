@@ -52,6 +52,8 @@ from rsvl.errors import DatasetError, ResumeError, UnknownModelError, WeightsNot
 from rsvl.io import atomic_path, write_text
 from rsvl.metrics import ReferringAccumulator
 from rsvl.models import registry
+from rsvl.models.checkpoint import read_file
+from rsvl.models.device import check_device
 from rsvl.models.mini.refer import ReferDecoder, save_decoder
 from rsvl.train.refer_data import (
     VIEWS,
@@ -63,6 +65,7 @@ from rsvl.train.refer_data import (
     normalise,
     resize_mask,
 )
+from rsvl.train.resume import fit
 
 __all__ = [
     "CE_WEIGHTS",
@@ -340,6 +343,7 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
     """
     cfg = config or ReferTrainConfig()
     log = log or (lambda m: None if quiet else print(m, file=sys.stderr, flush=True))
+    accel = "gpu" if check_device(cfg.device).startswith("cuda") else "cpu"  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -349,8 +353,6 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    accel = "gpu" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") \
-        else "cpu"
     if model is None:
         model = model_to_train(model_name, weights, "cuda" if accel == "gpu" else "cpu", swin=swin, bert=bert,
                             vocab=vocab)
@@ -392,7 +394,7 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
         enable_progress_bar=not quiet and sys.stderr.isatty(), enable_model_summary=False,
         log_every_n_steps=10, num_sanity_val_steps=0, deterministic=False,
     )
-    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume else None)
+    fit(trainer, module, train_dl, val_dl, ckpt_path=last if resume else None)
     best_path = Path(best_cb.best_model_path) if best_cb.best_model_path else last
     summary: dict[str, Any] = {
         "model": model_name, "data": str(Path(data).resolve()), "train_samples": len(train_ds),
@@ -403,7 +405,7 @@ def train_refer(model_name: str, data: str | Path, out: str | Path, config: Refe
         "best_checkpoint": str(best_path), "selected_on": f"{cfg.monitor} (val split)",
     }
     if best_path.is_file():
-        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        state = read_file(best_path, "Best checkpoint")
         summary["best_epoch"] = int(state.get("epoch", -1))
         hist = {h["epoch"]: h for h in state.get("rsvl_history", [])}
         score = best_cb.best_model_score

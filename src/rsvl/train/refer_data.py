@@ -20,6 +20,7 @@ from PIL import Image
 from rsvl.data.refer import RRSISD
 from rsvl.errors import DatasetError
 from rsvl.io import atomic_path
+from rsvl.models.checkpoint import read_file
 
 _H_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 _V_SWAP = {"top": "bottom", "bottom": "top", "topmost": "bottommost", "bottommost": "topmost",
@@ -167,7 +168,7 @@ class FeatureCache:
                     log: Callable[[str], None]) -> list[torch.Tensor]:
         path = self.dir / f"images_{view or 'id'}.pt"
         if path.is_file():
-            return list(torch.load(path, weights_only=True))
+            return list(read_file(path, "Feature cache"))
         t0 = time.time()
         outs: list[list[torch.Tensor]] = [[], [], [], []]
         dev = model.device
@@ -189,7 +190,7 @@ class FeatureCache:
               log: Callable[[str], None]) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
         path = self.dir / "text.pt"
         if path.is_file():
-            d = torch.load(path, weights_only=True)
+            d = read_file(path, "Feature cache")
             if list(d["sentences"]) == sentences:
                 return {s: i for i, s in enumerate(sentences)}, d["words"], d["mask"]
         words, masks = [], []

@@ -322,3 +322,26 @@ def test_prompter_cards_registered() -> None:
     assert card.family == "rsprompter" and card.sha256 is None
     assert card.metadata["num_classes"] == 10 and card.metadata["prompt_shape"] == (70, 5)
     assert get_card("rsprompter-query-ssdd").metadata["prompt_shape"] == (30, 5)
+
+
+def test_pickled_objects_in_an_rsprompter_checkpoint_get_the_one_line_conversion_advice(tmp_path):
+    import os
+
+    from rsvl.errors import CheckpointMismatchError
+    from rsvl.models.checkpoint import CONVERT_HINT
+    from rsvl.models.rsprompter.convert import load_prompter_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    bad = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "message_hub": Payload()}, bad)
+    with pytest.raises(CheckpointMismatchError, match="rsvl refuses to unpickle") as err:
+        load_prompter_checkpoint(torch.nn.Linear(1, 1), bad)
+    text = str(err.value)
+    assert not marker.exists()
+    assert "weights_only=False" not in text and "\n" not in text
+    assert CONVERT_HINT in text and "safetensors" in text

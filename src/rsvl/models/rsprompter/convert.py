@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rsvl.io import atomic_path
-from rsvl.models.checkpoint import check_keys, read_state_dict
+from rsvl.models.checkpoint import CONVERT_HINT, check_keys, read_state_dict
 from rsvl.models.rsprompter.anchor import RSPrompterAnchor
 from rsvl.models.rsprompter.query import RSPrompterQuery
 from rsvl.models.rsprompter.sam_det import SamDet
@@ -152,9 +152,7 @@ def save_prompter_checkpoint(model: nn.Module, path: str | Path, meta: Mapping[s
 
 
 _READ_HINT = (
-    "MMEngine checkpoints also pickle the message hub and optimizer; keep only the weights once, "
-    "in a Python you trust: ck = torch.load(p, weights_only=False); "
-    "torch.save({'state_dict': ck['state_dict']}, 'weights.pth')."
+    "MMEngine checkpoints also pickle the message hub and optimizer, which rsvl does not need. " + CONVERT_HINT
 )
 #: file keys upstream has and our model does not need: frozen BatchNorms (torchvision) carry
 #: no step counter, and SamModel's tied copy of the Fourier matrix

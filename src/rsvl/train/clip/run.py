@@ -34,11 +34,13 @@ from rsvl.errors import (
 from rsvl.io import atomic_path, write_text
 from rsvl.models import clip
 from rsvl.models.cards import ModelCard
+from rsvl.models.device import check_device
 from rsvl.models.registry import REGISTRY
 from rsvl.models.weights import resolve_weights
 from rsvl.train.clip.config import ClipTrainConfig, resolve_precision
 from rsvl.train.clip.data import ClipTrainData, open_train_items
 from rsvl.train.clip.module import ClipFineTuner
+from rsvl.train.resume import fit
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +222,8 @@ def train_clip(
         dataset, batch_size=batch_size, shuffle=True, drop_last=True,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
     )
+    if accelerator in ("gpu", "cuda"):
+        check_device("cuda")  # one line instead of Lightning's MisconfigurationException
     prec = resolve_precision(precision, accelerator)
     module = ClipFineTuner(net, cfg)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -257,7 +261,7 @@ def train_clip(
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "train_config.json", json.dumps(settings, indent=2))
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    fit(trainer, module, train_dataloaders=loader, ckpt_path=ckpt_path)
     weights_out = out / "final.pt"
     if trainer.is_global_zero:
         save_farslip_checkpoint(
