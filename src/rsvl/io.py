@@ -9,11 +9,15 @@ never a half-written output under the final name.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import os
 import pickle
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,3 +242,73 @@ def read_plain_pickle(
             f"{first}).",
             hint=hint,
         ) from exc
+
+
+def lock_path_for(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.parent / f".{p.name}.rsvl-lock"
+
+
+class OutputLock:
+    """An exclusive lock on one output (its partial folder), held for the whole run.
+
+    ``flock`` on a lock file beside the partial folder: the kernel drops it when the holder
+    exits, however it exits (kill -9 included), so a stale lock of a dead run is simply taken
+    over. The file names the holder (pid, host, start time) for the error another run gets.
+    """
+
+    def __init__(self, output: str | os.PathLike[str]) -> None:
+        self.output = Path(output)
+        self.path = lock_path_for(output)
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise OutputError(
+                    f"{self.output} is being written by another rsvl run ({self.holder()}).",
+                    hint="Wait for that run to finish or stop it, or choose another output name.",
+                ) from None
+            # The holder before us may have removed the file after we opened it: lock the
+            # file that is under the name now.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -159,7 +159,8 @@ def test_target_gsd_is_metres_on_a_geographic_raster(tmp_path):
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from rsvl.geo.raster import gsd_metres, open_dataset, resampled_size
+    from rsvl.geo.gsd import gsd_metres, resampled_size
+    from rsvl.geo.raster import open_dataset
 
     deg = 0.00001  # about 1.11 m at the equator
     src = write_raster(tmp_path / "geo.tif", np.full((3, 100, 200), 90, np.uint8), crs="EPSG:4326",

@@ -402,7 +402,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_told_who_holds_it(tmp_pa
 
 
 def test_stale_lock_file_of_a_dead_run_is_taken_over(tmp_path):
-    from rsvl.geo.runner import lock_path_for
+    from rsvl.io import lock_path_for
 
     src = write_raster(tmp_path / "in.tif", np.full((3, 64, 64), 1, np.uint8))
     out = tmp_path / "out.tif"

@@ -17,7 +17,8 @@ from rasterio.transform import from_origin
 
 from rsvl.data.classes import parse_class_list
 from rsvl.errors import GridError
-from rsvl.geo.raster import RasterSource, ResamplePlan
+from rsvl.geo.gsd import ResamplePlan
+from rsvl.geo.raster import RasterSource
 from rsvl.tasks.segment import segment
 
 torch.set_num_threads(1)

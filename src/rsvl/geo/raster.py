@@ -10,14 +10,12 @@ tile of a scene is converted identically and no read ever touches the whole rast
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
@@ -34,6 +32,14 @@ from rsvl.errors import (
     NoCRSError,
     RasterReadError,
 )
+from rsvl.geo.gsd import (
+    ResamplePlan,
+    gsd_metres,
+    gsd_of,
+    linear_units,
+    resampled_size,
+)
+from rsvl.geo.vrt import raw_vrt_refused, vrt_raw_allowed, vrt_raw_source
 
 # GDAL's block cache defaults to 5 % of RAM and would grow with the scene; bound it unless
 # the user chose a size. GDAL reads this once, on first use of its cache. 64 MB holds two
@@ -41,13 +47,8 @@ from rsvl.errors import (
 # a larger cache only makes peak memory grow with the scene (bench/task_memory.py).
 os.environ.setdefault("GDAL_CACHEMAX", "64")
 
-#: set to 1 to let VRTs read raw local files (VRTRawRasterBand); refused by default
-ALLOW_VRT_RAW_ENV = "RSVL_ALLOW_VRT_RAW"
 
 
-def vrt_raw_allowed() -> bool:
-    """True when the user opted in to VRT raw raster bands (``RSVL_ALLOW_VRT_RAW=1``)."""
-    return os.environ.get(ALLOW_VRT_RAW_ENV, "").strip().lower() in {"1", "yes", "true", "on"}
 
 
 # A VRTRawRasterBand reads any local file (/etc/passwd, a key) as pixels, and rsvl reads
@@ -59,56 +60,10 @@ os.environ.setdefault("GDAL_VRT_ENABLE_RAWRASTERBAND", "YES" if vrt_raw_allowed(
 STATS_MAX_SIDE = 1024
 
 
-#: largest VRT rsvl parses to look for raw raster bands (a mosaic of 10k sources is ~5 MB)
-VRT_CHECK_MAX_BYTES = 64 * 1024 * 1024
-_VRT_MAX_DEPTH = 8
 
 
-def _vrt_raw_source(path: Path, depth: int = 0) -> str | None:
-    """The file a VRTRawRasterBand of the VRT at ``path`` (or of a local VRT it uses as a
-    source, recursively) would read, or ``None`` when there is none. Non-VRT files are
-    ``None``; a VRT too large or nested too deep to check counts as raw."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(1024)
-            if b"<vrtdataset" not in head.lower():
-                return None
-            size = path.stat().st_size
-            if size > VRT_CHECK_MAX_BYTES or depth > _VRT_MAX_DEPTH:
-                return f"(a VRT too large or nested too deep to check: {path})"
-            fh.seek(0)
-            data = fh.read()
-    except OSError:
-        return None
-    try:
-        root = ElementTree.fromstring(data)
-    except ElementTree.ParseError:
-        # GDAL will refuse it too; a textual hit still counts as raw
-        return str(path) if b"vrtrawrasterband" in data.lower() else None
-    for band in root.iter():
-        if str(band.get("subClass", band.get("subclass", ""))).lower() == "vrtrawrasterband":
-            src = band.findtext("SourceFilename") or "?"
-            return src.strip()
-    for node in root.iter("SourceFilename"):
-        name = (node.text or "").strip()
-        if not name or name.startswith("/vsi") or "://" in name:
-            continue
-        rel = str(node.get("relativeToVRT", node.get("relativetoVRT", "0"))).strip() == "1"
-        src = path.parent / name if rel else Path(name)
-        if src.is_file() and src.resolve() != path.resolve():
-            found = _vrt_raw_source(src, depth + 1)
-            if found:
-                return found
-    return None
 
 
-def _raw_vrt_refused(text: str, raw: str) -> RasterReadError:
-    return RasterReadError(
-        f"{text} is a VRT with a raw raster band that reads {raw} as pixels; rsvl refuses "
-        "raw bands, which can expose any local file.",
-        hint=f"If you trust this VRT, set {ALLOW_VRT_RAW_ENV}=1; otherwise convert the data "
-        "to a GeoTIFF (gdal_translate) and pass that.",
-    )
 
 
 def open_dataset(
@@ -128,9 +83,9 @@ def open_dataset(
     if not is_remote and p.is_dir():
         raise RasterReadError(f"{text} is a folder, not a raster.", hint="Pass a raster file (GeoTIFF, COG, VRT, JPEG2000, PNG, JPEG).")
     allowed = vrt_raw_allowed() if allow_vrt_raw is None else allow_vrt_raw
-    raw = None if is_remote or allowed else _vrt_raw_source(p)
+    raw = None if is_remote or allowed else vrt_raw_source(p)
     if raw is not None:
-        raise _raw_vrt_refused(text, raw)
+        raise raw_vrt_refused(text, raw)
     try:
         # an opt-in after import (the keyword) lifts the process-wide switch for this open
         lift = allowed and os.environ.get("GDAL_VRT_ENABLE_RAWRASTERBAND", "").upper() == "NO"
@@ -148,7 +103,7 @@ def open_dataset(
         xml = str(ds.tags(ns="xml:VRT").get("xml:VRT", ""))
         if "vrtrawrasterband" in xml.lower():
             ds.close()
-            raise _raw_vrt_refused(text, "a local file")
+            raise raw_vrt_refused(text, "a local file")
     if ds.count == 0:
         ds.close()
         raise RasterReadError(f"{text} has no raster bands.", hint="Pass a file with at least one band.")
@@ -226,123 +181,20 @@ def plan_bands(
     return BandPlan(bands, alpha, note)  # type: ignore[arg-type]
 
 
-def gsd_of(ds: rasterio.io.DatasetReader) -> tuple[float, float]:
-    """Pixel size (x, y) in the CRS's units (rotation-safe)."""
-    t = ds.transform
-    return (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
 
 
-def _linear_units(ds: rasterio.io.DatasetReader) -> str | None:
-    if ds.crs is None:
-        return None
-    if ds.crs.is_geographic:
-        return "degree"
-    try:
-        return ds.crs.linear_units or "unknown"
-    except Exception:  # pragma: no cover - exotic CRSs
-        return "unknown"
 
 
-def pixel_size_metres(ds: rasterio.io.DatasetReader) -> tuple[float, float] | None:
-    """Pixel size (x, y) in metres, or None without a CRS. A geographic CRS's degrees are
-    converted at the scene's central latitude; other units through the CRS's factor."""
-    if ds.crs is None:
-        return None
-    gx, gy = gsd_of(ds)
-    if ds.crs.is_geographic:
-        lat = (ds.bounds.top + ds.bounds.bottom) / 2.0
-        m_per_deg = 111_320.0
-        return (gx * m_per_deg * math.cos(math.radians(lat)), gy * m_per_deg)
-    factor = 1.0
-    try:
-        factor = float(ds.crs.linear_units_factor[1])
-    except Exception:  # pragma: no cover
-        pass
-    return (gx * factor, gy * factor)
 
 
-def gsd_metres(ds: rasterio.io.DatasetReader) -> float | None:
-    """Ground sample distance in metres (mean of x and y), or None without a CRS."""
-    size = pixel_size_metres(ds)
-    return None if size is None else float((size[0] + size[1]) / 2.0)
 
 
-def resampled_size(ds: rasterio.io.DatasetReader, target_gsd: float) -> tuple[int, int]:
-    """(width, height) of ``ds`` resampled to ``target_gsd`` metres per pixel (geographic
-    rasters included: their pixel size is converted to metres first)."""
-    size = pixel_size_metres(ds)
-    if size is None:
-        raise NoCRSError("a raster without a CRS has no ground sample distance to resample from.")
-    mx, my = size
-    return (max(1, int(round(ds.width * mx / target_gsd))), max(1, int(round(ds.height * my / target_gsd))))
 
 
-#: the largest upsampling (native GSD / target GSD) a model's *default* GSD may apply
-#: unasked: beyond it a run costs factor**2 times the tiles for no new detail
-MAX_DEFAULT_UPSAMPLE = 4.0
 
 
-def _metres(v: float | None) -> str:
-    if v is None:
-        return "?"
-    return f"{v:.3g} m" if v < 100 else f"{v:,.0f} m"
 
 
-@dataclass(frozen=True)
-class ResamplePlan:
-    """What resampling does to one raster: the native and working GSD (metres), the linear
-    factor (native / working; > 1 upsamples) and the native and working grid sizes."""
-
-    native_gsd: float | None
-    target_gsd: float | None
-    native_size: tuple[int, int]
-    working_size: tuple[int, int]
-
-    @property
-    def resampled(self) -> bool:
-        return self.target_gsd is not None
-
-    @property
-    def factor(self) -> float:
-        if self.target_gsd is None or not self.native_gsd:
-            return 1.0
-        return self.native_gsd / self.target_gsd
-
-    def describe(self, tiles: int | None = None) -> str:
-        """One line: ``resampling 5 m -> 0.3 m (16.7x upsampling): 934x723 -> 15,567x12,050 px, 4,960 tiles``."""
-        (nw, nh), (w, h) = self.native_size, self.working_size
-        tail = "" if tiles is None else f", {tiles:,} tile{'s' if tiles != 1 else ''}"
-        if not self.resampled:
-            gsd = f" at the native {_metres(self.native_gsd)}" if self.native_gsd else ""
-            return f"no resampling: {w:,}x{h:,} px{gsd}{tail}"
-        f = self.factor
-        way = f"{f:.3g}x upsampling" if f >= 1 else f"{1 / f:.3g}x downsampling"
-        return (f"resampling {_metres(self.native_gsd)} -> {_metres(self.target_gsd)} ({way}): "
-                f"{nw:,}x{nh:,} -> {w:,}x{h:,} px{tail}")
-
-    def tags(self) -> dict[str, Any]:
-        """The plan as recorded in output settings (GSDs in metres, rounded)."""
-        return {
-            "native_gsd": None if self.native_gsd is None else round(self.native_gsd, 6),
-            "target_gsd": None if self.target_gsd is None else round(self.target_gsd, 6),
-            "resample_factor": round(self.factor, 4),
-        }
-
-    def check_default(self, tiles: int, native_tiles: int | None = None, *,
-                      limit: float = MAX_DEFAULT_UPSAMPLE) -> None:
-        """Refuse a *default* target GSD that upsamples more than ``limit`` times: the user
-        confirms it with an explicit ``--gsd`` or runs at the native resolution with ``--gsd 0``."""
-        if self.resampled and self.factor > limit:
-            native = _metres(self.native_gsd).replace(" m", "")
-            target = f"{self.target_gsd:g}"
-            raise GridError(
-                f"this {_metres(self.native_gsd)} raster would be resampled {self.factor:.3g}x to the model's "
-                f"{_metres(self.target_gsd)} training GSD ({tiles:,} tiles instead of "
-                f"{native_tiles if native_tiles is not None else max(1, round(tiles / self.factor ** 2)):,} "
-                f"at the native resolution); rsvl does not upsample more than "
-                f"{limit:g}x unasked.",
-                hint=f"Pass --gsd 0 to run at the native {native} m, or --gsd {target} to confirm.",
-            )
 
 
 def source_files(path: str | os.PathLike[str]) -> list[str]:
@@ -512,7 +364,7 @@ class RasterSource:
             transform=list(ds.transform)[:6],
             bounds=list(ds.bounds),
             gsd=[gx, gy],
-            gsd_units=_linear_units(ds),
+            gsd_units=linear_units(ds),
             gsd_m=gsd_metres(ds),
             nodata=ds.nodata,
             colorinterp=[ci.name for ci in ds.colorinterp],

@@ -37,7 +37,8 @@ from rasterio.windows import Window
 
 from rsvl.console import Advance, TaskProgress, progress_scope
 from rsvl.errors import InputNotFoundError, ModelMismatchError, PromptError, RasterReadError
-from rsvl.geo.raster import RasterSource, open_dataset, resampled_size
+from rsvl.geo.gsd import resampled_size
+from rsvl.geo.raster import RasterSource, open_dataset
 from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import TileGrid, check_gsd, check_tiling
 from rsvl.geo.vectors import boxes_to_polygons, write_vectors

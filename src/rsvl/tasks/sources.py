@@ -91,7 +91,7 @@ def announce_resampling(src: RasterSource, tile: int, overlap: int, *, default: 
     """Say on stderr, before the first tile, what resampling does to ``src`` (native ->
     working GSD, factor, working grid, tiles) and return the number of tiles. With
     ``default`` (the GSD is the model's, not the user's) an upsampling above
-    :data:`rsvl.geo.raster.MAX_DEFAULT_UPSAMPLE` is refused (a GridError naming ``--gsd 0``
+    :data:`rsvl.geo.gsd.MAX_DEFAULT_UPSAMPLE` is refused (a GridError naming ``--gsd 0``
     and the explicit ``--gsd`` that confirms it)."""
     plan = src.resample_plan()
     tiles = len(TileGrid(src.width, src.height, tile, overlap))
