@@ -9,6 +9,7 @@ import typer
 
 from rsvl.console import emit_json, state
 from rsvl.errors import PromptError, UnknownModelError
+from rsvl.models.cards import normalise_name
 
 
 def register(train_app: typer.Typer) -> None:
@@ -67,7 +68,7 @@ def instances(
         train_instances,
     )
 
-    key = model.strip().lower().replace("_", "-")
+    key = normalise_name(model)
     if key not in INSTANCE_MODELS:
 
         raise UnknownModelError(f"Unknown instance model {model!r}.",

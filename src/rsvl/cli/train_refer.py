@@ -9,6 +9,7 @@ from rich.console import Console
 
 from rsvl.console import emit_json
 from rsvl.errors import InputNotFoundError, UnknownModelError
+from rsvl.models.cards import normalise_name
 
 #: learning rate when --lr is not given: mini-refer trains a decoder from scratch, FIANet
 #: fine-tunes pretrained towers (its RRSIS-D setting)
@@ -49,7 +50,7 @@ def train_refer_command(
     # lazy: the trainer pulls in torch and Lightning (seconds)
     from rsvl.train.refer import MODELS, ReferTrainConfig, train_refer
 
-    key = model.strip().lower().replace("_", "-")
+    key = normalise_name(model)
     if key not in MODELS:
         raise UnknownModelError(f"cannot train model {model!r}.", hint=f"Choose one of: {', '.join(MODELS)}.")
     if not data.exists():

@@ -19,7 +19,7 @@ Provenance rules for the published cards:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,19 +127,30 @@ class ModelCard:
 
 
 
-def pick_card(cards: tuple[ModelCard, ...] | list[ModelCard], name: str | ModelCard, family: str) -> ModelCard:
-    """``name`` if it is a card, else the card of that name among one family's ``cards``
-    (what a family's own functions accept where a user may pass a name)."""
+def normalise_name(name: str) -> str:
+    """A model name as cards spell it (lower case, ``_`` -> ``-``)."""
+    return name.strip().lower().replace("_", "-")
+
+
+def find_card(cards: Sequence[ModelCard], name: str | ModelCard) -> ModelCard | None:
+    """``name`` if it is a card, else the card of that name (case-insensitive, ``_`` and
+    ``-`` alike) among ``cards``, else None."""
     if isinstance(name, ModelCard):
         return name
-    key = name.strip().lower().replace("_", "-")
-    for card in cards:
-        if card.name == key:
-            return card
+    key = normalise_name(name)
+    return next((card for card in cards if card.name == key), None)
+
+
+def pick_card(cards: Sequence[ModelCard], name: str | ModelCard, family: str) -> ModelCard:
+    """``name`` if it is a card, else the card of that name among one family's ``cards``
+    (what a family's own functions accept where a user may pass a name)."""
+    card = find_card(cards, name)
+    if card is not None:
+        return card
     raise UnknownModelError(
         f"{name!r} is not a {family} model ({', '.join(c.name for c in cards)}).",
         hint="Run `rsvl models` to list every model and its family.",
     )
 
 
-__all__ = ["KNOWN_TASKS", "OPENAI_MEAN", "OPENAI_STD", "ModelCard", "WeightsSource", "pick_card"]
+__all__ = ["KNOWN_TASKS", "OPENAI_MEAN", "OPENAI_STD", "ModelCard", "WeightsSource", "find_card", "normalise_name", "pick_card"]

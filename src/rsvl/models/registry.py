@@ -22,7 +22,7 @@ from typing import Any
 
 from rsvl.errors import UnknownModelError
 from rsvl.models import clip, fianet, mini, rsprompter, sam
-from rsvl.models.cards import ModelCard
+from rsvl.models.cards import ModelCard, normalise_name
 from rsvl.models.device import check_device
 
 #: family name -> package, in the order `rsvl models` lists them
@@ -49,11 +49,6 @@ def _collect() -> dict[str, ModelCard]:
 
 #: every card by name
 REGISTRY: dict[str, ModelCard] = _collect()
-
-
-def normalise_name(name: str) -> str:
-    """A model name as the registry keys it (lower case, ``_`` -> ``-``)."""
-    return name.strip().lower().replace("_", "-")
 
 
 def list_cards(family: str | None = None, task: str | None = None) -> list[ModelCard]:

@@ -47,6 +47,7 @@ from rsvl.errors import DatasetError, ResumeError, UnknownModelError
 from rsvl.io import atomic_path, read_rgb, write_text
 from rsvl.metrics import coco_evaluate
 from rsvl.models import registry, rsprompter
+from rsvl.models.cards import normalise_name
 from rsvl.models.device import check_device
 from rsvl.models.mini.instances import MiniInstances, save_mini_instances
 from rsvl.models.rsprompter.transforms import to_tensor
@@ -228,7 +229,7 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tens
 def build_model(cfg: InstanceTrainConfig, classes: Sequence[str]) -> torch.nn.Module:
     """The trainable model of ``cfg.model`` for ``classes``, built by its family
     (:func:`rsvl.models.registry.build`)."""
-    key = cfg.model.strip().lower().replace("_", "-")
+    key = normalise_name(cfg.model)
     if key in MINI_MODELS:
         return registry.build(key, num_classes=len(classes), classes=list(classes), **cfg.model_config)
     if key in PROMPTER_MODELS:

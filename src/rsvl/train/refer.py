@@ -52,6 +52,7 @@ from rsvl.errors import DatasetError, ResumeError, UnknownModelError, WeightsNot
 from rsvl.io import atomic_path, write_text
 from rsvl.metrics import ReferringAccumulator
 from rsvl.models import registry
+from rsvl.models.cards import normalise_name
 from rsvl.models.checkpoint import read_file
 from rsvl.models.device import check_device
 from rsvl.models.mini.refer import ReferDecoder, save_decoder
@@ -280,7 +281,7 @@ def model_to_train(name: str, weights: str | Path | None = None, device: str = "
     :func:`rsvl.models.registry.build` (mini-refer: a fresh decoder on the pretrained towers;
     FIANet: upstream's start, Swin-B 22k from ``swin`` and bert-base-uncased from ``bert``,
     with its ``vocab``)."""
-    key = name.strip().lower().replace("_", "-")
+    key = normalise_name(name)
     if key not in CARDS:
         raise UnknownModelError(f"cannot train model {name!r}.",
                                 hint=f"Trainable referring models: {', '.join(MODELS)}.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rsvl.models.cards import ModelCard, WeightsSource
+from rsvl.models.cards import ModelCard, WeightsSource, normalise_name
 
 # --------------------------------------------------------------------------------------------
 # Built-in cards: published RS CLIPs (open_clip format) and the OpenAI baselines.
@@ -257,7 +257,7 @@ def open_clip_architecture_card(arch: str, known: list[str]) -> ModelCard | None
     if match is None:
         return None
     return ModelCard(
-        name=arch.strip().lower().replace("_", "-"),
+        name=normalise_name(arch),
         family="clip",
         architecture=match,
         quick_gelu=quick,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rsvl.errors import UnknownModelError
-from rsvl.models.cards import ModelCard
+from rsvl.models.cards import ModelCard, find_card
 from rsvl.models.clip.cards import CARDS, open_clip_architecture_card
 from rsvl.models.clip.layout import read_checkpoint, to_long_text_state_dict
 from rsvl.models.clip.model import ClipModel
@@ -63,11 +63,7 @@ def card_for(
     an :func:`architecture_card` (whose activation ``quick_gelu`` sets when given)."""
     if isinstance(name, ModelCard):
         return name
-    key = name.strip().lower().replace("_", "-")
-    for card in CARDS:
-        if card.name == key:
-            return card
-    card = architecture_card(name, model_cfg)
+    card = find_card(CARDS, name) or architecture_card(name, model_cfg)
     if card is None:
         raise UnknownModelError(
             f"{name!r} is neither an rsvl CLIP model nor an open_clip architecture.",

@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
 from rsvl.models.rsprompter.prompts import RoIPromptHead, sine_positional_encoding
 from rsvl.models.rsprompter.roi_pool import AlignedMultiScaleRoIAlign
-from rsvl.models.rsprompter.transforms import boxes_to_original, masks_to_original, prepare_batch
+from rsvl.models.rsprompter.transforms import boxes_to_original, masks_to_original, model_batch
 from rsvl.models.rsprompter.trunk import FPN_STRIDES, SamTrunk, build_rpn, level_names
 from rsvl.models.sam.sam import Sam
 
@@ -124,9 +124,7 @@ class RSPrompterAnchor(SamTrunk):
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if self.training and targets is None:
-            raise ValueError("training mode needs targets")
-        batch = prepare_batch(self.sam, images, targets if self.training else None)
+        batch = model_batch(self.sam, images, targets, self.training)
         emb, feats = self._encode(batch.pixels)
         il = ImageList(batch.pixels, batch.sizes)
         fd = OrderedDict(zip(level_names(5), feats, strict=True))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rsvl.errors import RsvlError, UnknownModelError, WeightsNotFoundError
-from rsvl.models.cards import ModelCard, pick_card
+from rsvl.models.cards import ModelCard, normalise_name, pick_card
 from rsvl.models.rsprompter.anchor import RSPrompterAnchor
 from rsvl.models.rsprompter.cards import CARDS
 from rsvl.models.rsprompter.convert import load_prompter_checkpoint
@@ -83,7 +83,7 @@ def build(
     Other keywords go to the model class (e.g. ``fpn_channels``, ``head="mask2former"`` for
     sam-seg, ``backbone="resnet18"`` for sam-det).
     """
-    key = name.strip().lower().replace("_", "-")
+    key = normalise_name(name)
     card = next((c for c in CARDS if c.name == key), None)
     if card is not None:
         meta = card.metadata
@@ -124,7 +124,7 @@ def card_name(variant: str, dataset: str) -> str:
     """The card of ``variant`` trained on ``dataset`` (a folder name such as ``nwpu_vhr10``
     works); the variant's first card when rsprompter has none for that dataset (its build
     then takes ``dataset=`` as an override)."""
-    key = _ALIASES.get(variant.strip().lower().replace("_", "-"), variant.strip().lower().replace("_", "-"))
+    key = _ALIASES.get(normalise_name(variant), normalise_name(variant))
     ds = dataset.lower().replace("-", "").replace("_", "")
     ds = {"nwpuvhr10": "nwpu", "whubuilding": "whu"}.get(ds, ds)
     names = [c.name for c in CARDS if c.metadata["variant"] == key]

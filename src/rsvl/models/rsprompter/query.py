@@ -9,7 +9,7 @@ from torch import Tensor
 
 from rsvl.models.rsprompter.losses import QueryLosses
 from rsvl.models.rsprompter.query_head import QueryHead, query_predictions
-from rsvl.models.rsprompter.transforms import prepare_batch
+from rsvl.models.rsprompter.transforms import model_batch
 from rsvl.models.rsprompter.trunk import SamTrunk
 from rsvl.models.sam.sam import Sam
 
@@ -53,9 +53,7 @@ class RSPrompterQuery(SamTrunk):
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if self.training and targets is None:
-            raise ValueError("training mode needs targets")
-        batch = prepare_batch(self.sam, images, targets if self.training else None)
+        batch = model_batch(self.sam, images, targets, self.training)
         emb, feats = self._encode(batch.pixels)
         stages = self.head(feats, self._sam_decode, emb)
         if self.training:

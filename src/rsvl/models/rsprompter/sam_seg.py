@@ -21,7 +21,7 @@ from rsvl.errors import UnknownModelError
 from rsvl.models.rsprompter.losses import QueryLosses
 from rsvl.models.rsprompter.query_head import QueryHead, query_predictions
 from rsvl.models.rsprompter.roi_pool import AlignedMultiScaleRoIAlign
-from rsvl.models.rsprompter.transforms import boxes_to_original, prepare_batch
+from rsvl.models.rsprompter.transforms import boxes_to_original, model_batch
 from rsvl.models.rsprompter.trunk import FPN_STRIDES, SamTrunk, build_rpn, level_names
 from rsvl.models.sam.sam import Sam
 
@@ -67,9 +67,7 @@ class SamSeg(SamTrunk):
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if self.training and targets is None:
-            raise ValueError("training mode needs targets")
-        batch = prepare_batch(self.sam, images, targets if self.training else None)
+        batch = model_batch(self.sam, images, targets, self.training)
         _, feats = self._encode(batch.pixels)
         size = self.sam.img_size
         if self.head_type == "mask2former":

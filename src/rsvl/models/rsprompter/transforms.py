@@ -35,6 +35,16 @@ def check_images(images: Sequence[Tensor]) -> None:
             )
 
 
+def model_batch(
+    sam: Sam, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None, training: bool
+) -> Batch:
+    """The batch a model's ``forward`` works on: targets are required in training mode and
+    ignored otherwise (torchvision's detection convention)."""
+    if training and targets is None:
+        raise ValueError("training mode needs targets")
+    return prepare_batch(sam, images, targets if training else None)
+
+
 def prepare_batch(sam: Sam, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None) -> Batch:
     """Resize each image so that its longest side is SAM's input size, normalise, pad."""
     check_images(images)

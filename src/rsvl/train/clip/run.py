@@ -33,7 +33,7 @@ from rsvl.errors import (
 )
 from rsvl.io import atomic_path, write_text
 from rsvl.models import clip
-from rsvl.models.cards import ModelCard
+from rsvl.models.cards import ModelCard, normalise_name
 from rsvl.models.device import check_device
 from rsvl.models.registry import REGISTRY
 from rsvl.models.weights import resolve_weights
@@ -135,7 +135,7 @@ def training_card(
 ) -> tuple[ModelCard, bool]:
     """(card, registered?) for ``--model``: a registered CLIP card or an open_clip
     architecture (any name with ``model_cfg``)."""
-    card = REGISTRY.get(model.strip().lower().replace("_", "-"))
+    card = REGISTRY.get(normalise_name(model))
     if card is not None and card.family != "clip":
         raise UnknownModelError(
             f"Model {card.name!r} is a {card.family!r} model; `rsvl train clip` fine-tunes "
