@@ -401,3 +401,34 @@ def test_vrt_raw_raster_band_inside_an_archive_is_refused(tmp_path, monkeypatch)
         zf.write(vrt, "leak.vrt")
     with pytest.raises(RasterReadError, match="raw raster band"):
         open_dataset(f"/vsizip/{tmp_path / 'a.zip'}/leak.vrt")
+
+
+def test_crafted_faiss_header_is_refused_before_faiss_reads_it(tmp_path):
+    """A vectors file whose header claims another size (or another index type) is refused
+    with one line; FAISS never parses it (it would trust the sizes in it)."""
+    import struct
+
+    import faiss
+    import numpy as np
+
+    from rsvl.errors import IndexCorruptError
+    from rsvl.index.store import check_faiss_header
+
+    index = faiss.IndexFlatIP(8)
+    index.add(np.random.default_rng(0).random((10, 8), dtype=np.float32))
+    good = tmp_path / "good.faiss"
+    faiss.write_index(index, str(good))
+    check_faiss_header(good, 10, 8, "rebuild")  # what rsvl writes passes
+    raw = good.read_bytes()
+    huge = tmp_path / "huge.faiss"
+    huge.write_bytes(raw[:8] + struct.pack("<q", 1 << 40) + raw[16:])
+    with pytest.raises(IndexCorruptError, match="1099511627776 vectors"):
+        check_faiss_header(huge, 10, 8, "rebuild")
+    other = tmp_path / "other.faiss"
+    other.write_bytes(b"IHNf" + raw[4:])
+    with pytest.raises(IndexCorruptError, match="not a FAISS index rsvl writes"):
+        check_faiss_header(other, 10, 8, "rebuild")
+    padded = tmp_path / "padded.faiss"
+    padded.write_bytes(raw + b"\0" * (2 << 20))
+    with pytest.raises(IndexCorruptError, match="more than an index"):
+        check_faiss_header(padded, 10, 8, "rebuild")

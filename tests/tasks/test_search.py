@@ -244,7 +244,11 @@ def test_errors_missing_corrupt_mismatch_and_empty_query(tmp_path, scene, pngs):
     idx = tmp_path / "idx"
     manifest = json.loads((idx / "manifest.json").read_text())
     vec = idx / manifest["files"]["vectors"]
-    vec.write_bytes(vec.read_bytes()[:20])
+    raw = vec.read_bytes()
+    vec.write_bytes(raw[:8] + (1 << 40).to_bytes(8, "little") + raw[16:])  # a header that lies
+    with pytest.raises(IndexCorruptError, match="1099511627776 vectors"):
+        EmbeddingIndex.open(idx)
+    vec.write_bytes(raw[:20])
     with pytest.raises(IndexCorruptError, match="FAISS"):
         EmbeddingIndex.open(idx)
     (idx / manifest["files"]["metadata"]).unlink()

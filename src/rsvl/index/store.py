@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,6 +130,36 @@ def make_faiss_index(vectors: np.ndarray, config: IndexConfig = IndexConfig()) -
     return index, {"index_type": "ivf-flat", "exact": False, "nlist": nlist, "nprobe": nprobe}
 
 
+#: the FAISS index types ``rsvl index build`` writes (flat and IVF-flat, inner product)
+FAISS_FOURCCS = (b"IxFI", b"IwFl")
+
+
+def check_faiss_header(path: Path, count: int, dim: int, rebuild: str) -> None:
+    """Refuse a vectors file that is not what the manifest describes before FAISS parses it.
+
+    FAISS trusts the sizes in a file: a crafted header asks it for terabytes (or makes it read
+    past the data). The file must be an index type rsvl writes, with the manifest's dimension
+    and count, and no larger than such an index can be (float32 vectors, an IVF quantizer of
+    at most ``count`` centroids, ids, and a few KB of headers)."""
+    head = b""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise IndexCorruptError(f"{path}: unreadable ({exc}).", hint=rebuild) from exc
+    if len(head) < 16 or head[:4] not in FAISS_FOURCCS:
+        raise IndexCorruptError(f"{path} is not a FAISS index rsvl writes (type {head[:4]!r}).", hint=rebuild)
+    d, ntotal = struct.unpack("<i", head[4:8])[0], struct.unpack("<q", head[8:16])[0]
+    if d != dim or ntotal != count:
+        raise IndexCorruptError(
+            f"{path}: the file says {ntotal} vectors of dim {d}, the manifest {count} of dim {dim}.", hint=rebuild)
+    limit = 3 * 4 * dim * max(count, 1) + 16 * max(count, 1) + (1 << 20)
+    if size > limit:
+        raise IndexCorruptError(f"{path}: {size} bytes, more than an index of {count} x {dim} vectors can be.",
+                                hint=rebuild)
+
+
 class EmbeddingIndex:
     """An index folder opened for reading: manifest, metadata table and FAISS index."""
 
@@ -173,6 +204,7 @@ class EmbeddingIndex:
         for f in (vpath, mdpath):
             if not f.exists():
                 raise IndexCorruptError(f"{p}: {f.name} is missing.", hint=rebuild)
+        check_faiss_header(vpath, count, dim, rebuild)
         try:
             index = faiss.read_index(str(vpath))
         except Exception as exc:  # faiss raises RuntimeError with a C++ message
