@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_raster
+from conftest import REPO, shared_data, write_raster
 from rasterio.windows import Window
 
 from rsvl.errors import (
@@ -432,3 +432,17 @@ def test_crafted_faiss_header_is_refused_before_faiss_reads_it(tmp_path):
     padded.write_bytes(raw + b"\0" * (2 << 20))
     with pytest.raises(IndexCorruptError, match="more than an index"):
         check_faiss_header(padded, 10, 8, "rebuild")
+
+
+def test_truncated_raster_is_named_as_such_by_info_and_before_a_model_loads(tmp_path):
+    """A GeoTIFF cut short opens and reports its full size; rsvl reads its last block first
+    and says the file is truncated, in one line, exit 2 (segment: before loading a model)."""
+    src = shared_data("geotiff", "OSBS_029.tif")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(src.read_bytes()[:30000])
+    for args in (["info", str(cut)], ["segment", str(cut), "water, trees", "-o", str(tmp_path / "o")]):
+        res = run_cli(*args)
+        assert res.returncode == 2, res.stderr
+        assert "the end of this raster cannot be read" in res.stderr and "truncated" in res.stderr
+        assert "loading" not in res.stderr.lower()
+    assert not list(tmp_path.glob("o*"))

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state
-from rsvl.geo.raster import RasterSource
+from rsvl.geo.raster import RasterSource, check_last_block, open_dataset
 from rsvl.geo.tiles import check_gsd
 
 
@@ -30,6 +30,8 @@ def info(
 
     with RasterSource(raster, bands=parse_bands(bands), stretch=stretch, target_gsd=check_gsd(gsd) or None) as src:
         meta = src.info()
+    with open_dataset(raster) as ds:
+        check_last_block(ds)
     for w in meta.warnings:
         state.warn(w)
     if as_json:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from rsvl.errors import InputNotFoundError, OutputError, PromptError
-from rsvl.geo.raster import open_dataset
+from rsvl.geo.raster import check_last_block, open_dataset
 from rsvl.io import IMAGE_SUFFIXES
 
 VECTOR_FORMATS = ("gpkg", "geojson", "parquet")
@@ -21,8 +21,9 @@ VECTOR_FORMATS = ("gpkg", "geojson", "parquet")
 
 def raster_file(path: Path) -> bool:
     """Check that ``path`` is one raster or image GDAL opens (not a folder, not missing);
-    returns whether it is georeferenced."""
+    returns whether it is georeferenced. A file cut short fails here, before a model loads."""
     with open_dataset(path) as ds:
+        check_last_block(ds)
         return ds.crs is not None
 
 

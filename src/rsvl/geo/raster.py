@@ -117,6 +117,24 @@ def _read_failed(path: str, exc: BaseException) -> RasterReadError:
     )
 
 
+def check_last_block(ds: rasterio.io.DatasetReader) -> None:
+    """Read the last block of the first band: a file cut short (an interrupted download or
+    copy) opens and reports its full size, and fails only when the missing part is read.
+    Raises :class:`RasterReadError` saying so, before hours of work stop at the last rows."""
+    if not ds.block_shapes or ds.width < 1 or ds.height < 1:
+        return
+    bh, bw = ds.block_shapes[0]
+    row, col = (ds.height - 1) // bh * bh, (ds.width - 1) // bw * bw
+    window = Window(col, row, min(bw, ds.width - col), min(bh, ds.height - row))
+    try:
+        ds.read(1, window=window)
+    except Exception as exc:  # rasterio raises RasterioIOError / CPLE_* with GDAL's message
+        raise RasterReadError(
+            f"{ds.name}: the end of this raster cannot be read ({_first_line(exc)}).",
+            hint="The file is truncated or corrupt (an interrupted download or copy?): download or export it again.",
+        ) from exc
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
