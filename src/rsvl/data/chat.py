@@ -1,0 +1,630 @@
+"""Instruction data for rsvl's chat models, built from the real annotations we have.
+
+``build_chat_data`` turns UC Merced (captions, scene classes), RSIVQA (its visual questions
+on the UCM images), NWPU VHR-10 (instance boxes) and optionally AID (scene classes) into
+single-turn question/answer items in VHM's training layout, split into train and val, and
+writes the val items once more per task in the VHM_Eval layout so that ``rsvl eval chat``
+scores a model on them. No torch here.
+
+Tasks (the ``task`` of an item and the NAME of its eval file):
+
+========================  =====================================================  ========  ====
+task                      question -> answer                                      scorer    tag
+========================  =====================================================  ========  ====
+``describe_ucm``          "Describe this image." -> one of its human captions     none      it
+``cls_ucm``, ``cls_aid``  "Classify the image within one of the given classes:    cls       cls
+                          a, b, ... Answer with only the class name." -> class
+``rsivqa_presence``       RSIVQA "Does this picture contain ...?" -> yes / no     presence  vqa
+``rsivqa_counting``       RSIVQA "How many cars in the picture?" -> "three"       vqa       vqa
+``rsivqa_location``       RSIVQA "What is the location of ...?" -> "top left ..."  vqa       vqa
+``rsivqa_theme``          RSIVQA "What is the theme of this picture?" -> "harbor"  vqa       vqa
+``presence_nwpu``         "Is there a ship in this image?" -> "Yes." / "No."      presence  idk
+``counting_nwpu``         "How many ships are there in this image?" -> "3"        counting  it
+``vg_nwpu``               "Where is the bridge? Give its bounding box."           bbox      vg
+                          -> "[[x1, y1, x2, y2]]" (integers in 0-1000)
+``relpos_nwpu``           "Is the ship to the left or to the right of the         vqa       idk
+                          harbor?" -> "Left." / "Right." (also above / below)
+========================  =====================================================  ========  ====
+
+Honesty: ``presence_nwpu`` asks, per image, about as many absent classes ("No.") as present
+ones ("Yes."), and ``counting_nwpu`` asks about one absent class per image ("0"); every
+answer comes from the instance labels. Grounding and relative position are asked only about
+classes with exactly one instance in the image (grounding also with two or three instances
+in train, answered with all their boxes, left to right), and relative position only when the
+box centres differ by at least :data:`RELPOS_MARGIN` of the image side.
+
+Boxes follow VHM: the training answer is ``[[x1, y1, x2, y2]]`` with integers in 0-1000
+relative to the image width and height; the ground truth of the ``vg_nwpu`` eval file is the
+same list in absolute pixels (what RSEvalKit's bbox scorer compares with the prediction
+scaled by w/1000 and h/1000).
+
+Splits are by image: UCM and RSIVQA use the split given in their files; NWPU uses
+:func:`rsvl.data.refgen.split_images` (the split of mini-refer and mini-instances, so the
+val images are unseen by every built-in model); AID gets a seeded split per class. Train
+items of one task are capped at ``max_per_task`` (a seeded choice) so no task dominates.
+
+Written under ``OUT``::
+
+    OUT/train.json          [{id, image (absolute path), source_dataset, task,
+                              conversations: [{from: human, value: "<image>\\n..."},
+                                              {from: gpt, value: ...}]}, ...]
+    OUT/val.json            the same for the val split
+    OUT/eval/<task>.json    the val items of one task, VHM_Eval layout:
+                            [{id, image (file name), image_path (absolute), conversations,
+                              size: [h, w]}, ...]
+    OUT/eval/tasks.json     {task: {scorer, tag, items}}
+    OUT/stats.json          items per task and split, images per source and split, settings,
+                            the majority answer of every val task and its accuracy
+
+Run: ``rsvl data chat --ucm ../shared/data/ucm --nwpu
+../shared/data/nwpu_vhr10/instances_train.json --aid ../shared/data/aid --out DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from rsvl.data.refgen import class_phrase, load_coco, split_images
+from rsvl.data.scenes import SceneFolderDataset, UCMJsonDataset
+from rsvl.errors import DatasetError, InputNotFoundError, OutputError
+from rsvl.io import atomic_dir, write_text
+
+__all__ = [
+    "DEFAULT_MAX_PER_TASK",
+    "RELPOS_MARGIN",
+    "TASKS",
+    "ChatItem",
+    "ChatTask",
+    "aid_class_name",
+    "box_to_vhm",
+    "clean_caption",
+    "build_chat_data",
+    "format_stats",
+    "generate_items",
+    "rsivqa_kind",
+    "ucm_class_name",
+]
+
+#: train items kept per task (a seeded choice among those generated)
+DEFAULT_MAX_PER_TASK = 900
+#: relative position: the box centres differ by at least this fraction of the image side
+RELPOS_MARGIN = 0.1
+#: train captions per UCM image (distinct ones; val gets one)
+CAPTIONS_PER_IMAGE = 3
+#: the prompt of an image turn, as in LLaVA / VHM
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class ChatTask:
+    """A task: the scorer ``rsvl eval chat`` uses and VHM's tag kind for the question."""
+
+    scorer: str
+    tag: str
+    source: str
+
+
+TASKS: dict[str, ChatTask] = {
+    "describe_ucm": ChatTask("none", "it", "ucm"),
+    "cls_ucm": ChatTask("cls", "cls", "ucm"),
+    "cls_aid": ChatTask("cls", "cls", "aid"),
+    "rsivqa_presence": ChatTask("presence", "vqa", "rsivqa"),
+    "rsivqa_counting": ChatTask("vqa", "vqa", "rsivqa"),
+    "rsivqa_location": ChatTask("vqa", "vqa", "rsivqa"),
+    "rsivqa_theme": ChatTask("vqa", "vqa", "rsivqa"),
+    "presence_nwpu": ChatTask("presence", "idk", "nwpu"),
+    "counting_nwpu": ChatTask("counting", "it", "nwpu"),
+    "vg_nwpu": ChatTask("bbox", "vg", "nwpu"),
+    "relpos_nwpu": ChatTask("vqa", "idk", "nwpu"),
+}
+
+#: scorers for which a majority answer is a meaningful baseline
+_MAJORITY_SCORERS = ("presence", "cls", "vqa", "counting", "mc")
+
+_DESCRIBE = ("Describe this image.", "Describe the image briefly.",
+             "What does this image show?", "Give a short description of this image.")
+_CLS = ("Classify the image within one of the given classes: {classes}. "
+        "Answer with only the class name.",
+        "Which of these classes does this scene belong to: {classes}? "
+        "Answer with only the class name.",
+        "What type of scene is this? Choose one of: {classes}. "
+        "Answer with only the class name.")
+_PRESENCE = ("Is there {a} in this image?", "Does this image contain {a}?",
+             "Can you see {a} in this image?", "Are there any {plural} in this image?")
+_COUNTING = ("How many {plural} are there in this image?", "Count the {plural} in this image.",
+             "How many {plural} can you see in this image?",
+             "What is the number of {plural} in this image?")
+_VG_ONE = ("Where is the {name}? Give its bounding box.",
+           "Locate the {name} in this image. Answer with its bounding box.",
+           "Give the bounding box of the {name}.")
+_VG_MANY = ("Where are the {plural}? Give their bounding boxes.",
+            "Locate every {name} in this image. Answer with their bounding boxes.",
+            "Give the bounding boxes of the {plural}.")
+_RELPOS_H = ("Is the {a} to the left or to the right of the {b}?",
+             "Is the {a} to the right or to the left of the {b}?",
+             "Is the {a} on the left or on the right of the {b}?")
+_RELPOS_V = ("Is the {a} above or below the {b}?", "Is the {a} below or above the {b}?")
+
+_UCM_WORDS = {
+    "baseballdiamond": "baseball diamond", "mediumresidential": "medium residential",
+    "mobilehomepark": "mobile home park", "parkinglot": "parking lot",
+    "sparseresidential": "sparse residential", "storagetanks": "storage tanks",
+    "tenniscourt": "tennis court", "denseresidential": "dense residential",
+    "golfcourse": "golf course",
+}
+
+
+def ucm_class_name(label: str) -> str:
+    """UCM folder label -> readable words: ``mobilehomepark`` -> "mobile home park"."""
+    return _UCM_WORDS.get(label, label.replace("_", " ").lower())
+
+
+def aid_class_name(label: str) -> str:
+    """AID folder label -> readable words: ``RailwayStation`` -> "railway station"."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", label).replace("_", " ").lower()
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+def box_to_vhm(bbox: Sequence[float], width: float, height: float) -> list[int]:
+    """COCO box ``(x, y, w, h)`` in pixels -> VHM's ``[x1, y1, x2, y2]`` integers in 0-1000."""
+    x, y, w, h = (float(v) for v in bbox)
+    vals = (x / width, y / height, (x + w) / width, (y + h) / height)
+    return [min(1000, max(0, round(v * 1000))) for v in vals]
+
+
+def _box_pixels(bbox: Sequence[float]) -> list[int]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [round(x), round(y), round(x + w), round(y + h)]
+
+
+def _boxes_text(boxes: Sequence[Sequence[int]]) -> str:
+    return "[" + ", ".join("[" + ", ".join(str(v) for v in b) + "]" for b in boxes) + "]"
+
+
+def clean_caption(text: str) -> str:
+    """UCM-Captions' "There is a piece of farmland ." -> "There is a piece of farmland."."""
+    t = " ".join(text.split())
+    t = re.sub(r"\s+([.,;:!?])", r"\1", t)
+    if t and t[-1] not in ".!?":
+        t += "."
+    return t[:1].upper() + t[1:]
+
+
+def _clean_question(text: str) -> str:
+    t = " ".join(text.split())
+    return t[:1].upper() + t[1:]
+
+
+# --------------------------------------------------------------------------------------
+# Items
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class ChatItem:
+    """One question and its answer about one image."""
+
+    task: str
+    source: str
+    image: Path
+    split: str
+    question: str
+    answer: str
+    key: str
+    #: the answer of the eval file when it differs from the training answer (boxes in pixels)
+    eval_answer: str | None = None
+    #: False: kept in val.json but not written to the eval file (e.g. several boxes)
+    evaluable: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """VHM's training layout."""
+        return {
+            "id": self.key,
+            "image": str(self.image),
+            "source_dataset": self.source,
+            "task": self.task,
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{self.question}"},
+                {"from": "gpt", "value": self.answer},
+            ],
+        }
+
+    def eval_record(self, size: tuple[int, int]) -> dict[str, Any]:
+        """The VHM_Eval layout (``size`` = (h, w) of the image)."""
+        answer = self.answer if self.eval_answer is None else self.eval_answer
+        return {
+            "id": self.key,
+            "image": self.image.name,
+            "image_path": str(self.image),
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{self.question}"},
+                {"from": "gpt", "value": answer},
+            ],
+            "size": [int(size[0]), int(size[1])],
+        } | self.extra
+
+
+def _pick(options: Sequence[str], rng: random.Random, split: str) -> str:
+    """A seeded phrasing in train; the first (canonical) one in val, so scores compare."""
+    return options[0] if split == "val" else options[rng.randrange(len(options))]
+
+
+def _ucm_items(ucm: Path, seed: int) -> list[ChatItem]:
+    data = UCMJsonDataset(ucm)
+    classes = ", ".join(ucm_class_name(c) for c in data.classes)
+    items: list[ChatItem] = []
+    for s in data.samples:
+        if s.split not in ("train", "val"):
+            continue
+        image = s.image.resolve()
+        rng = random.Random(f"chat-ucm:{seed}:{image.name}")
+        stem = f"ucm/{s.image.parent.name}/{s.image.stem}"
+        captions = list(dict.fromkeys(clean_caption(c) for c in s.captions if c.strip()))
+        if captions:
+            n = 1 if s.split == "val" else min(CAPTIONS_PER_IMAGE, len(captions))
+            chosen = rng.sample(captions, n)
+            for k, cap in enumerate(chosen):
+                extra = {"captions": captions} if s.split == "val" else {}
+                items.append(ChatItem("describe_ucm", "ucm", image, s.split,
+                                      _pick(_DESCRIBE, rng, s.split), cap,
+                                      f"describe_ucm/{stem}/{k}", extra=extra))
+        question = _pick(_CLS, rng, s.split).format(classes=classes)
+        items.append(ChatItem("cls_ucm", "ucm", image, s.split, question,
+                              ucm_class_name(s.class_name), f"cls_ucm/{stem}/0"))
+    return items
+
+
+_RSIVQA_FORMS = (
+    ("rsivqa_presence", re.compile(r"^(does|do|is|are) (this|the|there)\b", re.I)),
+    ("rsivqa_counting", re.compile(r"^how many\b", re.I)),
+    ("rsivqa_location", re.compile(r"^(what is the location|where)\b", re.I)),
+    ("rsivqa_theme", re.compile(r"^what is the theme\b", re.I)),
+)
+_EMPTY_COUNT = re.compile(r"^how many\s+(in|are|is|on)\b", re.I)
+
+
+def rsivqa_kind(question: str) -> str | None:
+    """The task of an RSIVQA question from its form, or None when it is noise to drop
+    (an unknown form, or "How many  in the picture?" without an object)."""
+    q = " ".join(question.split())
+    if _EMPTY_COUNT.match(q):
+        return None
+    for task, pattern in _RSIVQA_FORMS:
+        if pattern.match(q):
+            return task
+    return None
+
+
+def _rsivqa_items(ucm: Path, dropped: Counter[str]) -> list[ChatItem]:
+    path = ucm / "rsivqa.json" if ucm.is_dir() else ucm.parent / "rsivqa.json"
+    if not path.is_file():
+        dropped["rsivqa_file_missing"] += 1
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read RSIVQA file {path}: {exc}") from exc
+    samples = data.get("samples") if isinstance(data, dict) else None
+    if not isinstance(samples, list):
+        raise DatasetError(f"{path} lacks a 'samples' list",
+                           hint="Expected {'samples': [{image, split, question, answer}, ...]}.")
+    root = path.parent
+    seen: set[tuple[str, str, str]] = set()
+    per_image: Counter[tuple[str, str]] = Counter()
+    items: list[ChatItem] = []
+    for k, rec in enumerate(samples):
+        if not isinstance(rec, dict) or not all(key in rec for key in
+                                                ("image", "split", "question", "answer")):
+            raise DatasetError(f"sample {k} of {path} lacks image, split, question or answer")
+        split = str(rec["split"])
+        if split not in ("train", "val"):
+            continue
+        question = _clean_question(str(rec["question"]))
+        answer = " ".join(str(rec["answer"]).split())
+        task = rsivqa_kind(question)
+        if task is None or not answer:
+            dropped["rsivqa_noise"] += 1
+            continue
+        dedup = (str(rec["image"]), question.lower(), answer.lower())
+        if dedup in seen:
+            dropped["rsivqa_duplicate"] += 1
+            continue
+        seen.add(dedup)
+        image = (root / str(rec["image"])).resolve()
+        stem = f"rsivqa/{image.parent.name}/{image.stem}"
+        n = per_image[(task, stem)]
+        per_image[(task, stem)] += 1
+        items.append(ChatItem(task, "rsivqa", image, split, question, answer,
+                              f"{task}/{stem}/{n}"))
+    return items
+
+
+def _aid_split(labels: dict[str, list[Path]], val_fraction: float, seed: int) -> dict[Path, str]:
+    out: dict[Path, str] = {}
+    for label in sorted(labels):
+        files = sorted(labels[label])
+        random.Random(f"chat-aid-split:{seed}:{label}").shuffle(files)
+        n_val = int(round(len(files) * val_fraction))
+        out.update({f: ("val" if k < n_val else "train") for k, f in enumerate(files)})
+    return out
+
+
+def _aid_items(aid: Path, val_fraction: float, seed: int) -> list[ChatItem]:
+    data = SceneFolderDataset(aid)
+    by_label: dict[str, list[Path]] = defaultdict(list)
+    for s in data.samples:
+        by_label[s.class_name].append(s.image.resolve())
+    split = _aid_split(by_label, val_fraction, seed)
+    classes = ", ".join(aid_class_name(c) for c in data.classes)
+    items: list[ChatItem] = []
+    for s in data.samples:
+        image = s.image.resolve()
+        rng = random.Random(f"chat-aid:{seed}:{s.class_name}/{image.name}")
+        sp = split[image]
+        question = _pick(_CLS, rng, sp).format(classes=classes)
+        items.append(ChatItem("cls_aid", "aid", image, sp, question, aid_class_name(s.class_name),
+                              f"cls_aid/aid/{s.class_name}/{image.stem}/0"))
+    return items
+
+
+def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
+                seed: int) -> list[ChatItem]:
+    coco = load_coco(coco_path)
+    names = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
+    classes = [names[i] for i in sorted(names)]
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for a in coco["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        by_image[int(a["image_id"])].append(a)
+    images = {int(im["id"]): im for im in coco["images"]}
+    split = split_images(images, val_fraction, seed)
+    items: list[ChatItem] = []
+    for image_id in sorted(images):
+        im = images[image_id]
+        image = (image_dir / str(im["file_name"])).resolve()
+        width, height = float(im["width"]), float(im["height"])
+        sp = split[image_id]
+        stem = f"nwpu/{Path(str(im['file_name'])).stem}"
+        rng = random.Random(f"chat-nwpu:{seed}:{image_id}")
+        anns: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for a in sorted(by_image.get(image_id, []), key=lambda a: int(a["id"])):
+            anns[names[int(a["category_id"])]].append(a)
+        present = [c for c in classes if anns.get(c)]
+        absent = [c for c in classes if not anns.get(c)]
+
+        per_task: Counter[str] = Counter()
+
+        def add(task: str, question: str, answer: str, eval_answer: str | None = None,
+                *, image: Path = image, sp: str = sp, stem: str = stem,
+                per_task: Counter[str] = per_task) -> None:
+            items.append(ChatItem(task, "nwpu", image, sp, question, answer,
+                                  f"{task}/{stem}/{per_task[task]}", eval_answer=eval_answer))
+            per_task[task] += 1
+
+        # presence: every present class, as many absent ones (at least one)
+        n_no = min(len(absent), max(1, len(present)))
+        for name, answer in ([(c, "Yes.") for c in present]
+                             + [(c, "No.") for c in rng.sample(absent, n_no)]):
+            phrase = class_phrase(name)
+            q = _pick(_PRESENCE, rng, sp).format(a=_article(phrase),
+                                                 plural=class_phrase(name, plural=True))
+            add("presence_nwpu", q, answer)
+        # counting: every present class and one absent class
+        for name in present + rng.sample(absent, min(1, len(absent))):
+            q = _pick(_COUNTING, rng, sp).format(plural=class_phrase(name, plural=True))
+            add("counting_nwpu", q, str(len(anns.get(name, []))))
+        # grounding: one instance (train and eval), two or three (train only)
+        for name in present:
+            group = sorted(anns[name], key=lambda a: (float(a["bbox"][0]), float(a["bbox"][1])))
+            if len(group) > 3 or (len(group) > 1 and sp == "val"):
+                continue
+            boxes = [box_to_vhm(a["bbox"], width, height) for a in group]
+            pixels = [_box_pixels(a["bbox"]) for a in group]
+            templates = _VG_ONE if len(group) == 1 else _VG_MANY
+            q = _pick(templates, rng, sp).format(name=class_phrase(name),
+                                                 plural=class_phrase(name, plural=True))
+            add("vg_nwpu", q, _boxes_text(boxes), eval_answer=_boxes_text(pixels))
+        # relative position of two single instances, left/right and above/below
+        singles = [c for c in present if len(anns[c]) == 1]
+        for i, a_name in enumerate(singles):
+            for b_name in singles[i + 1:]:
+                first, second = (a_name, b_name) if rng.random() < 0.5 else (b_name, a_name)
+                ax, ay = _centre(anns[first][0]["bbox"])
+                bx, by = _centre(anns[second][0]["bbox"])
+                pair = {"a": class_phrase(first), "b": class_phrase(second)}
+                if abs(ax - bx) >= RELPOS_MARGIN * width:
+                    q = _pick(_RELPOS_H, rng, sp).format(**pair)
+                    add("relpos_nwpu", q, "Left." if ax < bx else "Right.")
+                if abs(ay - by) >= RELPOS_MARGIN * height:
+                    q = _pick(_RELPOS_V, rng, sp).format(**pair)
+                    add("relpos_nwpu", q, "Above." if ay < by else "Below.")
+    return items
+
+
+def _centre(bbox: Sequence[float]) -> tuple[float, float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return x + w / 2.0, y + h / 2.0
+
+
+def generate_items(*, ucm: str | Path | None = None, nwpu: str | Path | None = None,
+                   aid: str | Path | None = None, nwpu_images: str | Path | None = None,
+                   val_fraction: float = 0.15, seed: int = 0,
+                   dropped: Counter[str] | None = None) -> list[ChatItem]:
+    """Every item the sources give (before the caps), in a deterministic order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if ucm is None and nwpu is None and aid is None:
+        raise InputNotFoundError("no source given",
+                                 hint="Pass at least one of --ucm, --nwpu, --aid.")
+    drops: Counter[str] = Counter() if dropped is None else dropped
+    items: list[ChatItem] = []
+    if ucm is not None:
+        items += _ucm_items(Path(ucm), seed)
+        items += _rsivqa_items(Path(ucm), drops)
+    if nwpu is not None:
+        npath = Path(nwpu)
+        image_dir = Path(nwpu_images) if nwpu_images is not None else npath.parent / "images"
+        items += _nwpu_items(npath, image_dir, val_fraction, seed)
+    if aid is not None:
+        items += _aid_items(Path(aid), val_fraction, seed)
+    missing = sorted({str(it.image) for it in items if not it.image.is_file()})
+    if missing:
+        raise InputNotFoundError(f"{len(missing)} image(s) of the annotations are missing, "
+                                 f"e.g. {missing[0]}",
+                                 hint="Check the dataset folders (images beside the labels).")
+    return items
+
+
+# --------------------------------------------------------------------------------------
+# Caps, statistics and writing
+# --------------------------------------------------------------------------------------
+
+def _cap(items: list[ChatItem], limit: int | None, seed: int, split: str) -> list[ChatItem]:
+    by_task: dict[str, list[ChatItem]] = defaultdict(list)
+    for it in items:
+        by_task[it.task].append(it)
+    kept: list[ChatItem] = []
+    for task in sorted(by_task):
+        group = by_task[task]
+        if limit is not None and len(group) > limit:
+            group = list(group)
+            random.Random(f"chat-cap:{seed}:{split}:{task}").shuffle(group)
+            group = sorted(group[:limit], key=lambda it: it.key)
+        kept += group
+    return kept
+
+
+def _norm_answer(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def _majority(items: list[ChatItem]) -> dict[str, Any] | None:
+    if not items or TASKS[items[0].task].scorer not in _MAJORITY_SCORERS:
+        return None
+    counts = Counter(_norm_answer(it.answer) for it in items)
+    answer, n = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    original = next(it.answer for it in items if _norm_answer(it.answer) == answer)
+    return {"answer": original, "accuracy": round(n / len(items), 4), "items": len(items)}
+
+
+def _image_size(path: Path, cache: dict[Path, tuple[int, int]]) -> tuple[int, int]:
+    if path not in cache:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        cache[path] = (h, w)
+    return cache[path]
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
+
+
+def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
+                    nwpu: str | Path | None = None, aid: str | Path | None = None,
+                    nwpu_images: str | Path | None = None, val_fraction: float = 0.15,
+                    seed: int = 0, max_per_task: int | None = DEFAULT_MAX_PER_TASK,
+                    max_val_per_task: int | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Build the instruction data under ``out`` (see the module doc); returns the statistics.
+
+    ``out`` must not exist, or must be an earlier output of this function (or empty) and
+    ``overwrite`` true. Same inputs and seed give byte-identical files.
+    """
+    root = Path(out)
+    if root.exists():
+        if not overwrite:
+            raise OutputError(f"{root} exists", hint="Pass --overwrite or choose another --out.")
+        if not root.is_dir() or (any(root.iterdir()) and not (root / "stats.json").is_file()):
+            raise OutputError(f"{root} exists and is not a chat data folder; not replacing it",
+                              hint="Choose another --out.")
+    if max_per_task is not None and max_per_task < 1:
+        raise DatasetError(f"--max-per-task must be at least 1, got {max_per_task}")
+    dropped: Counter[str] = Counter()
+    items = generate_items(ucm=ucm, nwpu=nwpu, aid=aid, nwpu_images=nwpu_images,
+                           val_fraction=val_fraction, seed=seed, dropped=dropped)
+    generated = Counter((it.task, it.split) for it in items)
+    train = _cap([it for it in items if it.split == "train"], max_per_task, seed, "train")
+    val = _cap([it for it in items if it.split == "val"], max_val_per_task, seed, "val")
+    random.Random(f"chat-order:{seed}").shuffle(train)
+    tasks = sorted({it.task for it in items}, key=list(TASKS).index)
+
+    sizes: dict[Path, tuple[int, int]] = {}
+    eval_files: dict[str, list[dict[str, Any]]] = {}
+    for task in tasks:
+        records = [it.eval_record(_image_size(it.image, sizes))
+                   for it in val if it.task == task and it.evaluable]
+        if records:
+            eval_files[task] = records
+
+    images: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for it in train + val:
+        images[it.source][it.split].add(str(it.image))
+    stats: dict[str, Any] = {
+        "items": {"train": len(train), "val": len(val)},
+        "per_task": {t: {"train": sum(1 for it in train if it.task == t),
+                         "val": sum(1 for it in val if it.task == t),
+                         "generated_train": generated.get((t, "train"), 0),
+                         "generated_val": generated.get((t, "val"), 0),
+                         "scorer": TASKS[t].scorer, "tag": TASKS[t].tag} for t in tasks},
+        "images": {s: {sp: len(images[s][sp]) for sp in ("train", "val")}
+                   for s in sorted(images)},
+        "answers": {t: dict(Counter(it.answer for it in train if it.task == t).most_common(5))
+                    for t in tasks if TASKS[t].scorer in ("presence", "vqa")},
+        "baseline": {t: _majority([it for it in val if it.task == t and it.evaluable])
+                     for t in tasks},
+        "dropped": dict(sorted(dropped.items())),
+        "settings": {"ucm": None if ucm is None else str(Path(ucm).resolve()),
+                     "nwpu": None if nwpu is None else str(Path(nwpu).resolve()),
+                     "aid": None if aid is None else str(Path(aid).resolve()),
+                     "val_fraction": val_fraction, "seed": seed,
+                     "max_per_task": max_per_task, "max_val_per_task": max_val_per_task,
+                     "captions_per_image": CAPTIONS_PER_IMAGE,
+                     "relpos_margin": RELPOS_MARGIN},
+    }
+    task_table = {t: {"scorer": TASKS[t].scorer, "tag": TASKS[t].tag,
+                      "items": len(eval_files[t])} for t in tasks if t in eval_files}
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if root.exists():
+        shutil.rmtree(root)
+    with atomic_dir(root) as tmp:
+        write_text(tmp / "train.json", _dump([it.record() for it in train]))
+        write_text(tmp / "val.json", _dump([it.record() for it in val]))
+        (tmp / "eval").mkdir()
+        for task, records in eval_files.items():
+            write_text(tmp / "eval" / f"{task}.json", _dump(records))
+        write_text(tmp / "eval" / "tasks.json", _dump(task_table))
+        write_text(tmp / "stats.json", _dump(stats))
+    return stats
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """Plain-text report of a run (what ``rsvl data chat`` prints)."""
+    lines = [f"items: train {stats['items']['train']}, val {stats['items']['val']}",
+             "images: " + ", ".join(f"{s} {d['train']}/{d['val']}"
+                                    for s, d in stats["images"].items()) + " (train/val)",
+             f"{'task':<18}{'train':>7}{'val':>6}  {'scorer':<9}majority baseline (val)"]
+    for task, row in stats["per_task"].items():
+        base = stats["baseline"].get(task)
+        text = f"{base['answer']!r} {base['accuracy']:.3f}" if base else "-"
+        lines.append(f"{task:<18}{row['train']:>7}{row['val']:>6}  {row['scorer']:<9}{text}")
+    if stats.get("dropped"):
+        lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in stats["dropped"].items()))
+    return "\n".join(lines)

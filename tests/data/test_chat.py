@@ -1,0 +1,329 @@
+"""Chat instruction data (``rsvl data chat``) built from the real annotations."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA, shared_data
+from PIL import Image
+
+from rsvl.cli import main
+from rsvl.data import chat, refgen
+from rsvl.errors import InputNotFoundError, OutputError
+
+UCM = SHARED_DATA / "ucm"
+NWPU = SHARED_DATA / "nwpu_vhr10" / "instances_train.json"
+AID = SHARED_DATA / "aid"
+FILES = ("train.json", "val.json", "stats.json", "eval/tasks.json")
+CAP = 400
+
+needs_data = pytest.mark.skipif(
+    not (UCM.is_dir() and NWPU.is_file() and AID.is_dir()),
+    reason=f"real data (ucm, nwpu_vhr10, aid) not found under {SHARED_DATA}",
+)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+def test_box_to_vhm_by_hand() -> None:
+    # x 100/400 -> 250, y 50/200 -> 250, x2 300/400 -> 750, y2 150/200 -> 750
+    assert chat.box_to_vhm([100, 50, 200, 100], 400, 200) == [250, 250, 750, 750]
+    # rounding and clipping to 0-1000
+    assert chat.box_to_vhm([-3, 0.4, 1003, 999.4], 1000, 1000) == [0, 0, 1000, 1000]
+    assert chat.box_to_vhm([1, 1, 1, 1], 3, 3) == [333, 333, 667, 667]
+
+
+def test_rsivqa_kind_from_question_form() -> None:
+    assert chat.rsivqa_kind("Does this picture contain an airplane?") == "rsivqa_presence"
+    assert chat.rsivqa_kind("How many cars in the picture?") == "rsivqa_counting"
+    assert chat.rsivqa_kind("What is the location of the trees in this picture?") == \
+        "rsivqa_location"
+    assert chat.rsivqa_kind("what is the theme of this picture?") == "rsivqa_theme"
+    # noise: a counting question without an object, an unknown form
+    assert chat.rsivqa_kind("How many  in the picture?") is None
+    assert chat.rsivqa_kind("Why is the sky blue?") is None
+
+
+def test_readable_class_names_and_captions() -> None:
+    assert chat.ucm_class_name("mobilehomepark") == "mobile home park"
+    assert chat.ucm_class_name("storagetanks") == "storage tanks"
+    assert chat.ucm_class_name("agricultural") == "agricultural"
+    assert chat.aid_class_name("RailwayStation") == "railway station"
+    assert chat.aid_class_name("BareLand") == "bare land"
+    assert chat.aid_class_name("Beach") == "beach"
+    assert chat.clean_caption("there is a piece of farmland .") == "There is a piece of farmland."
+    assert chat.clean_caption("many planes ,  parked") == "Many planes, parked."
+
+
+def test_no_source_and_missing_images(tmp_path: Path) -> None:
+    with pytest.raises(InputNotFoundError, match="no source"):
+        chat.build_chat_data(tmp_path / "out")
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                             "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "ship"}]}
+    (tmp_path / "inst.json").write_text(json.dumps(coco))
+    with pytest.raises(InputNotFoundError, match="missing"):
+        chat.build_chat_data(tmp_path / "out", nwpu=tmp_path / "inst.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_nwpu_answers(tmp_path: Path) -> None:
+    """Two images of known content: every answer follows from the boxes."""
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (200, 100)).save(tmp_path / "images" / name)
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 100},
+                       {"id": 2, "file_name": "b.png", "width": 200, "height": 100}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [150, 60, 20, 20]},
+                {"id": 3, "image_id": 2, "category_id": 1, "bbox": [10, 10, 10, 10]},
+                {"id": 4, "image_id": 2, "category_id": 1, "bbox": [50, 10, 10, 10]},
+                {"id": 5, "image_id": 2, "category_id": 1, "bbox": [90, 10, 10, 10]},
+                {"id": 6, "image_id": 2, "category_id": 1, "bbox": [130, 10, 10, 10]}],
+            "categories": [{"id": 1, "name": "ship"}, {"id": 2, "name": "harbor"},
+                           {"id": 3, "name": "storage_tank"}]}
+    (tmp_path / "inst.json").write_text(json.dumps(coco))
+    items = chat.generate_items(nwpu=tmp_path / "inst.json", val_fraction=0.0)
+    got = defaultdict(list)
+    for it in items:
+        got[(it.image.name, it.task)].append((it.question, it.answer))
+    # image a: ship and harbor present, storage tank absent (one "No.")
+    answers = sorted(a for _, a in got[("a.png", "presence_nwpu")])
+    assert answers == ["No.", "Yes.", "Yes."]
+    assert any("storage tank" in q for q, a in got[("a.png", "presence_nwpu")] if a == "No.")
+    counts = {a for q, a in got[("a.png", "counting_nwpu")]}
+    assert counts == {"1", "0"}
+    # the ship [10, 10, 30, 30] of 200x100 -> [50, 100, 150, 300]
+    vg = dict(got[("a.png", "vg_nwpu")])
+    assert any(a == "[[50, 100, 150, 300]]" for a in vg.values())
+    # ship centre (20, 20), harbor (160, 70): left/right and above/below both clear
+    rel = got[("a.png", "relpos_nwpu")]
+    assert len(rel) == 2
+    for q, a in rel:
+        ship_first = q.index("ship") < q.index("harbor")
+        if "left" in q:
+            assert a == ("Left." if ship_first else "Right.")
+        else:
+            assert a == ("Above." if ship_first else "Below.")
+    # image b: four ships -> counted, not grounded (more than three), two "No." questions
+    assert [a for _, a in got[("b.png", "counting_nwpu")]].count("4") == 1
+    assert not got[("b.png", "vg_nwpu")]
+    assert sorted(a for _, a in got[("b.png", "presence_nwpu")]) == ["No.", "Yes."]
+
+
+# ------------------------------------------------------------------ the real data
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shared_data("ucm", "ucm.json")
+    shared_data("nwpu_vhr10", "instances_train.json")
+    shared_data("aid")
+    out = tmp_path_factory.mktemp("chat") / "out"
+    chat.build_chat_data(out, ucm=UCM, nwpu=NWPU, aid=AID, val_fraction=0.15, seed=0,
+                         max_per_task=CAP)
+    return out
+
+
+def _load(out: Path, name: str) -> list[dict]:
+    return json.loads((out / name).read_text())
+
+
+def _coco() -> tuple[dict, dict[str, dict], dict[str, dict[str, list[list[float]]]]]:
+    coco = json.loads(NWPU.read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    by_file = {im["file_name"]: im for im in coco["images"]}
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    boxes: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for a in coco["annotations"]:
+        boxes[files[a["image_id"]]][names[a["category_id"]]].append(a["bbox"])
+    return coco, by_file, boxes
+
+
+def _class_in(question: str) -> str:
+    """The one NWPU class a generated question names."""
+    found = [n for n in ("airplane ship storage_tank baseball_diamond tennis_court "
+                         "basketball_court ground_track_field harbor bridge vehicle").split()
+             if re.search(rf"\b{refgen.class_phrase(n)}s?\b", question)]
+    assert len(found) == 1, question
+    return found[0]
+
+
+def _qa(rec: dict) -> tuple[str, str]:
+    human, gpt = rec["conversations"]
+    assert human["from"] == "human" and gpt["from"] == "gpt"
+    assert human["value"].startswith("<image>\n")
+    return human["value"][len("<image>\n"):], gpt["value"]
+
+
+@needs_data
+def test_splits_disjoint_and_nwpu_split_is_refgens(built: Path) -> None:
+    train, val = _load(built, "train.json"), _load(built, "val.json")
+    images = {s: {r["image"] for r in recs} for s, recs in (("train", train), ("val", val))}
+    assert not images["train"] & images["val"]
+    coco, _, _ = _coco()
+    split = refgen.split_images([im["id"] for im in coco["images"]], 0.15, 0)
+    want = {str((NWPU.parent / "images" / im["file_name"]).resolve())
+            for im in coco["images"] if split[im["id"]] == "val"}
+    assert {r["image"] for r in val if r["source_dataset"] == "nwpu"} == want
+    ucm_split = {str((UCM / s["image"]).resolve()): s["split"]
+                 for s in json.loads((UCM / "ucm.json").read_text())["samples"]}
+    for name, recs in (("train", train), ("val", val)):
+        for r in recs:
+            if r["source_dataset"] in ("ucm", "rsivqa"):
+                assert ucm_split[r["image"]] == name
+
+
+@needs_data
+def test_presence_counting_answers_follow_the_labels(built: Path) -> None:
+    _, _, boxes = _coco()
+    seen = Counter()
+    for r in _load(built, "train.json") + _load(built, "val.json"):
+        if r["task"] not in ("presence_nwpu", "counting_nwpu"):
+            continue
+        q, a = _qa(r)
+        n = len(boxes[Path(r["image"]).name][_class_in(q)])
+        if r["task"] == "presence_nwpu":
+            assert a in ("Yes.", "No.")
+            assert (a == "Yes.") == (n > 0), (q, a, n)
+        else:
+            assert a == str(n)
+        seen[(r["task"], a if r["task"] == "presence_nwpu" else a == "0")] += 1
+    # honest no answers about as often as yes answers; zero counts present
+    assert seen[("presence_nwpu", "No.")] > 0.8 * seen[("presence_nwpu", "Yes.")]
+    assert seen[("counting_nwpu", True)] > 50
+
+
+@needs_data
+def test_grounding_boxes_round_trip(built: Path) -> None:
+    _, by_file, boxes = _coco()
+    n = 0
+    for r in _load(built, "train.json") + _load(built, "val.json"):
+        if r["task"] != "vg_nwpu":
+            continue
+        q, a = _qa(r)
+        im = by_file[Path(r["image"]).name]
+        got = json.loads(a)
+        gt = sorted(boxes[im["file_name"]][_class_in(q)])
+        assert len(got) == len(gt) <= 3
+        for b, (x, y, w, h) in zip(got, gt, strict=True):
+            want = (x / im["width"], y / im["height"], (x + w) / im["width"],
+                    (y + h) / im["height"])
+            assert all(0 <= v <= 1000 and isinstance(v, int) for v in b)
+            assert max(abs(v - 1000 * t) for v, t in zip(b, want, strict=True)) <= 0.5 + 1e-9
+        n += 1
+    assert n > 100
+    for e in _load(built, "eval/vg_nwpu.json"):
+        q, a = _qa(e)
+        (x, y, w, h), = boxes[e["image"]][_class_in(q)]
+        (b,) = json.loads(a)
+        assert b == [round(x), round(y), round(x + w), round(y + h)]
+
+
+@needs_data
+def test_relpos_answers_follow_box_centres(built: Path) -> None:
+    _, by_file, boxes = _coco()
+    recs = [r for r in _load(built, "train.json") if r["task"] == "relpos_nwpu"]
+    assert recs
+    for r in recs:
+        q, a = _qa(r)
+        m = re.match(r"Is the (.+?) (?:to the|on the|above|below).* the (.+)\?$", q)
+        assert m, q
+        names = {refgen.class_phrase(n): n for n in boxes[Path(r["image"]).name]}
+        (ax, ay, aw, ah), = boxes[Path(r["image"]).name][names[m.group(1)]]
+        (bx, by, bw, bh), = boxes[Path(r["image"]).name][names[m.group(2)]]
+        dx, dy = (ax + aw / 2) - (bx + bw / 2), (ay + ah / 2) - (by + bh / 2)
+        im = by_file[Path(r["image"]).name]
+        if "left" in q:
+            assert abs(dx) >= chat.RELPOS_MARGIN * im["width"]
+            assert a == ("Left." if dx < 0 else "Right.")
+        else:
+            assert abs(dy) >= chat.RELPOS_MARGIN * im["height"]
+            assert a == ("Above." if dy < 0 else "Below.")
+
+
+@needs_data
+def test_eval_files_in_vhm_eval_layout(built: Path) -> None:
+    tasks = json.loads((built / "eval" / "tasks.json").read_text())
+    files = {p.stem for p in (built / "eval").glob("*.json")} - {"tasks"}
+    assert set(tasks) == files
+    assert {"presence_nwpu", "counting_nwpu", "vg_nwpu", "cls_ucm", "cls_aid",
+            "describe_ucm", "rsivqa_presence"} <= files
+    val = _load(built, "val.json")
+    for name, info in tasks.items():
+        assert info["scorer"] == chat.TASKS[name].scorer
+        assert info["tag"] in ("cls", "vqa", "vg", "idk", "it")
+        recs = _load(built, f"eval/{name}.json")
+        assert info["items"] == len(recs) > 0
+        for e in recs[:40]:
+            assert e["image"] == Path(e["image_path"]).name
+            assert Path(e["image_path"]).is_absolute()
+            with Image.open(e["image_path"]) as im:
+                assert e["size"] == [im.height, im.width]
+            _qa(e)
+        if name != "vg_nwpu":  # several-box items stay out of the eval file
+            assert len(recs) == sum(1 for r in val if r["task"] == name)
+    cls = _load(built, "eval/cls_aid.json")
+    q, a = _qa(cls[0])
+    assert q.startswith("Classify the image within one of the given classes: bare land, beach")
+    assert q.endswith("Answer with only the class name.") and a in q
+
+
+@needs_data
+def test_stats_caps_and_majority_baseline(built: Path) -> None:
+    stats = json.loads((built / "stats.json").read_text())
+    train = _load(built, "train.json")
+    per_task = Counter(r["task"] for r in train)
+    assert max(per_task.values()) <= CAP
+    assert per_task["presence_nwpu"] == CAP  # more were generated
+    for task, row in stats["per_task"].items():
+        assert row["train"] == per_task[task] <= row["generated_train"]
+    assert len({r["id"] for r in train + _load(built, "val.json")}) == \
+        stats["items"]["train"] + stats["items"]["val"]
+    recs = _load(built, "eval/presence_nwpu.json")
+    answers = Counter(_qa(e)[1] for e in recs)
+    top, n = answers.most_common(1)[0]
+    base = stats["baseline"]["presence_nwpu"]
+    assert base["accuracy"] == round(n / len(recs), 4)
+    assert stats["baseline"]["vg_nwpu"] is None and stats["baseline"]["describe_ucm"] is None
+
+
+@needs_data
+def test_same_seed_same_bytes(built: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    chat.build_chat_data(again, ucm=UCM, nwpu=NWPU, aid=AID, seed=0, max_per_task=CAP)
+    for p in sorted(built.rglob("*.json")):
+        assert (again / p.relative_to(built)).read_bytes() == p.read_bytes(), p
+    other = tmp_path / "other"
+    chat.build_chat_data(other, nwpu=NWPU, seed=1, max_per_task=CAP)
+    first = {r["image"] for r in _load(built, "val.json") if r["source_dataset"] == "nwpu"}
+    assert {r["image"] for r in _load(other, "val.json")} != first
+
+
+def test_cli_writes_and_refuses_existing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared_data("ucm", "ucm.json")
+    out = tmp_path / "out"
+    args = ["data", "chat", "--ucm", str(UCM), "--out", str(out), "--max-per-task", "50"]
+    assert main(args) == 0
+    for name in FILES:
+        assert (out / name).is_file()
+    assert "describe_ucm" in capsys.readouterr().out
+    before = (out / "train.json").read_bytes()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["stats"]["per_task"]["cls_ucm"]["train"] == 50
+    assert (out / "train.json").read_bytes() == before
+    # a folder this command did not write is never replaced
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="not a chat data folder"):
+        chat.build_chat_data(other, ucm=UCM, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep"
