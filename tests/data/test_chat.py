@@ -230,21 +230,26 @@ def test_relpos_answers_follow_box_centres(built: Path) -> None:
     _, by_file, boxes = _coco()
     recs = [r for r in _load(built, "train.json") if r["task"] == "relpos_nwpu"]
     assert recs
+    plural = 0
     for r in recs:
         q, a = _qa(r)
         m = re.match(r"Is the (.+?) (?:to the|on the|above|below).* the (.+)\?$", q)
         assert m, q
-        names = {refgen.class_phrase(n): n for n in boxes[Path(r["image"]).name]}
-        (ax, ay, aw, ah), = boxes[Path(r["image"]).name][names[m.group(1)]]
-        (bx, by, bw, bh), = boxes[Path(r["image"]).name][names[m.group(2)]]
-        dx, dy = (ax + aw / 2) - (bx + bw / 2), (ay + ah / 2) - (by + bh / 2)
+        here = boxes[Path(r["image"]).name]
+        names = {refgen.class_phrase(n, plural=len(b) > 1): n for n, b in here.items()}
+        (ax, ay, aw, ah), = here[names[m.group(1)]]
+        refs = here[names[m.group(2)]]
+        dxs = [(ax + aw / 2) - (bx + bw / 2) for bx, _, bw, _ in refs]
+        dys = [(ay + ah / 2) - (by + bh / 2) for _, by, _, bh in refs]
         im = by_file[Path(r["image"]).name]
         if "left" in q:
-            assert abs(dx) >= chat.RELPOS_MARGIN * im["width"]
-            assert a == ("Left." if dx < 0 else "Right.")
+            assert min(abs(d) for d in dxs) >= chat.RELPOS_MARGIN * im["width"]
+            assert {a} == {"Left." if d < 0 else "Right." for d in dxs}
         else:
-            assert abs(dy) >= chat.RELPOS_MARGIN * im["height"]
-            assert a == ("Above." if dy < 0 else "Below.")
+            assert min(abs(d) for d in dys) >= chat.RELPOS_MARGIN * im["height"]
+            assert {a} == {"Above." if d < 0 else "Below." for d in dys}
+        plural += len(refs) > 1
+    assert plural > 0
 
 
 @needs_data

@@ -67,6 +67,7 @@ def chat(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (train.json, val.json, eval/, stats.json); must not exist."),
     ucm: Path = typer.Option(None, "--ucm", help="UCM folder with ucm.json (captions, classes) and rsivqa.json (e.g. ../shared/data/ucm)."),
     nwpu: Path = typer.Option(None, "--nwpu", help="NWPU VHR-10 COCO instances JSON, images in 'images' beside it."),
+    nwpu_images: Path = typer.Option(None, "--nwpu-images", help="Folder of the NWPU images (default: 'images' beside the COCO file)."),
     aid: Path = typer.Option(None, "--aid", help="AID folder, one sub-folder per class (optional)."),
     val_fraction: float = typer.Option(0.15, "--val-fraction", min=0.0, help="Fraction of NWPU and AID images that become val (UCM and RSIVQA keep their split)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the splits, the phrasings and the caps."),
@@ -76,7 +77,8 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (statistics, output folder) on stdout."),
 ) -> None:
     """Build chat instruction data (train/val, VHM layout) and its eval files (VHM_Eval layout)."""
-    stats = build_chat_data(out, ucm=ucm, nwpu=nwpu, aid=aid, val_fraction=val_fraction,
+    stats = build_chat_data(out, ucm=ucm, nwpu=nwpu, aid=aid, nwpu_images=nwpu_images,
+                            val_fraction=val_fraction,
                             seed=seed, max_per_task=max_per_task,
                             max_val_per_task=max_val_per_task, overwrite=overwrite)
     if as_json:

@@ -30,8 +30,10 @@ Honesty: ``presence_nwpu`` asks, per image, about as many absent classes ("No.")
 ones ("Yes."), and ``counting_nwpu`` asks about one absent class per image ("0"); every
 answer comes from the instance labels. Grounding and relative position are asked only about
 classes with exactly one instance in the image (grounding also with two or three instances
-in train, answered with all their boxes, left to right), and relative position only when the
-box centres differ by at least :data:`RELPOS_MARGIN` of the image side.
+in train, answered with all their boxes, left to right). Relative position is asked about a
+class with one instance against another class (one or more instances: "the ships"), only
+when every box centre of the other class lies on the same side, at least
+:data:`RELPOS_MARGIN` of the image side away.
 
 Boxes follow VHM: the training answer is ``[[x1, y1, x2, y2]]`` with integers in 0-1000
 relative to the image width and height; the ground truth of the ``vg_nwpu`` eval file is the
@@ -438,21 +440,39 @@ def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
             q = _pick(templates, rng, sp).format(name=class_phrase(name),
                                                  plural=class_phrase(name, plural=True))
             add("vg_nwpu", q, _boxes_text(boxes), eval_answer=_boxes_text(pixels))
-        # relative position of two single instances, left/right and above/below
-        singles = [c for c in present if len(anns[c]) == 1]
-        for i, a_name in enumerate(singles):
-            for b_name in singles[i + 1:]:
-                first, second = (a_name, b_name) if rng.random() < 0.5 else (b_name, a_name)
+        # relative position: a single instance against one or several of another class,
+        # asked only when every instance of the other class is clearly on the same side
+        for i, a_name in enumerate(present):
+            for b_name in present[i + 1:]:
+                if len(anns[a_name]) == 1 and len(anns[b_name]) == 1:
+                    first, second = (a_name, b_name) if rng.random() < 0.5 else (b_name, a_name)
+                elif len(anns[a_name]) == 1 or len(anns[b_name]) == 1:
+                    first, second = (a_name, b_name) if len(anns[a_name]) == 1 else (b_name,
+                                                                                      a_name)
+                else:
+                    continue
                 ax, ay = _centre(anns[first][0]["bbox"])
-                bx, by = _centre(anns[second][0]["bbox"])
-                pair = {"a": class_phrase(first), "b": class_phrase(second)}
-                if abs(ax - bx) >= RELPOS_MARGIN * width:
+                refs = [_centre(a["bbox"]) for a in anns[second]]
+                pair = {"a": class_phrase(first),
+                        "b": class_phrase(second, plural=len(refs) > 1)}
+                side = _side([ax - bx for bx, _ in refs], RELPOS_MARGIN * width)
+                if side:
                     q = _pick(_RELPOS_H, rng, sp).format(**pair)
-                    add("relpos_nwpu", q, "Left." if ax < bx else "Right.")
-                if abs(ay - by) >= RELPOS_MARGIN * height:
+                    add("relpos_nwpu", q, "Left." if side < 0 else "Right.")
+                side = _side([ay - by for _, by in refs], RELPOS_MARGIN * height)
+                if side:
                     q = _pick(_RELPOS_V, rng, sp).format(**pair)
-                    add("relpos_nwpu", q, "Above." if ay < by else "Below.")
+                    add("relpos_nwpu", q, "Above." if side < 0 else "Below.")
     return items
+
+
+def _side(deltas: Sequence[float], margin: float) -> int:
+    """-1 / +1 when every delta is below -margin / above +margin, else 0 (ambiguous)."""
+    if all(d <= -margin for d in deltas):
+        return -1
+    if all(d >= margin for d in deltas):
+        return 1
+    return 0
 
 
 def _centre(bbox: Sequence[float]) -> tuple[float, float]:
