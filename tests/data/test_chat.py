@@ -94,16 +94,16 @@ def test_synthetic_nwpu_answers(tmp_path: Path) -> None:
     for it in items:
         got[(it.image.name, it.task)].append((it.question, it.answer))
     # image a: ship and harbor present, storage tank absent (one "No.")
-    answers = sorted(a for _, a in got[("a.png", "presence_nwpu")])
+    answers = sorted(a for _, a in got[("a.png", "nwpu_presence")])
     assert answers == ["No.", "Yes.", "Yes."]
-    assert any("storage tank" in q for q, a in got[("a.png", "presence_nwpu")] if a == "No.")
-    counts = {a for q, a in got[("a.png", "counting_nwpu")]}
+    assert any("storage tank" in q for q, a in got[("a.png", "nwpu_presence")] if a == "No.")
+    counts = {a for q, a in got[("a.png", "nwpu_counting")]}
     assert counts == {"1", "0"}
     # the ship [10, 10, 30, 30] of 200x100 -> [50, 100, 150, 300]
-    vg = dict(got[("a.png", "vg_nwpu")])
+    vg = dict(got[("a.png", "nwpu_vg")])
     assert any(a == "[[50, 100, 150, 300]]" for a in vg.values())
     # ship centre (20, 20), harbor (160, 70): left/right and above/below both clear
-    rel = got[("a.png", "relpos_nwpu")]
+    rel = got[("a.png", "nwpu_relpos")]
     assert len(rel) == 2
     for q, a in rel:
         ship_first = q.index("ship") < q.index("harbor")
@@ -112,9 +112,9 @@ def test_synthetic_nwpu_answers(tmp_path: Path) -> None:
         else:
             assert a == ("Above." if ship_first else "Below.")
     # image b: four ships -> counted, not grounded (more than three), two "No." questions
-    assert [a for _, a in got[("b.png", "counting_nwpu")]].count("4") == 1
-    assert not got[("b.png", "vg_nwpu")]
-    assert sorted(a for _, a in got[("b.png", "presence_nwpu")]) == ["No.", "Yes."]
+    assert [a for _, a in got[("b.png", "nwpu_counting")]].count("4") == 1
+    assert not got[("b.png", "nwpu_vg")]
+    assert sorted(a for _, a in got[("b.png", "nwpu_presence")]) == ["No.", "Yes."]
 
 
 # ------------------------------------------------------------------ the real data
@@ -184,19 +184,19 @@ def test_presence_counting_answers_follow_the_labels(built: Path) -> None:
     _, _, boxes = _coco()
     seen = Counter()
     for r in _load(built, "train.json") + _load(built, "val.json"):
-        if r["task"] not in ("presence_nwpu", "counting_nwpu"):
+        if r["task"] not in ("nwpu_presence", "nwpu_counting"):
             continue
         q, a = _qa(r)
         n = len(boxes[Path(r["image"]).name][_class_in(q)])
-        if r["task"] == "presence_nwpu":
+        if r["task"] == "nwpu_presence":
             assert a in ("Yes.", "No.")
             assert (a == "Yes.") == (n > 0), (q, a, n)
         else:
             assert a == str(n)
-        seen[(r["task"], a if r["task"] == "presence_nwpu" else a == "0")] += 1
+        seen[(r["task"], a if r["task"] == "nwpu_presence" else a == "0")] += 1
     # honest no answers about as often as yes answers; zero counts present
-    assert seen[("presence_nwpu", "No.")] > 0.8 * seen[("presence_nwpu", "Yes.")]
-    assert seen[("counting_nwpu", True)] > 50
+    assert seen[("nwpu_presence", "No.")] > 0.8 * seen[("nwpu_presence", "Yes.")]
+    assert seen[("nwpu_counting", True)] > 50
 
 
 @needs_data
@@ -204,7 +204,7 @@ def test_grounding_boxes_round_trip(built: Path) -> None:
     _, by_file, boxes = _coco()
     n = 0
     for r in _load(built, "train.json") + _load(built, "val.json"):
-        if r["task"] != "vg_nwpu":
+        if r["task"] != "nwpu_vg":
             continue
         q, a = _qa(r)
         im = by_file[Path(r["image"]).name]
@@ -218,7 +218,7 @@ def test_grounding_boxes_round_trip(built: Path) -> None:
             assert max(abs(v - 1000 * t) for v, t in zip(b, want, strict=True)) <= 0.5 + 1e-9
         n += 1
     assert n > 100
-    for e in _load(built, "eval/vg_nwpu.json"):
+    for e in _load(built, "eval/nwpu_vg.json"):
         q, a = _qa(e)
         (x, y, w, h), = boxes[e["image"]][_class_in(q)]
         (b,) = json.loads(a)
@@ -228,7 +228,7 @@ def test_grounding_boxes_round_trip(built: Path) -> None:
 @needs_data
 def test_relpos_answers_follow_box_centres(built: Path) -> None:
     _, by_file, boxes = _coco()
-    recs = [r for r in _load(built, "train.json") if r["task"] == "relpos_nwpu"]
+    recs = [r for r in _load(built, "train.json") if r["task"] == "nwpu_relpos"]
     assert recs
     plural = 0
     for r in recs:
@@ -257,8 +257,8 @@ def test_eval_files_in_vhm_eval_layout(built: Path) -> None:
     tasks = json.loads((built / "eval" / "tasks.json").read_text())
     files = {p.stem for p in (built / "eval").glob("*.json")} - {"tasks"}
     assert set(tasks) == files
-    assert {"presence_nwpu", "counting_nwpu", "vg_nwpu", "cls_ucm", "cls_aid",
-            "describe_ucm", "rsivqa_presence"} <= files
+    assert {"nwpu_presence", "nwpu_counting", "nwpu_vg", "ucm_cls", "aid_cls",
+            "ucm_describe", "rsivqa_presence"} <= files
     val = _load(built, "val.json")
     for name, info in tasks.items():
         assert info["scorer"] == chat.TASKS[name].scorer
@@ -266,14 +266,18 @@ def test_eval_files_in_vhm_eval_layout(built: Path) -> None:
         recs = _load(built, f"eval/{name}.json")
         assert info["items"] == len(recs) > 0
         for e in recs[:40]:
-            assert e["image"] == Path(e["image_path"]).name
-            assert Path(e["image_path"]).is_absolute()
-            with Image.open(e["image_path"]) as im:
+            # RSEvalKit's path: image_path (relative to the eval folder) joined with image
+            assert not Path(e["image_path"]).is_absolute()
+            path = built / "eval" / e["image_path"] / e["image"]
+            assert path.is_symlink() and path.resolve().is_file()
+            assert (built / "eval").resolve() not in path.resolve().parents
+            with Image.open(path) as im:
                 assert e["size"] == [im.height, im.width]
             _qa(e)
-        if name != "vg_nwpu":  # several-box items stay out of the eval file
+        # several-box grounding and zero counts stay out of the eval files
+        if name not in ("nwpu_vg", "nwpu_counting"):
             assert len(recs) == sum(1 for r in val if r["task"] == name)
-    cls = _load(built, "eval/cls_aid.json")
+    cls = _load(built, "eval/aid_cls.json")
     q, a = _qa(cls[0])
     assert q.startswith("Classify the image within one of the given classes: bare land, beach")
     assert q.endswith("Answer with only the class name.") and a in q
@@ -285,17 +289,29 @@ def test_stats_caps_and_majority_baseline(built: Path) -> None:
     train = _load(built, "train.json")
     per_task = Counter(r["task"] for r in train)
     assert max(per_task.values()) <= CAP
-    assert per_task["presence_nwpu"] == CAP  # more were generated
+    assert per_task["nwpu_presence"] == CAP  # more were generated
     for task, row in stats["per_task"].items():
         assert row["train"] == per_task[task] <= row["generated_train"]
+        assert row["eval"] == len(_load(built, f"eval/{task}.json"))
     assert len({r["id"] for r in train + _load(built, "val.json")}) == \
         stats["items"]["train"] + stats["items"]["val"]
-    recs = _load(built, "eval/presence_nwpu.json")
+    recs = _load(built, "eval/nwpu_presence.json")
     answers = Counter(_qa(e)[1] for e in recs)
+    assert set(answers) == {"yes", "no"}  # what upstream's presence scorer compares with
+    counts = [int(_qa(e)[1]) for e in _load(built, "eval/nwpu_counting.json")]
+    assert min(counts) > 0  # upstream's MAPE divides by the ground truth
     top, n = answers.most_common(1)[0]
-    base = stats["baseline"]["presence_nwpu"]
+    base = stats["baseline"]["nwpu_presence"]
     assert base["accuracy"] == round(n / len(recs), 4)
-    assert stats["baseline"]["vg_nwpu"] is None and stats["baseline"]["describe_ucm"] is None
+    # vqa as upstream scores it: "two" is a substring of "twenty-two"
+    recs = _load(built, "eval/rsivqa_counting.json")
+    truth = [_qa(e)[1] for e in recs]
+    top = Counter(truth).most_common(1)[0][0]
+    base = stats["baseline"]["rsivqa_counting"]
+    assert base["answer"] == top
+    assert base["accuracy"] == round(sum(top in t for t in truth) / len(truth), 4)
+    assert base["exact"] == round(truth.count(top) / len(truth), 4) < base["accuracy"]
+    assert stats["baseline"]["nwpu_vg"] is None and stats["baseline"]["ucm_describe"] is None
 
 
 @needs_data
@@ -317,14 +333,20 @@ def test_cli_writes_and_refuses_existing(tmp_path: Path, capsys: pytest.CaptureF
     assert main(args) == 0
     for name in FILES:
         assert (out / name).is_file()
-    assert "describe_ucm" in capsys.readouterr().out
+    assert "ucm_describe" in capsys.readouterr().out
     before = (out / "train.json").read_bytes()
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["stats"]["per_task"]["cls_ucm"]["train"] == 50
+    assert doc["stats"]["per_task"]["ucm_cls"]["train"] == 50
     assert (out / "train.json").read_bytes() == before
+    # --link none: no images under eval/, image_path is the image's absolute folder
+    assert main([*args, "--overwrite", "--link", "none"]) == 0
+    capsys.readouterr()
+    assert not (out / "eval" / "images").exists()
+    e = _load(out, "eval/ucm_cls.json")[0]
+    assert Path(e["image_path"], e["image"]).is_file() and Path(e["image_path"]).is_absolute()
     # a folder this command did not write is never replaced
     other = tmp_path / "mine"
     other.mkdir()

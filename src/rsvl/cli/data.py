@@ -73,6 +73,7 @@ def chat(
     seed: int = typer.Option(0, "--seed", help="Seed of the splits, the phrasings and the caps."),
     max_per_task: int = typer.Option(DEFAULT_MAX_PER_TASK, "--max-per-task", min=1, help="Train items kept per task (a seeded choice)."),
     max_val_per_task: int = typer.Option(None, "--max-val-per-task", min=1, help="Val items kept per task (default: all)."),
+    link: Link = typer.Option(Link.symlink, "--link", help="How val images are placed under OUT/eval/images: symlink, copy, or none (absolute image_path)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT written by this command."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (statistics, output folder) on stdout."),
 ) -> None:
@@ -80,7 +81,8 @@ def chat(
     stats = build_chat_data(out, ucm=ucm, nwpu=nwpu, aid=aid, nwpu_images=nwpu_images,
                             val_fraction=val_fraction,
                             seed=seed, max_per_task=max_per_task,
-                            max_val_per_task=max_val_per_task, overwrite=overwrite)
+                            max_val_per_task=max_val_per_task, link=link.value,
+                            overwrite=overwrite)
     if as_json:
         emit_json({"out": str(out), "stats": stats})
         return

@@ -6,28 +6,30 @@ single-turn question/answer items in VHM's training layout, split into train and
 writes the val items once more per task in the VHM_Eval layout so that ``rsvl eval chat``
 scores a model on them. No torch here.
 
-Tasks (the ``task`` of an item and the NAME of its eval file):
+Tasks (the ``task`` of an item and the NAME of its eval file; source first, so that no name
+is one of RSEvalKit's own task keys or file names, which ``rsvl eval chat`` maps to
+upstream's benchmark files):
 
 ========================  =====================================================  ========  ====
 task                      question -> answer                                      scorer    tag
 ========================  =====================================================  ========  ====
-``describe_ucm``          "Describe this image." -> one of its human captions     none      it
-``cls_ucm``, ``cls_aid``  "Classify the image within one of the given classes:    cls       cls
+``ucm_describe``          "Describe this image." -> one of its human captions     none      it
+``ucm_cls``, ``aid_cls``  "Classify the image within one of the given classes:    cls       cls
                           a, b, ... Answer with only the class name." -> class
 ``rsivqa_presence``       RSIVQA "Does this picture contain ...?" -> yes / no     presence  vqa
 ``rsivqa_counting``       RSIVQA "How many cars in the picture?" -> "three"       vqa       vqa
 ``rsivqa_location``       RSIVQA "What is the location of ...?" -> "top left ..."  vqa       vqa
 ``rsivqa_theme``          RSIVQA "What is the theme of this picture?" -> "harbor"  vqa       vqa
-``presence_nwpu``         "Is there a ship in this image?" -> "Yes." / "No."      presence  idk
-``counting_nwpu``         "How many ships are there in this image?" -> "3"        counting  it
-``vg_nwpu``               "Where is the bridge? Give its bounding box."           bbox      vg
+``nwpu_presence``         "Is there a ship in this image?" -> "Yes." / "No."      presence  idk
+``nwpu_counting``         "How many ships are there in this image?" -> "3"        counting  it
+``nwpu_vg``               "Where is the bridge? Give its bounding box."           bbox      vg
                           -> "[[x1, y1, x2, y2]]" (integers in 0-1000)
-``relpos_nwpu``           "Is the ship to the left or to the right of the         vqa       idk
+``nwpu_relpos``           "Is the ship to the left or to the right of the         vqa       idk
                           harbor?" -> "Left." / "Right." (also above / below)
 ========================  =====================================================  ========  ====
 
-Honesty: ``presence_nwpu`` asks, per image, about as many absent classes ("No.") as present
-ones ("Yes."), and ``counting_nwpu`` asks about one absent class per image ("0"); every
+Honesty: ``nwpu_presence`` asks, per image, about as many absent classes ("No.") as present
+ones ("Yes."), and ``nwpu_counting`` asks about one absent class per image ("0"); every
 answer comes from the instance labels. Grounding and relative position are asked only about
 classes with exactly one instance in the image (grounding also with two or three instances
 in train, answered with all their boxes, left to right). Relative position is asked about a
@@ -35,8 +37,15 @@ class with one instance against another class (one or more instances: "the ships
 when every box centre of the other class lies on the same side, at least
 :data:`RELPOS_MARGIN` of the image side away.
 
+The eval files are written so that RSEvalKit's scorers, as upstream implements them, can
+score them: the presence ground truth is a bare "yes" / "no" (upstream compares its parsed
+"yes" / "no" / "unknown" with the lower-cased ground truth, so "Yes." would never match),
+and the ``nwpu_counting`` eval file holds only non-zero counts (upstream's MAPE divides by
+the ground truth); the "0" questions stay in train.json and val.json, and absent classes are
+scored by ``nwpu_presence``.
+
 Boxes follow VHM: the training answer is ``[[x1, y1, x2, y2]]`` with integers in 0-1000
-relative to the image width and height; the ground truth of the ``vg_nwpu`` eval file is the
+relative to the image width and height; the ground truth of the ``nwpu_vg`` eval file is the
 same list in absolute pixels (what RSEvalKit's bbox scorer compares with the prediction
 scaled by w/1000 and h/1000).
 
@@ -52,8 +61,10 @@ Written under ``OUT``::
                                               {from: gpt, value: ...}]}, ...]
     OUT/val.json            the same for the val split
     OUT/eval/<task>.json    the val items of one task, VHM_Eval layout:
-                            [{id, image (file name), image_path (absolute), conversations,
+                            [{id, image (file name), image_path (its folder, relative to
+                              OUT/eval as RSEvalKit joins them), conversations,
                               size: [h, w]}, ...]
+    OUT/eval/images/        the val images, linked (default) or copied by source and folder
     OUT/eval/tasks.json     {task: {scorer, tag, items}}
     OUT/stats.json          items per task and split, images per source and split, settings,
                             the majority answer of every val task and its accuracy
@@ -117,17 +128,17 @@ class ChatTask:
 
 
 TASKS: dict[str, ChatTask] = {
-    "describe_ucm": ChatTask("none", "it", "ucm"),
-    "cls_ucm": ChatTask("cls", "cls", "ucm"),
-    "cls_aid": ChatTask("cls", "cls", "aid"),
+    "ucm_describe": ChatTask("none", "it", "ucm"),
+    "ucm_cls": ChatTask("cls", "cls", "ucm"),
+    "aid_cls": ChatTask("cls", "cls", "aid"),
     "rsivqa_presence": ChatTask("presence", "vqa", "rsivqa"),
     "rsivqa_counting": ChatTask("vqa", "vqa", "rsivqa"),
     "rsivqa_location": ChatTask("vqa", "vqa", "rsivqa"),
     "rsivqa_theme": ChatTask("vqa", "vqa", "rsivqa"),
-    "presence_nwpu": ChatTask("presence", "idk", "nwpu"),
-    "counting_nwpu": ChatTask("counting", "it", "nwpu"),
-    "vg_nwpu": ChatTask("bbox", "vg", "nwpu"),
-    "relpos_nwpu": ChatTask("vqa", "idk", "nwpu"),
+    "nwpu_presence": ChatTask("presence", "idk", "nwpu"),
+    "nwpu_counting": ChatTask("counting", "it", "nwpu"),
+    "nwpu_vg": ChatTask("bbox", "vg", "nwpu"),
+    "nwpu_relpos": ChatTask("vqa", "idk", "nwpu"),
 }
 
 #: scorers for which a majority answer is a meaningful baseline
@@ -244,13 +255,15 @@ class ChatItem:
             ],
         }
 
-    def eval_record(self, size: tuple[int, int]) -> dict[str, Any]:
-        """The VHM_Eval layout (``size`` = (h, w) of the image)."""
+    def eval_record(self, size: tuple[int, int], folder: str) -> dict[str, Any]:
+        """The VHM_Eval layout: ``folder`` holds the image (``image_path``, relative to the
+        eval folder or absolute, joined with the file name as RSEvalKit does); ``size`` is
+        (h, w) of the image."""
         answer = self.answer if self.eval_answer is None else self.eval_answer
         return {
             "id": self.key,
             "image": self.image.name,
-            "image_path": str(self.image),
+            "image_path": folder,
             "conversations": [
                 {"from": "human", "value": f"{IMAGE_TOKEN}\n{self.question}"},
                 {"from": "gpt", "value": answer},
@@ -280,12 +293,12 @@ def _ucm_items(ucm: Path, seed: int) -> list[ChatItem]:
             chosen = rng.sample(captions, n)
             for k, cap in enumerate(chosen):
                 extra = {"captions": captions} if s.split == "val" else {}
-                items.append(ChatItem("describe_ucm", "ucm", image, s.split,
+                items.append(ChatItem("ucm_describe", "ucm", image, s.split,
                                       _pick(_DESCRIBE, rng, s.split), cap,
-                                      f"describe_ucm/{stem}/{k}", extra=extra))
+                                      f"ucm_describe/{stem}/{k}", extra=extra))
         question = _pick(_CLS, rng, s.split).format(classes=classes)
-        items.append(ChatItem("cls_ucm", "ucm", image, s.split, question,
-                              ucm_class_name(s.class_name), f"cls_ucm/{stem}/0"))
+        items.append(ChatItem("ucm_cls", "ucm", image, s.split, question,
+                              ucm_class_name(s.class_name), f"ucm_cls/{stem}/0"))
     return items
 
 
@@ -377,8 +390,8 @@ def _aid_items(aid: Path, val_fraction: float, seed: int) -> list[ChatItem]:
         rng = random.Random(f"chat-aid:{seed}:{s.class_name}/{image.name}")
         sp = split[image]
         question = _pick(_CLS, rng, sp).format(classes=classes)
-        items.append(ChatItem("cls_aid", "aid", image, sp, question, aid_class_name(s.class_name),
-                              f"cls_aid/aid/{s.class_name}/{image.stem}/0"))
+        items.append(ChatItem("aid_cls", "aid", image, sp, question, aid_class_name(s.class_name),
+                              f"aid_cls/aid/{s.class_name}/{image.stem}/0"))
     return items
 
 
@@ -411,10 +424,11 @@ def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
         per_task: Counter[str] = Counter()
 
         def add(task: str, question: str, answer: str, eval_answer: str | None = None,
-                *, image: Path = image, sp: str = sp, stem: str = stem,
-                per_task: Counter[str] = per_task) -> None:
+                evaluable: bool = True, *, image: Path = image, sp: str = sp,
+                stem: str = stem, per_task: Counter[str] = per_task) -> None:
             items.append(ChatItem(task, "nwpu", image, sp, question, answer,
-                                  f"{task}/{stem}/{per_task[task]}", eval_answer=eval_answer))
+                                  f"{task}/{stem}/{per_task[task]}", eval_answer=eval_answer,
+                                  evaluable=evaluable))
             per_task[task] += 1
 
         # presence: every present class, as many absent ones (at least one)
@@ -424,11 +438,12 @@ def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
             phrase = class_phrase(name)
             q = _pick(_PRESENCE, rng, sp).format(a=_article(phrase),
                                                  plural=class_phrase(name, plural=True))
-            add("presence_nwpu", q, answer)
+            add("nwpu_presence", q, answer, eval_answer=answer.rstrip(".").lower())
         # counting: every present class and one absent class
         for name in present + rng.sample(absent, min(1, len(absent))):
             q = _pick(_COUNTING, rng, sp).format(plural=class_phrase(name, plural=True))
-            add("counting_nwpu", q, str(len(anns.get(name, []))))
+            n = len(anns.get(name, []))
+            add("nwpu_counting", q, str(n), evaluable=n > 0)
         # grounding: one instance (train and eval), two or three (train only)
         for name in present:
             group = sorted(anns[name], key=lambda a: (float(a["bbox"][0]), float(a["bbox"][1])))
@@ -439,7 +454,7 @@ def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
             templates = _VG_ONE if len(group) == 1 else _VG_MANY
             q = _pick(templates, rng, sp).format(name=class_phrase(name),
                                                  plural=class_phrase(name, plural=True))
-            add("vg_nwpu", q, _boxes_text(boxes), eval_answer=_boxes_text(pixels))
+            add("nwpu_vg", q, _boxes_text(boxes), eval_answer=_boxes_text(pixels))
         # relative position: a single instance against one or several of another class,
         # asked only when every instance of the other class is clearly on the same side
         for i, a_name in enumerate(present):
@@ -458,11 +473,11 @@ def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
                 side = _side([ax - bx for bx, _ in refs], RELPOS_MARGIN * width)
                 if side:
                     q = _pick(_RELPOS_H, rng, sp).format(**pair)
-                    add("relpos_nwpu", q, "Left." if side < 0 else "Right.")
+                    add("nwpu_relpos", q, "Left." if side < 0 else "Right.")
                 side = _side([ay - by for _, by in refs], RELPOS_MARGIN * height)
                 if side:
                     q = _pick(_RELPOS_V, rng, sp).format(**pair)
-                    add("relpos_nwpu", q, "Above." if side < 0 else "Below.")
+                    add("nwpu_relpos", q, "Above." if side < 0 else "Below.")
     return items
 
 
@@ -532,13 +547,26 @@ def _norm_answer(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".")
 
 
+def _squash(text: str) -> str:
+    return text.replace(" ", "").lower()
+
+
 def _majority(items: list[ChatItem]) -> dict[str, Any] | None:
+    """The most frequent ground truth of an eval file given as every answer, scored with the
+    task's scorer as RSEvalKit reads an answer (cls / vqa: the answer, lower-cased without
+    spaces, is a substring of the ground truth; presence and counting: equal), and exactly."""
     if not items or TASKS[items[0].task].scorer not in _MAJORITY_SCORERS:
         return None
-    counts = Counter(_norm_answer(it.answer) for it in items)
-    answer, n = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
-    original = next(it.answer for it in items if _norm_answer(it.answer) == answer)
-    return {"answer": original, "accuracy": round(n / len(items), 4), "items": len(items)}
+    scorer = TASKS[items[0].task].scorer
+    truth = [(it.answer if it.eval_answer is None else it.eval_answer).strip() for it in items]
+    answer = Counter(truth).most_common(1)[0][0]
+    if scorer in ("cls", "vqa"):
+        hits = sum(_squash(answer) in _squash(t) for t in truth)
+    else:
+        hits = sum(answer.lower() == t.lower() for t in truth)
+    exact = sum(_norm_answer(answer) == _norm_answer(t) for t in truth)
+    return {"answer": answer, "accuracy": round(hits / len(truth), 4),
+            "exact": round(exact / len(truth), 4), "items": len(truth)}
 
 
 def _image_size(path: Path, cache: dict[Path, tuple[int, int]]) -> tuple[int, int]:
@@ -560,12 +588,16 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
                     nwpu: str | Path | None = None, aid: str | Path | None = None,
                     nwpu_images: str | Path | None = None, val_fraction: float = 0.15,
                     seed: int = 0, max_per_task: int | None = DEFAULT_MAX_PER_TASK,
-                    max_val_per_task: int | None = None,
+                    max_val_per_task: int | None = None, link: str = "symlink",
                     overwrite: bool = False) -> dict[str, Any]:
     """Build the instruction data under ``out`` (see the module doc); returns the statistics.
 
     ``out`` must not exist, or must be an earlier output of this function (or empty) and
-    ``overwrite`` true. Same inputs and seed give byte-identical files.
+    ``overwrite`` true. Same inputs and seed give byte-identical files. ``link`` places the
+    val images under ``out/eval/images/<source>/<folder>/`` as symbolic links (``symlink``)
+    or copies (``copy``), so the eval folder is self-contained as ``rsvl eval chat`` wants
+    it (image paths inside the folder); ``none`` points ``image_path`` at the absolute
+    source folders instead.
     """
     root = Path(out)
     if root.exists():
@@ -574,6 +606,8 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
         if not root.is_dir() or (any(root.iterdir()) and not (root / "stats.json").is_file()):
             raise OutputError(f"{root} exists and is not a chat data folder; not replacing it",
                               hint="Choose another --out.")
+    if link not in ("symlink", "copy", "none"):
+        raise OutputError(f"link must be symlink, copy or none, not {link!r}")
     if max_per_task is not None and max_per_task < 1:
         raise DatasetError(f"--max-per-task must be at least 1, got {max_per_task}")
     dropped: Counter[str] = Counter()
@@ -586,10 +620,18 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
     tasks = sorted({it.task for it in items}, key=list(TASKS).index)
 
     sizes: dict[Path, tuple[int, int]] = {}
+    links: dict[Path, str] = {}  # image -> its folder under eval/ (linked or copied there)
     eval_files: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
-        records = [it.eval_record(_image_size(it.image, sizes))
-                   for it in val if it.task == task and it.evaluable]
+        records = []
+        for it in val:
+            if it.task != task or not it.evaluable:
+                continue
+            if link == "none":
+                folder = str(it.image.parent)
+            else:
+                folder = links.setdefault(it.image, f"images/{it.source}/{it.image.parent.name}")
+            records.append(it.eval_record(_image_size(it.image, sizes), folder))
         if records:
             eval_files[task] = records
 
@@ -600,6 +642,7 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
         "items": {"train": len(train), "val": len(val)},
         "per_task": {t: {"train": sum(1 for it in train if it.task == t),
                          "val": sum(1 for it in val if it.task == t),
+                         "eval": len(eval_files.get(t, [])),
                          "generated_train": generated.get((t, "train"), 0),
                          "generated_val": generated.get((t, "val"), 0),
                          "scorer": TASKS[t].scorer, "tag": TASKS[t].tag} for t in tasks},
@@ -615,6 +658,7 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
                      "aid": None if aid is None else str(Path(aid).resolve()),
                      "val_fraction": val_fraction, "seed": seed,
                      "max_per_task": max_per_task, "max_val_per_task": max_val_per_task,
+                     "link": link,
                      "captions_per_image": CAPTIONS_PER_IMAGE,
                      "relpos_margin": RELPOS_MARGIN},
     }
@@ -631,20 +675,30 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
         for task, records in eval_files.items():
             write_text(tmp / "eval" / f"{task}.json", _dump(records))
         write_text(tmp / "eval" / "tasks.json", _dump(task_table))
+        for image, folder in links.items():
+            dst = tmp / "eval" / folder / image.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if link == "symlink":
+                dst.symlink_to(image)
+            else:
+                shutil.copyfile(image, dst)
         write_text(tmp / "stats.json", _dump(stats))
     return stats
 
 
 def format_stats(stats: dict[str, Any]) -> str:
     """Plain-text report of a run (what ``rsvl data chat`` prints)."""
-    lines = [f"items: train {stats['items']['train']}, val {stats['items']['val']}",
+    lines = [f"items: train {stats['items']['train']}, val {stats['items']['val']} "
+             f"(eval files: {sum(r['eval'] for r in stats['per_task'].values())})",
              "images: " + ", ".join(f"{s} {d['train']}/{d['val']}"
                                     for s, d in stats["images"].items()) + " (train/val)",
-             f"{'task':<18}{'train':>7}{'val':>6}  {'scorer':<9}majority baseline (val)"]
+             f"{'task':<18}{'train':>7}{'val':>6}{'eval':>6}  {'scorer':<9}"
+             "majority baseline (eval)"]
     for task, row in stats["per_task"].items():
         base = stats["baseline"].get(task)
         text = f"{base['answer']!r} {base['accuracy']:.3f}" if base else "-"
-        lines.append(f"{task:<18}{row['train']:>7}{row['val']:>6}  {row['scorer']:<9}{text}")
+        lines.append(f"{task:<18}{row['train']:>7}{row['val']:>6}{row['eval']:>6}  "
+                     f"{row['scorer']:<9}{text}")
     if stats.get("dropped"):
         lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in stats["dropped"].items()))
     return "\n".join(lines)
