@@ -111,7 +111,7 @@ def test_synthetic_nwpu_answers(tmp_path: Path) -> None:
             assert a == ("Left." if ship_first else "Right.")
         else:
             assert a == ("Above." if ship_first else "Below.")
-    # image b: four ships -> counted, not grounded (more than three), two "No." questions
+    # image b: four ships -> counted, not grounded (more than MAX_BOXES), one "No."
     assert [a for _, a in got[("b.png", "nwpu_counting")]].count("4") == 1
     assert not got[("b.png", "nwpu_vg")]
     assert sorted(a for _, a in got[("b.png", "nwpu_presence")]) == ["No.", "Yes."]
@@ -210,7 +210,7 @@ def test_grounding_boxes_round_trip(built: Path) -> None:
         im = by_file[Path(r["image"]).name]
         got = json.loads(a)
         gt = sorted(boxes[im["file_name"]][_class_in(q)])
-        assert len(got) == len(gt) <= 3
+        assert len(got) == len(gt) <= chat.MAX_BOXES
         for b, (x, y, w, h) in zip(got, gt, strict=True):
             want = (x / im["width"], y / im["height"], (x + w) / im["width"],
                     (y + h) / im["height"])

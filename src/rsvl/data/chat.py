@@ -31,8 +31,8 @@ task                      question -> answer                                    
 Honesty: ``nwpu_presence`` asks, per image, about as many absent classes ("No.") as present
 ones ("Yes."), and ``nwpu_counting`` asks about one absent class per image ("0"); every
 answer comes from the instance labels. Grounding and relative position are asked only about
-classes with exactly one instance in the image (grounding also with two or three instances
-in train, answered with all their boxes, left to right). Relative position is asked about a
+classes with exactly one instance in the image (grounding also with up to :data:`MAX_BOXES`
+instances in train, answered with all their boxes, left to right). Relative position is asked about a
 class with one instance against another class (one or more instances: "the ships"), only
 when every box centre of the other class lies on the same side, at least
 :data:`RELPOS_MARGIN` of the image side away.
@@ -94,6 +94,7 @@ from rsvl.io import atomic_dir, write_text
 
 __all__ = [
     "DEFAULT_MAX_PER_TASK",
+    "MAX_BOXES",
     "RELPOS_MARGIN",
     "TASKS",
     "ChatItem",
@@ -112,6 +113,9 @@ __all__ = [
 DEFAULT_MAX_PER_TASK = 900
 #: relative position: the box centres differ by at least this fraction of the image side
 RELPOS_MARGIN = 0.1
+#: grounding in train: classes with up to this many instances, answered with all their boxes
+#: (one box is about 20 SmolLM2 tokens; mini-chat's trainer keeps 48 answer tokens)
+MAX_BOXES = 2
 #: train captions per UCM image (distinct ones; val gets one)
 CAPTIONS_PER_IMAGE = 3
 #: the prompt of an image turn, as in LLaVA / VHM
@@ -444,10 +448,10 @@ def _nwpu_items(coco_path: Path, image_dir: Path, val_fraction: float,
             q = _pick(_COUNTING, rng, sp).format(plural=class_phrase(name, plural=True))
             n = len(anns.get(name, []))
             add("nwpu_counting", q, str(n), evaluable=n > 0)
-        # grounding: one instance (train and eval), two or three (train only)
+        # grounding: one instance (train and eval), up to MAX_BOXES (train only)
         for name in present:
             group = sorted(anns[name], key=lambda a: (float(a["bbox"][0]), float(a["bbox"][1])))
-            if len(group) > 3 or (len(group) > 1 and sp == "val"):
+            if len(group) > MAX_BOXES or (len(group) > 1 and sp == "val"):
                 continue
             boxes = [box_to_vhm(a["bbox"], width, height) for a in group]
             pixels = [_box_pixels(a["bbox"]) for a in group]
@@ -659,7 +663,7 @@ def build_chat_data(out: str | Path, *, ucm: str | Path | None = None,
                      "val_fraction": val_fraction, "seed": seed,
                      "max_per_task": max_per_task, "max_val_per_task": max_val_per_task,
                      "link": link,
-                     "captions_per_image": CAPTIONS_PER_IMAGE,
+                     "captions_per_image": CAPTIONS_PER_IMAGE, "max_boxes": MAX_BOXES,
                      "relpos_margin": RELPOS_MARGIN},
     }
     task_table = {t: {"scorer": TASKS[t].scorer, "tag": TASKS[t].tag,
