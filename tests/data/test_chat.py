@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, shared_data
 from PIL import Image
 
 from rsvl.cli import main
-from rsvl.data import chat, refgen
+from rsvl.data import chat, chat_items, refgen
 from rsvl.errors import InputNotFoundError, OutputError
 
 UCM = SHARED_DATA / "ucm"
@@ -27,37 +27,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-# ------------------------------------------------------------------ pure helpers
-
-def test_box_to_vhm_by_hand() -> None:
-    # x 100/400 -> 250, y 50/200 -> 250, x2 300/400 -> 750, y2 150/200 -> 750
-    assert chat.box_to_vhm([100, 50, 200, 100], 400, 200) == [250, 250, 750, 750]
-    # rounding and clipping to 0-1000
-    assert chat.box_to_vhm([-3, 0.4, 1003, 999.4], 1000, 1000) == [0, 0, 1000, 1000]
-    assert chat.box_to_vhm([1, 1, 1, 1], 3, 3) == [333, 333, 667, 667]
-
-
-def test_rsivqa_kind_from_question_form() -> None:
-    assert chat.rsivqa_kind("Does this picture contain an airplane?") == "rsivqa_presence"
-    assert chat.rsivqa_kind("How many cars in the picture?") == "rsivqa_counting"
-    assert chat.rsivqa_kind("What is the location of the trees in this picture?") == \
-        "rsivqa_location"
-    assert chat.rsivqa_kind("what is the theme of this picture?") == "rsivqa_theme"
-    # noise: a counting question without an object, an unknown form
-    assert chat.rsivqa_kind("How many  in the picture?") is None
-    assert chat.rsivqa_kind("Why is the sky blue?") is None
-
-
-def test_readable_class_names_and_captions() -> None:
-    assert chat.ucm_class_name("mobilehomepark") == "mobile home park"
-    assert chat.ucm_class_name("storagetanks") == "storage tanks"
-    assert chat.ucm_class_name("agricultural") == "agricultural"
-    assert chat.aid_class_name("RailwayStation") == "railway station"
-    assert chat.aid_class_name("BareLand") == "bare land"
-    assert chat.aid_class_name("Beach") == "beach"
-    assert chat.clean_caption("there is a piece of farmland .") == "There is a piece of farmland."
-    assert chat.clean_caption("many planes ,  parked") == "Many planes, parked."
-
+# ------------------------------------------------------------------ errors
 
 def test_no_source_and_missing_images(tmp_path: Path) -> None:
     with pytest.raises(InputNotFoundError, match="no source"):
@@ -70,51 +40,6 @@ def test_no_source_and_missing_images(tmp_path: Path) -> None:
     with pytest.raises(InputNotFoundError, match="missing"):
         chat.build_chat_data(tmp_path / "out", nwpu=tmp_path / "inst.json")
     assert not (tmp_path / "out").exists()
-
-
-def test_synthetic_nwpu_answers(tmp_path: Path) -> None:
-    """Two images of known content: every answer follows from the boxes."""
-    (tmp_path / "images").mkdir()
-    for name in ("a.png", "b.png"):
-        Image.new("RGB", (200, 100)).save(tmp_path / "images" / name)
-    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 100},
-                       {"id": 2, "file_name": "b.png", "width": 200, "height": 100}],
-            "annotations": [
-                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
-                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [150, 60, 20, 20]},
-                {"id": 3, "image_id": 2, "category_id": 1, "bbox": [10, 10, 10, 10]},
-                {"id": 4, "image_id": 2, "category_id": 1, "bbox": [50, 10, 10, 10]},
-                {"id": 5, "image_id": 2, "category_id": 1, "bbox": [90, 10, 10, 10]},
-                {"id": 6, "image_id": 2, "category_id": 1, "bbox": [130, 10, 10, 10]}],
-            "categories": [{"id": 1, "name": "ship"}, {"id": 2, "name": "harbor"},
-                           {"id": 3, "name": "storage_tank"}]}
-    (tmp_path / "inst.json").write_text(json.dumps(coco))
-    items = chat.generate_items(nwpu=tmp_path / "inst.json", val_fraction=0.0)
-    got = defaultdict(list)
-    for it in items:
-        got[(it.image.name, it.task)].append((it.question, it.answer))
-    # image a: ship and harbor present, storage tank absent (one "No.")
-    answers = sorted(a for _, a in got[("a.png", "nwpu_presence")])
-    assert answers == ["No.", "Yes.", "Yes."]
-    assert any("storage tank" in q for q, a in got[("a.png", "nwpu_presence")] if a == "No.")
-    counts = {a for q, a in got[("a.png", "nwpu_counting")]}
-    assert counts == {"1", "0"}
-    # the ship [10, 10, 30, 30] of 200x100 -> [50, 100, 150, 300]
-    vg = dict(got[("a.png", "nwpu_vg")])
-    assert any(a == "[[50, 100, 150, 300]]" for a in vg.values())
-    # ship centre (20, 20), harbor (160, 70): left/right and above/below both clear
-    rel = got[("a.png", "nwpu_relpos")]
-    assert len(rel) == 2
-    for q, a in rel:
-        ship_first = q.index("ship") < q.index("harbor")
-        if "left" in q:
-            assert a == ("Left." if ship_first else "Right.")
-        else:
-            assert a == ("Above." if ship_first else "Below.")
-    # image b: four ships -> counted, not grounded (more than MAX_BOXES), one "No."
-    assert [a for _, a in got[("b.png", "nwpu_counting")]].count("4") == 1
-    assert not got[("b.png", "nwpu_vg")]
-    assert sorted(a for _, a in got[("b.png", "nwpu_presence")]) == ["No.", "Yes."]
 
 
 # ------------------------------------------------------------------ the real data
@@ -210,7 +135,7 @@ def test_grounding_boxes_round_trip(built: Path) -> None:
         im = by_file[Path(r["image"]).name]
         got = json.loads(a)
         gt = sorted(boxes[im["file_name"]][_class_in(q)])
-        assert len(got) == len(gt) <= chat.MAX_BOXES
+        assert len(got) == len(gt) <= chat_items.MAX_BOXES
         for b, (x, y, w, h) in zip(got, gt, strict=True):
             want = (x / im["width"], y / im["height"], (x + w) / im["width"],
                     (y + h) / im["height"])
@@ -243,10 +168,10 @@ def test_relpos_answers_follow_box_centres(built: Path) -> None:
         dys = [(ay + ah / 2) - (by + bh / 2) for _, by, _, bh in refs]
         im = by_file[Path(r["image"]).name]
         if "left" in q:
-            assert min(abs(d) for d in dxs) >= chat.RELPOS_MARGIN * im["width"]
+            assert min(abs(d) for d in dxs) >= chat_items.RELPOS_MARGIN * im["width"]
             assert {a} == {"Left." if d < 0 else "Right." for d in dxs}
         else:
-            assert min(abs(d) for d in dys) >= chat.RELPOS_MARGIN * im["height"]
+            assert min(abs(d) for d in dys) >= chat_items.RELPOS_MARGIN * im["height"]
             assert {a} == {"Above." if d < 0 else "Below." for d in dys}
         plural += len(refs) > 1
     assert plural > 0
@@ -261,7 +186,7 @@ def test_eval_files_in_vhm_eval_layout(built: Path) -> None:
             "ucm_describe", "rsivqa_presence"} <= files
     val = _load(built, "val.json")
     for name, info in tasks.items():
-        assert info["scorer"] == chat.TASKS[name].scorer
+        assert info["scorer"] == chat_items.TASKS[name].scorer
         assert info["tag"] in ("cls", "vqa", "vg", "idk", "it")
         recs = _load(built, f"eval/{name}.json")
         assert info["items"] == len(recs) > 0
@@ -342,9 +267,11 @@ def test_cli_writes_and_refuses_existing(tmp_path: Path, capsys: pytest.CaptureF
     assert doc["stats"]["per_task"]["ucm_cls"]["train"] == 50
     assert (out / "train.json").read_bytes() == before
     # --link none: no images under eval/, image_path is the image's absolute folder
-    assert main([*args, "--overwrite", "--link", "none"]) == 0
+    # and --max-val-per-task caps val (and so the eval files) per task
+    assert main([*args, "--overwrite", "--link", "none", "--max-val-per-task", "7"]) == 0
     capsys.readouterr()
     assert not (out / "eval" / "images").exists()
+    assert set(Counter(r["task"] for r in _load(out, "val.json")).values()) == {7}
     e = _load(out, "eval/ucm_cls.json")[0]
     assert Path(e["image_path"], e["image"]).is_file() and Path(e["image_path"]).is_absolute()
     # a folder this command did not write is never replaced
@@ -354,3 +281,25 @@ def test_cli_writes_and_refuses_existing(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(OutputError, match="not a chat data folder"):
         chat.build_chat_data(other, ucm=UCM, overwrite=True)
     assert (other / "notes.txt").read_text() == "keep"
+
+
+@needs_data
+def test_describe_and_aid_splits(built: Path) -> None:
+    train, val = _load(built, "train.json"), _load(built, "val.json")
+    per_image = Counter(r["image"] for r in train if r["task"] == "ucm_describe")
+    assert max(per_image.values()) > 1  # several captions of one image, separate items
+    per_val = Counter(r["image"] for r in val if r["task"] == "ucm_describe")
+    assert set(per_val.values()) == {1}
+    captions = {str((UCM / s["image"]).resolve()): s["captions"]
+                for s in json.loads((UCM / "ucm.json").read_text())["samples"]}
+    for r in train[:300]:
+        if r["task"] == "ucm_describe":
+            answer = _qa(r)[1]
+            assert any(answer.rstrip(".").lower() == c.replace(" .", "").strip().lower()
+                       for c in captions[r["image"]]), answer
+    # AID: a seeded split per class, val_fraction of each class
+    for cls_dir in sorted(AID.iterdir()):
+        n = sum(1 for f in cls_dir.iterdir() if f.suffix.lower() == ".jpg")
+        n_val = sum(1 for r in val if r["task"] == "aid_cls"
+                    and Path(r["image"]).parent.name == cls_dir.name)
+        assert n_val == round(n * 0.15)
