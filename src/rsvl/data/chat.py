@@ -69,7 +69,6 @@ DEFAULT_MAX_PER_TASK = 900
 _MAJORITY_SCORERS = ("presence", "cls", "vqa", "counting", "mc")
 
 
-
 def _cap(items: list[ChatItem], limit: int | None, seed: int, split: str) -> list[ChatItem]:
     by_task: dict[str, list[ChatItem]] = defaultdict(list)
     for it in items:
