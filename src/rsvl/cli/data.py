@@ -3,6 +3,10 @@
 ``rsvl data refgen`` writes referring expressions generated from COCO instance labels in
 RRSIS-D's layout (what ``rsvl train refer`` and ``rsvl eval refer`` read); see
 :mod:`rsvl.data.refgen` for the templates and the uniqueness checks.
+
+``rsvl data chat`` writes instruction data (VHM's training layout, plus the val items in the
+VHM_Eval layout that ``rsvl eval chat`` scores) from UCM, RSIVQA, NWPU VHR-10 and AID; see
+:mod:`rsvl.data.chat` for the tasks and answer formats.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from pathlib import Path
 import typer
 
 from rsvl.console import emit_json, state
+from rsvl.data.chat import DEFAULT_MAX_PER_TASK, build_chat_data
+from rsvl.data.chat import format_stats as format_chat_stats
 from rsvl.data.refgen import default_image_dir, format_stats, generate, load_coco, write_rrsisd
 
 data_app = typer.Typer(
-    help="Build training and evaluation data (referring expressions from instance labels).",
+    help="Build training and evaluation data (referring expressions, chat instructions).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -30,6 +36,7 @@ class Link(StrEnum):
 
 def register(app: typer.Typer) -> None:
     data_app.command("refgen")(refgen)
+    data_app.command("chat")(chat)
     app.add_typer(data_app, name="data")
 
 
@@ -54,3 +61,30 @@ def refgen(
         return
     typer.echo(format_stats(result.stats))
     state.notice(f"wrote {ddir}")
+
+
+def chat(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (train.json, val.json, eval/, stats.json); must not exist."),
+    ucm: Path = typer.Option(None, "--ucm", help="UCM folder with ucm.json (captions, classes) and rsivqa.json (e.g. ../shared/data/ucm)."),
+    nwpu: Path = typer.Option(None, "--nwpu", help="NWPU VHR-10 COCO instances JSON, images in 'images' beside it."),
+    nwpu_images: Path = typer.Option(None, "--nwpu-images", help="Folder of the NWPU images (default: 'images' beside the COCO file)."),
+    aid: Path = typer.Option(None, "--aid", help="AID folder, one sub-folder per class (optional)."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", min=0.0, help="Fraction of NWPU and AID images that become val (UCM and RSIVQA keep their split)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the splits, the phrasings and the caps."),
+    max_per_task: int = typer.Option(DEFAULT_MAX_PER_TASK, "--max-per-task", min=1, help="Train items kept per task (a seeded choice)."),
+    max_val_per_task: int = typer.Option(None, "--max-val-per-task", min=1, help="Val items kept per task (default: all)."),
+    link: Link = typer.Option(Link.symlink, "--link", help="How val images are placed under OUT/eval/images: symlink, copy, or none (absolute image_path)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT written by this command."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (statistics, output folder) on stdout."),
+) -> None:
+    """Build chat instruction data (train/val, VHM layout) and its eval files (VHM_Eval layout)."""
+    stats = build_chat_data(out, ucm=ucm, nwpu=nwpu, aid=aid, nwpu_images=nwpu_images,
+                            val_fraction=val_fraction,
+                            seed=seed, max_per_task=max_per_task,
+                            max_val_per_task=max_val_per_task, link=link.value,
+                            overwrite=overwrite)
+    if as_json:
+        emit_json({"out": str(out), "stats": stats})
+        return
+    typer.echo(format_chat_stats(stats))
+    state.notice(f"wrote {out}")
