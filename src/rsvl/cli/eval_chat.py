@@ -31,6 +31,8 @@ def _fmt(key: str, v: Any) -> str:
     if isinstance(v, bool) or isinstance(v, int):
         return str(v)
     if isinstance(v, float):
+        if key == "per_range_percent":
+            return f"{v:.2f} %"
         if key in ("mae", "mape") or key.startswith("mae") or "ratio" in key:
             return f"{v:.4g}"
         return f"{100 * v:.2f} %"
@@ -44,8 +46,6 @@ def _rows(prefix: str, d: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         if isinstance(v, dict):
             rows += [(f"{prefix}{k} {kk}", _fmt(k, vv) if not k.endswith("count") else str(vv)) for kk, vv in v.items()]
-        elif k == "per_range_percent":
-            rows.append((f"{prefix}{k}", str(v)))
         else:
             rows.append((f"{prefix}{k}", _fmt(k, v)))
     return rows
@@ -60,10 +60,11 @@ def _table(doc: dict[str, Any]) -> Table:
         t.add_row(k, v)
     up = dict(m.get("upstream") or {})
     err = up.pop("error", None)
-    for k, v in _rows("upstream ", up):
-        t.add_row(k, v)
     if err:
         t.add_row("upstream", f"crashes: {err}")
+    else:
+        for k, v in _rows("upstream ", up):
+            t.add_row(k, v)
     if m.get("baseline"):
         b = m["baseline"]
         t.add_row(f"baseline (always {b['answer']!r})", _fmt("accuracy", b["accuracy"]))
