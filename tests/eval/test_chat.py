@@ -6,6 +6,7 @@ answers come from a dict."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from rsvl.eval.chat_scorers import (
     score,
 )
 from rsvl.models.chat import Box, ChatAnswer, ChatModel
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def item(answer: str, pred: str, **kw) -> ChatItem:
@@ -137,6 +140,9 @@ def test_bbox_size_quirk_boxes_and_area_classes():
     short = score("bbox", [item(gt, "[500]", boxes=[right], size=(200, 400), hw=(200, 400))])
     assert short.upstream["acc@0.5"] is None and "IndexError" in short.upstream["error"]
     assert short.metrics["acc@0.5"] == 1.0
+    five = score("bbox", [item("[40, 20, 120, 100, 0]", "[[100, 100, 300, 500]]", boxes=[right], size=(200, 400), hw=(200, 400))])
+    assert five.upstream["acc@0.5"] is None and "5 numbers in the ground-truth box" in five.upstream["error"]
+    assert five.metrics["acc@0.5"] == 1.0
 
 
 def test_ciou_y_scaled_with_width_and_missing_polygons():
@@ -269,6 +275,7 @@ def test_reader_takes_absolute_paths_only_when_allowed(tmp_path):
     ({"image": 3}, "'image' is missing"),
     ({"size": [0, 5]}, "'size' must be two positive numbers"),
     ({"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "many"}]}, "whole number"),
+    ({"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "\u00b3"}]}, "whole number"),
 ])
 def test_reader_names_the_malformed_entry(tmp_path, bad, message):
     root = tmp_path / "eval"
@@ -376,3 +383,27 @@ def test_evaluate_chat_bbox_uses_the_models_boxes_and_true_size(tmp_path):
     assert model.tags == ["vg"]
     assert res.metrics["acc@0.5"] == 1.0 and res.metrics["upstream"]["acc@0.5"] == 0.0  # no size: (w, h) as (h, w)
     assert "baseline" not in res.metrics
+
+
+def test_evaluate_chat_on_real_ucm_questions(tmp_path):
+    """RSIVQA's yes/no questions on real UCM JPEGs, in the VHM_Eval layout with the absolute
+    image_path upstream allows: a model that always says "No" scores the share of "no"
+    answers corrected, and 0 upstream (a bare "No" is missed)."""
+    ucm = SHARED / "ucm"
+    if not (ucm / "rsivqa.json").is_file():
+        pytest.skip(f"real data not found at {ucm} (../shared/data next to the repository)")
+    samples = [s for s in json.loads((ucm / "rsivqa.json").read_text())["samples"]
+               if s["split"] == "val" and s["answer"] in ("yes", "no")][:12]
+    root = tmp_path / "eval"
+    write_task(root, "presence_mo_dota", [entry(s["image"], s["question"], s["answer"], image_path=str(ucm.resolve()))
+                                          for s in samples])
+    with pytest.raises(DatasetError, match="absolute image path"):
+        read_chat_file(root, "presence_mo_dota")
+    model = DictModel({s["question"]: "No" for s in samples})
+    res = evaluate_chat(model, root, "presence_mo_dota", allow_absolute=True)
+    n_no = sum(s["answer"] == "no" for s in samples)
+    assert res.metrics["accuracy"] == pytest.approx(n_no / len(samples))
+    assert res.metrics["upstream"]["accuracy"] == 0.0
+    majority = Counter(s["answer"] for s in samples).most_common(1)[0]
+    assert res.metrics["baseline"] == {"answer": majority[0], "accuracy": pytest.approx(majority[1] / len(samples))}
+    assert set(model.shapes) == {(256, 256, 3)}

@@ -46,7 +46,7 @@ bbox
     pixels. Upstream reads the prediction's text the same way, scales it by w/1000, h/1000
     with ``h, w = size`` (the ``size`` recorded for the entry, which upstream fills from PIL
     as (w, h) when the JSON has none: axes swapped on non-square images), and raises on a
-    prediction with 1-3 numbers. Corrected: the model's first :class:`~rsvl.models.chat.Box`
+    prediction with 1-3 numbers or a ground truth with other than 4. Corrected: the model's first :class:`~rsvl.models.chat.Box`
     (image fractions) times the image's true width and height. A hit is IoU >= 0.5;
     ``acc@0.5`` overall and per ground-truth area S (<= 32^2) / M (<= 96^2) / L.
 ciou
@@ -412,6 +412,9 @@ def score_bbox(items: Sequence[ChatItem], threshold: float = 0.5) -> Scored:
         for i, (it, g) in enumerate(zip(items, gts, strict=True)):
             if it.size is None:
                 raise UpstreamCrash(f"item {i}: no size")
+            n_gt = len(bracket_numbers(str(it.answer)) or [])
+            if n_gt != 4:
+                raise UpstreamCrash(f"item {i}: {n_gt} numbers in the ground-truth box (unpacking ValueError)")
             h, w = it.size  # upstream's unpacking, whatever order the size is in
             k = _area_class(g)
             total[k] += 1
@@ -594,7 +597,7 @@ def check_answer(kind: str, answer: str) -> str | None:
     """Why the ground truth ``answer`` cannot be scored by ``kind`` (None when it can), so a
     malformed file fails before the model runs."""
     if kind == "counting":
-        if not answer.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", answer.strip()):
             return f"a counting answer must be a whole number, got {answer!r}"
     elif kind == "bbox":
         try:
