@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from rsvl.console import TaskProgress, progress_scope
 from rsvl.errors import DatasetError, InputNotFoundError, PromptError
 from rsvl.eval.chat_scorers import SCORERS, ChatItem, check_answer, majority_baseline, score
@@ -350,7 +352,11 @@ def evaluate_chat(
     new_tokens = 0
     with progress_scope(progress, len(chosen)) as advance:
         for e in chosen:
-            image = read_rgb(e.image, error=DatasetError)
+            try:
+                image = read_rgb(e.image, error=DatasetError)
+            except Image.DecompressionBombError as exc:
+                raise DatasetError(f"{e.image} (entry {e.index}) is too large to decode ({exc}).",
+                                   hint="Check the benchmark's images.") from exc
             h, w = image.shape[:2]
             size = e.size if e.size is not None else (w, h)  # upstream: PIL's (w, h) when absent
             ans = model.chat(image, e.query, task=t.tag, max_new_tokens=max_new_tokens, temperature=0.0)
