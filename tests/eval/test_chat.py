@@ -15,10 +15,17 @@ import pytest
 from PIL import Image
 
 from rsvl.errors import DatasetError, InputNotFoundError, PromptError
-from rsvl.eval.chat import TASKS, evaluate_chat, read_chat_file, resolve_task, resolve_tasks
+from rsvl.eval.chat import (
+    TASKS,
+    evaluate_chat,
+    majority_baseline,
+    read_chat_file,
+    resolve_task,
+    resolve_tasks,
+    score,
+)
 from rsvl.eval.chat_scorers import (
     ChatItem,
-    majority_baseline,
     mc_corrected,
     mc_upstream,
     ml_classes,
@@ -26,7 +33,6 @@ from rsvl.eval.chat_scorers import (
     parse_count,
     presence_corrected,
     presence_upstream,
-    score,
 )
 from rsvl.models.chat import Box, ChatAnswer, ChatModel
 

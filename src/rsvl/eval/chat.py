@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,21 @@ from PIL import Image
 
 from rsvl.console import TaskProgress, progress_scope
 from rsvl.errors import DatasetError, InputNotFoundError, PromptError
-from rsvl.eval.chat_scorers import SCORERS, ChatItem, check_answer, majority_baseline, score
+from rsvl.eval.chat_scorers import (
+    ChatItem,
+    Scored,
+    bracket_numbers,
+    gt_box,
+    score_bbox,
+    score_ciou,
+    score_cls_vqa,
+    score_color,
+    score_counting,
+    score_mae,
+    score_mc,
+    score_ml,
+    score_presence,
+)
 from rsvl.eval.results import EvalResult, base_settings, finish, model_settings, subset_indices
 from rsvl.io import read_rgb, write_text
 from rsvl.models.chat import ChatModel
@@ -40,6 +56,61 @@ from rsvl.models.chat import ChatModel
 MAX_JSON_BYTES = 256 * 1024 * 1024
 #: upstream's decoding budget (greedy, 512 new tokens)
 DEFAULT_MAX_NEW_TOKENS = 512
+
+
+#: scorer kind -> function; the kinds RSEvalKit names ``position`` and ``imgType`` are mc
+SCORERS: dict[str, Callable[[Sequence[ChatItem]], Scored]] = {
+    "presence": score_presence,
+    "mc": score_mc,
+    "cls": score_cls_vqa,
+    "vqa": score_cls_vqa,
+    "color": score_color,
+    "counting": score_counting,
+    "mae": score_mae,
+    "bbox": score_bbox,
+    "ciou": score_ciou,
+    "ml": score_ml,
+}
+
+#: kinds where "always answer the most frequent ground truth" is a meaningful baseline
+BASELINE_KINDS: tuple[str, ...] = ("presence", "cls", "vqa", "counting", "mc")
+
+
+def check_answer(kind: str, answer: str) -> str | None:
+    """Why the ground truth ``answer`` cannot be scored by ``kind`` (None when it can), so a
+    malformed file fails before the model runs."""
+    if kind == "counting":
+        if not re.fullmatch(r"[0-9]+", answer.strip()):
+            return f"a counting answer must be a whole number, got {answer!r}"
+    elif kind == "bbox":
+        try:
+            gt_box(answer)
+        except ValueError as exc:
+            return str(exc)
+    elif kind == "ciou":
+        nums = bracket_numbers(answer)
+        if nums is None or len(nums) < 6:
+            return f"no [x1, y1, x2, y2, x3, y3, ...] polygon in the ground truth {answer!r}"
+    return None
+
+
+def score(kind: str, items: Sequence[ChatItem]) -> Scored:
+    """Score ``items`` with the scorer ``kind`` (a key of :data:`SCORERS`)."""
+    return SCORERS[kind](items)
+
+
+def majority_baseline(kind: str, items: Sequence[ChatItem]) -> dict[str, Any] | None:
+    """The most frequent ground-truth answer of ``items`` given as every prediction, scored
+    with the same scorer (None for kinds where it means nothing)."""
+    if kind not in BASELINE_KINDS or not items:
+        return None
+    answer = Counter(it.answer.strip() for it in items).most_common(1)[0][0]
+    fake = [ChatItem(it.query, it.answer, answer, size=it.size, hw=it.hw) for it in items]
+    res = score(kind, fake)
+    out: dict[str, Any] = {"answer": answer, "accuracy": res.metrics["accuracy"]}
+    if kind == "counting":
+        out["mae"] = res.metrics["mae"]
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ numbers where upstream's scorer is wrong:
 - the **corrected** number (the plain keys of ``metrics``) fixes exactly the bugs listed
   for each scorer below, and counts the answers it could not read as wrong (``unparsable``).
 
-Scorers (``SCORERS``):
+Scorers (the kinds of :data:`rsvl.eval.chat.SCORERS`):
 
 presence
     upstream: yes = ``'yes' in pred.lower()``; no = ``'no'`` or ``'false'`` in the raw,
@@ -571,60 +571,3 @@ def score_ml(items: Sequence[ChatItem]) -> Scored:
     cf1 = 2 * cp * cr / (cp + cr) if cp is not None and cr is not None and cp + cr > 0 else None
     metrics = {"average_cp": cp, "average_cr": cr, "cf1": cf1, "classes": sorted(set(npred) | set(ngt))}
     return Scored(metrics, _upstream(upstream, ["average_cp"]), rows)
-
-
-# --------------------------------------------------------------------------- table
-
-#: scorer kind -> function; the kinds RSEvalKit names ``position`` and ``imgType`` are mc
-SCORERS: dict[str, Callable[[Sequence[ChatItem]], Scored]] = {
-    "presence": score_presence,
-    "mc": score_mc,
-    "cls": score_cls_vqa,
-    "vqa": score_cls_vqa,
-    "color": score_color,
-    "counting": score_counting,
-    "mae": score_mae,
-    "bbox": score_bbox,
-    "ciou": score_ciou,
-    "ml": score_ml,
-}
-
-#: kinds where "always answer the most frequent ground truth" is a meaningful baseline
-BASELINE_KINDS: tuple[str, ...] = ("presence", "cls", "vqa", "counting", "mc")
-
-
-def check_answer(kind: str, answer: str) -> str | None:
-    """Why the ground truth ``answer`` cannot be scored by ``kind`` (None when it can), so a
-    malformed file fails before the model runs."""
-    if kind == "counting":
-        if not re.fullmatch(r"[0-9]+", answer.strip()):
-            return f"a counting answer must be a whole number, got {answer!r}"
-    elif kind == "bbox":
-        try:
-            gt_box(answer)
-        except ValueError as exc:
-            return str(exc)
-    elif kind == "ciou":
-        nums = bracket_numbers(answer)
-        if nums is None or len(nums) < 6:
-            return f"no [x1, y1, x2, y2, x3, y3, ...] polygon in the ground truth {answer!r}"
-    return None
-
-
-def score(kind: str, items: Sequence[ChatItem]) -> Scored:
-    """Score ``items`` with the scorer ``kind`` (a key of :data:`SCORERS`)."""
-    return SCORERS[kind](items)
-
-
-def majority_baseline(kind: str, items: Sequence[ChatItem]) -> dict[str, Any] | None:
-    """The most frequent ground-truth answer of ``items`` given as every prediction, scored
-    with the same scorer (None for kinds where it means nothing)."""
-    if kind not in BASELINE_KINDS or not items:
-        return None
-    answer = Counter(it.answer.strip() for it in items).most_common(1)[0][0]
-    fake = [ChatItem(it.query, it.answer, answer, size=it.size, hw=it.hw) for it in items]
-    res = score(kind, fake)
-    out: dict[str, Any] = {"answer": answer, "accuracy": res.metrics["accuracy"]}
-    if kind == "counting":
-        out["mae"] = res.metrics["mae"]
-    return out
