@@ -146,6 +146,9 @@ def test_bbox_size_quirk_boxes_and_area_classes():
     short = score("bbox", [item(gt, "[500]", boxes=[right], size=(200, 400), hw=(200, 400))])
     assert short.upstream["acc@0.5"] is None and "IndexError" in short.upstream["error"]
     assert short.metrics["acc@0.5"] == 1.0
+    first = score("bbox", [item(gt, "no box", size=(200, 400), hw=(200, 400)), items[1]])
+    assert first.upstream["acc@0.5"] is None and "UnboundLocalError" in first.upstream["error"]
+    assert first.metrics["acc@0.5"] == 0.5
     five = score("bbox", [item("[40, 20, 120, 100, 0]", "[[100, 100, 300, 500]]", boxes=[right], size=(200, 400), hw=(200, 400))])
     assert five.upstream["acc@0.5"] is None and "5 numbers in the ground-truth box" in five.upstream["error"]
     assert five.metrics["acc@0.5"] == 1.0

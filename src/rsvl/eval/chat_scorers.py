@@ -46,7 +46,8 @@ bbox
     pixels. Upstream reads the prediction's text the same way, scales it by w/1000, h/1000
     with ``h, w = size`` (the ``size`` recorded for the entry, which upstream fills from PIL
     as (w, h) when the JSON has none: axes swapped on non-square images), and raises on a
-    prediction with 1-3 numbers or a ground truth with other than 4. Corrected: the model's first :class:`~rsvl.models.chat.Box`
+    prediction with 1-3 numbers, a ground truth with other than 4, and a prediction without a
+    box before any other prediction had one (it logs an IoU not yet assigned). Corrected: the model's first :class:`~rsvl.models.chat.Box`
     (image fractions) times the image's true width and height. A hit is IoU >= 0.5;
     ``acc@0.5`` overall and per ground-truth area S (<= 32^2) / M (<= 96^2) / L.
 ciou
@@ -409,6 +410,7 @@ def score_bbox(items: Sequence[ChatItem], threshold: float = 0.5) -> Scored:
 
     def upstream() -> dict[str, Any]:
         hits, total = np.zeros(3), np.zeros(3)
+        scored_once = False  # upstream logs the last IoU per item: unbound until a box was read
         for i, (it, g) in enumerate(zip(items, gts, strict=True)):
             if it.size is None:
                 raise UpstreamCrash(f"item {i}: no size")
@@ -424,6 +426,9 @@ def score_bbox(items: Sequence[ChatItem], threshold: float = 0.5) -> Scored:
                     raise UpstreamCrash(f"item {i}: {len(p)} numbers in the predicted box (IndexError)")
                 box = [p[0] * w / 1000.0, p[1] * h / 1000.0, p[2] * w / 1000.0, p[3] * h / 1000.0]
                 hits[k] += box_iou(g, box) >= threshold
+                scored_once = True
+            elif not scored_once:
+                raise UpstreamCrash(f"item {i}: no predicted box before any other was read (UnboundLocalError)")
         return {"acc@0.5": float(hits.sum() / total.sum()) if total.sum() else None,
                 "by_area": _acc_by_area(hits, total)}
 
