@@ -211,6 +211,9 @@ def test_task_table_tags_aliases_and_unknown_names():
         resolve_task("color_false_pan_dota-test")
     with pytest.raises(PromptError, match="Unknown scorer"):
         resolve_task("cls_AID", scorer="bleu")
+    for hostile in ("../cls_AID", "/etc/passwd", "sub/x.json", ".hidden"):
+        with pytest.raises(PromptError, match="not a file name"):
+            resolve_task(hostile, scorer="cls")
 
 
 # --------------------------------------------------------------------------- reader
@@ -320,6 +323,8 @@ def test_resolve_tasks_all_takes_scored_files_only(tmp_path):
     write_task(root, "color_false_pan_dota-test", [entry("0.png", "Colour?", "red")])
     write_task(root, "notes", [])
     assert [t.name for t in resolve_tasks(root, ["all"])] == ["cls_AID", "presence_mo_dota"]
+    with pytest.raises(PromptError, match="Unknown scorer 'bleu'"):
+        resolve_tasks(root, ["all"], scorer="bleu")
     with pytest.raises(InputNotFoundError, match="JSON files in .*cls_AID, color_false_pan_dota-test"):
         resolve_tasks(root, ["VG_DOIR_RSVG_test"])
     with pytest.raises(InputNotFoundError, match="is not a folder"):

@@ -211,6 +211,9 @@ def resolve_task(name: str, scorer: str | None = None) -> ChatTask:
     if scorer is not None and scorer not in SCORERS:
         raise PromptError(f"Unknown scorer {scorer!r}.", hint=f"Use one of: {', '.join(SCORERS)}.")
     stem = name[:-5] if name.endswith(".json") else name
+    if not re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", stem):
+        raise PromptError(f"Task name {name!r} is not a file name in the folder.",
+                          hint="Give the JSON's name without a path, e.g. --task cls_AID.")
     stem = ALIASES.get(stem, stem)
     task = TASKS.get(stem)
     if task is None:
@@ -236,6 +239,8 @@ def resolve_tasks(folder: str | Path, names: Sequence[str], scorer: str | None =
     root = Path(folder)
     if not root.is_dir():
         raise InputNotFoundError(f"{root} is not a folder.", hint="Give the VHM_Eval folder holding NAME.json files.")
+    if scorer is not None and scorer not in SCORERS:
+        raise PromptError(f"Unknown scorer {scorer!r}.", hint=f"Use one of: {', '.join(SCORERS)}.")
     if not names:
         raise PromptError("No task given.", hint=f"Pass --task NAME (or all). Known tasks: {_known()}.")
     tasks: list[ChatTask] = []
