@@ -1,4 +1,4 @@
-"""``rsvl eval zeroshot|retrieval|ovss|refer|coco``: benchmark protocols with full settings."""
+"""``rsvl eval zeroshot|retrieval|ovss|refer|coco|chat``: benchmark protocols with full settings."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rsvl.cli import eval_chat
 from rsvl.console import emit_json, progress_bar
 from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
 from rsvl.data.classes import load_classes
@@ -298,3 +299,6 @@ def coco(
     rows = [(k, r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     rows += [(f"  AP {k}", v) for k, v in r["per_class"].items()]
     _finish(res, as_json, out, _table(f"COCO {iou_type} {detections.name}", rows))
+
+
+eval_app.command("chat")(eval_chat.chat)

@@ -20,8 +20,18 @@ Protocols (see ``../shared/reference/farslip-fsvlm-fianet.md`` 1.4, 1.5 and 3.4)
   background counted and 255 ignored (``reduce_zero_label`` where the preset says so).
 - referring: LAVT / FIANet per-sample IoU, mIoU, oIoU, Pr@X on predicted mask files.
 - COCO: pycocotools AP on a detections JSON.
+- chat: RSEvalKit's VHM_Eval task files, scored as upstream does and corrected where its
+  scorers are wrong (:mod:`rsvl.eval.chat`, :mod:`rsvl.eval.chat_scorers`).
 """
 
+from rsvl.eval.chat import (
+    TASKS,
+    ChatTask,
+    evaluate_chat,
+    read_chat_file,
+    resolve_task,
+    resolve_tasks,
+)
 from rsvl.eval.coco import run_coco, run_coco_model
 from rsvl.eval.ovss import (
     OVSS_PROTOCOLS,
@@ -47,9 +57,12 @@ from rsvl.eval.zeroshot import open_scene_dataset, run_zeroshot
 
 __all__ = [
     "OVSS_PROTOCOLS",
+    "TASKS",
+    "ChatTask",
     "PROMPT_NAMES",
     "EvalResult",
     "OvssProtocol",
+    "evaluate_chat",
     "model_settings",
     "open_caption_dataset",
     "open_refer_dataset",
@@ -58,7 +71,10 @@ __all__ = [
     "ovss_predict",
     "ovss_protocol",
     "prompt_name",
+    "read_chat_file",
     "rescale_size",
+    "resolve_task",
+    "resolve_tasks",
     "run_coco",
     "run_coco_model",
     "run_ovss",
