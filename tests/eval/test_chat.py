@@ -331,6 +331,23 @@ def test_resolve_tasks_all_takes_scored_files_only(tmp_path):
         resolve_tasks(root / "nope", ["all"])
 
 
+def test_a_folders_task_table_names_its_own_tasks(tmp_path):
+    """rsvl data chat writes tasks.json: its names resolve with their scorer and tag, `all`
+    takes them (not the inference-only ones), and a bad table is one clear error."""
+    root = presence_folder(tmp_path / "eval")
+    write_task(root, "nwpu_presence", [entry("0.png", "Is there a ship?", "yes")])
+    write_task(root, "ucm_describe", [entry("0.png", "Describe.", "a river")])
+    (root / "tasks.json").write_text(json.dumps({
+        "nwpu_presence": {"scorer": "presence", "tag": "idk"},
+        "ucm_describe": {"scorer": "none", "tag": "it"}}))
+    (task,) = resolve_tasks(root, ["nwpu_presence"])
+    assert (task.scorer, task.tag) == ("presence", "idk")
+    assert [t.name for t in resolve_tasks(root, ["all"])] == ["nwpu_presence", "presence_mo_dota"]
+    (root / "tasks.json").write_text(json.dumps({"nwpu_presence": {"scorer": "bleu"}}))
+    with pytest.raises(DatasetError, match="unknown scorer 'bleu'"):
+        resolve_tasks(root, ["nwpu_presence"])
+
+
 # --------------------------------------------------------------------------- a whole run
 
 

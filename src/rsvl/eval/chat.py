@@ -50,7 +50,7 @@ from rsvl.eval.chat_scorers import (
 )
 from rsvl.eval.results import EvalResult, base_settings, finish, model_settings, subset_indices
 from rsvl.io import read_rgb, write_text
-from rsvl.models.chat import ChatModel
+from rsvl.models.chat import TASK_KINDS, ChatModel
 
 #: a benchmark JSON larger than this is refused (VHM_Eval's largest are a few MB)
 MAX_JSON_BYTES = 256 * 1024 * 1024
@@ -205,9 +205,36 @@ def _known() -> str:
     return ", ".join(sorted(t.name for t in TASKS.values() if t.scorer != "none"))
 
 
-def resolve_task(name: str, scorer: str | None = None) -> ChatTask:
+def folder_tasks(folder: str | Path) -> dict[str, ChatTask]:
+    """Tasks a folder declares in its ``tasks.json`` (``{name: {"scorer", "tag"}}``, as
+    ``rsvl data chat`` writes for rsvl's own val data): their scorer and VHM tag, so such a
+    folder is scored with ``--task all`` and no ``--scorer``. Absent file: no tasks."""
+    path = Path(folder) / "tasks.json"
+    if not path.is_file():
+        return {}
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
+        table = json.loads(path.read_text())
+        out = {}
+        for name, spec in table.items():
+            scorer, tag = str(spec["scorer"]), str(spec.get("tag", "it"))
+            if scorer != "none" and scorer not in SCORERS:
+                raise ValueError(f"task {name!r}: unknown scorer {scorer!r}")
+            if tag not in TASK_KINDS:
+                raise ValueError(f"task {name!r}: unknown tag {tag!r}")
+            if re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", str(name)):
+                out[str(name)] = ChatTask(str(name), scorer, tag, "")
+        return out
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DatasetError(f"{path}: not a task table ({e}).",
+                           hint="It maps each NAME to {\"scorer\": KIND, \"tag\": TAG}; fix or remove it.") from e
+
+
+def resolve_task(name: str, scorer: str | None = None, extra: dict[str, ChatTask] | None = None) -> ChatTask:
     """The :class:`ChatTask` of a file stem (``cls_AID``), a file name (``cls_AID.json``) or
-    an upstream key (``cls_aid``); ``scorer`` overrides the table and lets any file name in."""
+    an upstream key (``cls_aid``); ``extra``: a folder's own tasks (:func:`folder_tasks`);
+    ``scorer`` overrides the table and lets any file name in."""
     if scorer is not None and scorer not in SCORERS:
         raise PromptError(f"Unknown scorer {scorer!r}.", hint=f"Use one of: {', '.join(SCORERS)}.")
     stem = name[:-5] if name.endswith(".json") else name
@@ -215,7 +242,7 @@ def resolve_task(name: str, scorer: str | None = None) -> ChatTask:
         raise PromptError(f"Task name {name!r} is not a file name in the folder.",
                           hint="Give the JSON's name without a path, e.g. --task cls_AID.")
     stem = ALIASES.get(stem, stem)
-    task = TASKS.get(stem)
+    task = TASKS.get(stem) or (extra or {}).get(stem)
     if task is None:
         if scorer is None:
             raise PromptError(
@@ -244,16 +271,18 @@ def resolve_tasks(folder: str | Path, names: Sequence[str], scorer: str | None =
     if not names:
         raise PromptError("No task given.", hint=f"Pass --task NAME (or all). Known tasks: {_known()}.")
     tasks: list[ChatTask] = []
+    own = folder_tasks(root)
+    known = {**own, **TASKS}
     for name in names:
         if name == "all":
-            found = [TASKS[p.stem] for p in sorted(root.glob("*.json")) if p.stem in TASKS]
+            found = [known[p.stem] for p in sorted(root.glob("*.json")) if p.stem in known]
             found = [t if scorer is None else ChatTask(t.name, scorer, t.tag, t.upstream_key) for t in found
                      if scorer is not None or t.scorer != "none"]
             if not found:
                 raise DatasetError(f"No benchmark file in {root}.", hint=f"Expected NAME.json with NAME one of: {_known()}.")
             tasks.extend(found)
             continue
-        task = resolve_task(name, scorer)
+        task = resolve_task(name, scorer, own)
         if not (root / f"{task.name}.json").is_file():
             present = ", ".join(sorted(p.stem for p in root.glob("*.json"))) or "none"
             raise InputNotFoundError(f"{root / (task.name + '.json')} does not exist.",
