@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import shapely
 
-from rsvl.tasks.chat_answers import dedupe_boxes, parse_number, parse_yesno, question_kind, strip_box_markup
+from rsvl.tasks.chat_answers import (
+    dedupe_boxes,
+    parse_number,
+    parse_yesno,
+    question_kind,
+    strip_box_markup,
+)
 
 
 @pytest.mark.parametrize(("question", "kind"), [
