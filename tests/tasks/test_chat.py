@@ -226,3 +226,30 @@ def test_errors_before_any_window(tmp_path, scene):
         chat(BrightChat(), scene, "Describe this image.", temperature=-1)
     with pytest.raises(PromptError, match="max-new-tokens"):
         chat(BrightChat(), scene, "Describe this image.", max_new_tokens=0)
+
+
+def test_windows_without_a_valid_pixel_are_not_asked(tmp_path):
+    half = _scene(90, 90, [A])
+    half[:, :, 45:] = 0  # nodata: the right column of 45 px windows
+    src = write_raster(tmp_path / "half.tif", half, transform=ORIGIN, nodata=0)
+    model = BrightChat()
+    res = chat(model, src, "Describe this image.", tile=45, overlap=0)
+    assert [w["window"] for w in res.windows] == [0, 2] and len(model.calls) == 2
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 90, 90), np.uint8), transform=ORIGIN, nodata=0)
+    res = chat(model, empty, "Describe this image.", tile=45, overlap=0, out=tmp_path / "empty.gpkg")
+    assert res.windows == [] and "no window of the raster has a valid pixel" in res.combined
+    assert len(model.calls) == 2
+
+
+def test_rotated_rasters_keep_the_window_geometry(tmp_path):
+    import geopandas as gpd
+    from affine import Affine
+
+    rotated = ORIGIN * Affine.rotation(30)
+    src = write_raster(tmp_path / "rot.tif", _scene(64, 64, [(10, 20, 30, 40)]), transform=rotated)
+    out = tmp_path / "rot.geojson"
+    chat(BrightChat(), src, "Where is the roof?", out=out)
+    geom = gpd.read_file(out).geometry.iloc[0]
+    corners = [rotated * (30, 10), rotated * (40, 10), rotated * (40, 20), rotated * (30, 20)]
+    got = [c for xy in sorted(geom.exterior.coords[:-1]) for c in xy]
+    assert got == pytest.approx([c for xy in sorted(corners) for c in xy])

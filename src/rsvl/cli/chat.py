@@ -20,7 +20,7 @@ from rich.table import Table
 from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state, task_progress
-from rsvl.errors import PromptError, UnknownModelError
+from rsvl.errors import NoCRSError, PromptError, UnknownModelError
 from rsvl.geo.tiles import check_gsd, check_tiling
 
 #: words that end an interactive session (besides EOF)
@@ -80,9 +80,11 @@ def chat(
     elif out is not None:
         raise PromptError("--out needs a QUESTION (an interactive session writes no files).",
                           hint='Pass the question after the source, e.g. rsvl chat scene.tif "Where are the ships?" -o ships.gpkg.')
-    preflight.raster_file(source)
+    georeferenced = preflight.raster_file(source)
     check_generation(max_new_tokens, temperature, task)
-    check_gsd(gsd)
+    if check_gsd(gsd) and not georeferenced:
+        raise NoCRSError(f"{source} has no CRS, so a target GSD in ground units cannot be applied.",
+                         hint="Drop --gsd, or assign a CRS first (e.g. gdal_edit.py -a_srs EPSG:XXXX).")
     if tile is not None:
         check_tiling(tile, overlap if overlap is not None else 0)
     check_output(out, [source], overwrite=overwrite)

@@ -29,6 +29,10 @@ Works with any :class:`rsvl.models.chat.ChatModel` (VHM, GeoChat, mini-chat).
 
   ``ChatResult.combined`` says in one line how the answer was combined.
 
+Boxes are the model's axis-aligned boxes (fractions of the array it saw) taken through the
+window's transform; an oriented box's angle (GeoChat's ``|θ``) is kept as an attribute,
+not applied to the geometry.
+
 ``out`` (optional): ``.gpkg`` / ``.geojson`` / ``.parquet`` writes the boxes (grounding,
 and counts that carry boxes) or else the windows as polygons with their answers; ``.csv``
 writes one row per window. Every file is written under a temporary name and renamed when
@@ -260,8 +264,9 @@ def chat(
         n = announce_resampling(src, size, ov, default=default_gsd and target is not None)
         grid = TileGrid(src.width, src.height, size, ov)
         windows = _ask_windows(model, src, grid, question, history, ask, progress, n)
-        result = _combine(windows, question, kind, iou=iou, crs=src.crs if georef else None, settings=settings)
-        return _finish(result, out_path, src.crs if georef else None, overwrite, t0)
+        result, geoms = _combine(windows, question, kind, iou=iou, crs=src.crs if georef else None,
+                                 settings=settings)
+        return _finish(result, out_path, src.crs if georef else None, overwrite, t0, geoms)
 
 
 def _ask_image(model: ChatModel, rgb: np.ndarray, question: str, kind: str, history: list[tuple[str, str]],
@@ -357,9 +362,15 @@ def _ids(ws: Sequence[_Window]) -> str:
 
 
 def _combine(windows: list[_Window], question: str, kind: str, *, iou: float, crs: Any,
-             settings: dict[str, Any]) -> ChatResult:
-    """The combined answer of the windows for the question's kind (see the module doc)."""
+             settings: dict[str, Any]) -> tuple[ChatResult, dict[str, list[Any]]]:
+    """The combined answer of the windows for the question's kind (see the module doc), and
+    the box and window polygons in map coordinates (for the vector output)."""
     n = len(windows)
+    if n == 0:
+        settings["windows_asked"] = 0
+        return ChatResult(question, kind, "no answer: no window has a valid pixel",
+                          "no window of the raster has a valid pixel (all nodata)", settings=settings), \
+            {"boxes": [], "windows": []}
     overlap = int(settings.get("overlap") or 0)
     numbers = {w.id: parse_number(w.answer.text) for w in windows} if kind == "count" else {}
     yeses = {w.id: parse_yesno(w.answer.text) for w in windows} if kind == "yesno" else {}
@@ -429,19 +440,22 @@ def _combine(windows: list[_Window], question: str, kind: str, *, iou: float, cr
                           "total_s": round(sum(w.answer.total_s for w in windows), 4)}
     result = ChatResult(question, kind, answer, combined, number, yes, boxes, rows, settings=settings)
     result.settings["windows_asked"] = n
-    return result
+    return result, {"boxes": geoms, "windows": [w.footprint() for w in windows]}
 
 
-def _finish(result: ChatResult, out: Path | None, crs: Any, overwrite: bool, t0: float) -> ChatResult:
+def _finish(result: ChatResult, out: Path | None, crs: Any, overwrite: bool, t0: float,
+            geoms: dict[str, list[Any]] | None = None) -> ChatResult:
     if out is not None:
-        _write(result, out, crs, overwrite)
+        _write(result, out, crs, overwrite, geoms)
         result.outputs["table" if out.suffix.lower() == ".csv" else "vectors"] = str(out)
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
 
 
-def _write(result: ChatResult, out: Path, crs: Any, overwrite: bool) -> None:
-    """Boxes or windows as vectors, or the windows as a CSV table (see the module doc)."""
+def _write(result: ChatResult, out: Path, crs: Any, overwrite: bool, geoms: dict[str, list[Any]] | None) -> None:
+    """Boxes or windows as vectors, or the windows as a CSV table (see the module doc).
+    ``geoms``: the polygons of a raster's boxes and windows (exact also under a rotated
+    transform); an image's boxes are pixel rectangles."""
     model = result.settings.get("model")
     if out.suffix.lower() == ".csv":
         rows = result.windows or [{"window": 0, "answer": result.answer, "number": result.number,
@@ -453,19 +467,19 @@ def _write(result: ChatResult, out: Path, crs: Any, overwrite: bool) -> None:
             writer.writerow({**r, "question": result.question, "model": model})
         write_text(out, buf.getvalue())
         return
-    use_boxes = result.kind == "grounding" or bool(result.boxes) or not result.windows
+    use_boxes = not result.windows or result.kind == "grounding" or (result.kind == "count" and bool(result.boxes))
     if use_boxes:
         records = [{"window": b.get("window", 0), "label": b["label"], "angle": b["angle"],
                     "group": b.get("group", i), "answer": b.get("answer", result.answer),
                     "question": result.question, "model": model,
-                    "geometry": shapely.box(b["x1"], b["y1"], b["x2"], b["y2"])}
+                    "geometry": geoms["boxes"][i] if geoms else shapely.box(b["x1"], b["y1"], b["x2"], b["y2"])}
                    for i, b in enumerate(result.boxes)]
         columns = ["window", "label", "angle", "group", "answer", "question", "model", "geometry"]
     else:
         records = [{**{k: r[k] for k in ("window", "row", "col", "answer", "number", "yes", "boxes")},
                     "question": result.question, "model": model,
-                    "geometry": shapely.box(r["minx"], r["miny"], r["maxx"], r["maxy"])}
-                   for r in result.windows]
+                    "geometry": geoms["windows"][i] if geoms else shapely.box(r["minx"], r["miny"], r["maxx"], r["maxy"])}
+                   for i, r in enumerate(result.windows)]
         columns = ["window", "row", "col", "answer", "number", "yes", "boxes", "question", "model", "geometry"]
     gdf = gpd.GeoDataFrame(records, columns=columns, geometry="geometry", crs=crs)
     with warnings.catch_warnings():  # plain images: pixel coordinates, no CRS on purpose
