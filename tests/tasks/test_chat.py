@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_raster
+from conftest import shared_data, write_raster
 from PIL import Image
 from rasterio.transform import from_origin
 from scipy import ndimage
@@ -253,3 +253,56 @@ def test_rotated_rasters_keep_the_window_geometry(tmp_path):
     corners = [rotated * (30, 10), rotated * (40, 10), rotated * (40, 20), rotated * (30, 20)]
     got = [c for xy in sorted(geom.exterior.coords[:-1]) for c in xy]
     assert got == pytest.approx([c for xy in sorted(corners) for c in xy])
+
+
+class TreeOracle:
+    """Answers "how many trees" for each window of a known grid with the annotated trees
+    that lie wholly inside it (boxes as fractions of the window it is shown): what a
+    perfect model would say, window by window, in the order the windows stream."""
+
+    name = "tree-oracle"
+    image_size = 160
+
+    def __init__(self, trees, grid, height: int, width: int) -> None:
+        self.trees, self.grid, self.height, self.width = trees, grid, height, width
+        self.windows = iter(grid)
+
+    def chat(self, image, question, *, history=(), task=None, max_new_tokens=256, temperature=0.0, on_text=None):
+        _, _, win = next(self.windows)
+        c0, r0 = int(win.col_off), int(win.row_off)
+        h, w = min(160, self.height - r0), min(160, self.width - c0)
+        assert image.shape == (h, w, 3)
+        inside = [(x1, y1, x2, y2) for x1, y1, x2, y2 in self.trees
+                  if x1 >= c0 and y1 >= r0 and x2 <= c0 + w and y2 <= r0 + h]
+        boxes = [Box((x1 - c0) / w, (y1 - r0) / h, (x2 - c0) / w, (y2 - r0) / h, label="tree")
+                 for x1, y1, x2, y2 in inside]
+        return ChatAnswer(f"There are {len(boxes)} trees.", boxes)
+
+
+@pytest.mark.realdata
+def test_real_raster_counts_every_annotated_tree_once(tmp_path):
+    import geopandas as gpd
+    import rasterio
+
+    from rsvl.geo.tiles import TileGrid
+
+    tif = shared_data("geotiff", "OSBS_029.tif")
+    trees = [tuple(int(r[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+             for r in csv.DictReader(shared_data("geotiff", "OSBS_029.csv").open())]
+    with rasterio.open(tif) as ds:
+        height, width, transform = ds.height, ds.width, ds.transform
+    # 160 px windows overlapping by 64: every tree (at most 59 x 64 px) lies wholly in one
+    grid = TileGrid(width, height, 160, 64)
+    out = tmp_path / "trees.gpkg"
+    res = chat(TreeOracle(trees, grid, height, width), tif, "How many trees are there?", tile=160, overlap=64,
+               out=out)
+    assert len(res.windows) == len(grid) == 16
+    assert sum(w["number"] for w in res.windows) > len(trees)  # trees in overlaps, seen twice or more
+    assert res.number == len(trees) == 61
+    assert f"{sum(w['number'] for w in res.windows) - 61} duplicates" in res.combined
+    gdf = gpd.read_file(out)
+    assert gdf.crs.to_epsg() == 32617 and gdf["group"].nunique() == 61
+    got = sorted(tuple(round(v, 6) for v in g.bounds) for g in gdf.drop_duplicates("group").geometry)
+    want = sorted(tuple(round(v, 6) for v in (*(transform * (x1, y2)), *(transform * (x2, y1))))
+                  for x1, y1, x2, y2 in trees)
+    assert got == want
