@@ -134,6 +134,7 @@ def test_errors_are_one_line_before_the_model_loads(no_model, png, tmp_path, cap
     _fails(["chat", png, "How many?", "--max-new-tokens", "0"], capsys, "--max-new-tokens")
     _fails(["chat", png, "How many?", "--task", "qa"], capsys, "unknown task kind")
     _fails(["chat", png, "How many?", "--tile", "8"], capsys, "tile size")
+    _fails(["chat", png, "How many?", "--iou", "0"], capsys, "--iou must be in (0, 1]")
     _fails(["chat", png, "How many?", "--gsd", "-1"], capsys, "GSD")
     _fails(["chat", png, "How many?", "--gsd", "0.5"], capsys, "has no CRS")
     _fails(["chat", png, "How many?", "-o", tmp_path / "x.txt"], capsys, "unknown output format")

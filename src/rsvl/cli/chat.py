@@ -71,6 +71,7 @@ def chat(
     from rsvl.tasks.chat import (
         ChatSession,  # lazy: torch start-up, see rsvl.cli
         check_generation,  # lazy: torch start-up, see rsvl.cli
+        check_iou,  # lazy: torch start-up, see rsvl.cli
         check_output,  # lazy: torch start-up, see rsvl.cli
         check_question,  # lazy: torch start-up, see rsvl.cli
     )
@@ -82,6 +83,7 @@ def chat(
                           hint='Pass the question after the source, e.g. rsvl chat scene.tif "Where are the ships?" -o ships.gpkg.')
     georeferenced = preflight.raster_file(source)
     check_generation(max_new_tokens, temperature, task)
+    check_iou(iou)
     if check_gsd(gsd) and not georeferenced:
         raise NoCRSError(f"{source} has no CRS, so a target GSD in ground units cannot be applied.",
                          hint="Drop --gsd, or assign a CRS first (e.g. gdal_edit.py -a_srs EPSG:XXXX).")

@@ -75,6 +75,7 @@ __all__ = [
     "ChatSession",
     "chat",
     "check_generation",
+    "check_iou",
     "check_output",
     "check_question",
 ]
@@ -130,6 +131,12 @@ def check_generation(max_new_tokens: int, temperature: float, task: str | None =
                           hint="0 is greedy decoding (the same answer every time).")
     if task is not None and task not in TASK_KINDS:
         raise PromptError(f"unknown task kind {task!r}.", hint=f"Use one of {', '.join(TASK_KINDS)}.")
+
+
+def check_iou(iou: float) -> None:
+    """Refuse an ``iou`` (boxes of two windows this similar are one object) outside (0, 1]."""
+    if not 0.0 < float(iou) <= 1.0:
+        raise PromptError(f"--iou must be in (0, 1], got {iou}.", hint="The default 0.5 is the usual choice.")
 
 
 def check_output(out: str | os.PathLike[str] | None, sources: Sequence[str | os.PathLike[str]] = (), *,
@@ -216,8 +223,7 @@ def chat(
     t0 = time.perf_counter()
     question = check_question(question)
     check_generation(max_new_tokens, temperature, task)
-    if not 0.0 < iou <= 1.0:
-        raise PromptError(f"iou must be in (0, 1], got {iou}.", hint="The default 0.5 is the usual choice.")
+    check_iou(iou)
     gsd = check_gsd(gsd)
     if tile is not None:
         check_tiling(tile, overlap if overlap is not None else 0)
