@@ -26,18 +26,23 @@ class SpotChat:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[tuple[str, str]]]] = []
+        self.streamed: list[bool] = []
 
     def chat(self, image, question, *, history=(), task=None, max_new_tokens=256, temperature=0.0, on_text=None):
         self.calls.append((question, [tuple(t) for t in history]))
+        self.streamed.append(on_text is not None)
         h, w = image.shape[:2]
         labels, n = ndimage.label(image.mean(2) > 128)
         boxes = [Box(s[1].start / w, s[0].start / h, s[1].stop / w, s[0].stop / h, label="spot")
                  for s in ndimage.find_objects(labels)]
         if "how many" in question.lower():
-            return ChatAnswer(f"{n}", boxes)
-        if history:
-            return ChatAnswer(f"you asked: {history[-1][0]}")
-        return ChatAnswer("a dark image")
+            text, found = f"{n}", boxes
+        else:
+            text, found = (f"you asked: {history[-1][0]}" if history else "a dark image"), []
+        if on_text is not None:  # streamed in two pieces
+            on_text(text[:3])
+            on_text(text[3:])
+        return ChatAnswer(text, found)
 
 
 def _image(h: int, w: int, spots: list[tuple[int, int, int, int]]) -> np.ndarray:
@@ -66,6 +71,17 @@ def test_one_question_prints_the_answer_and_boxes(model, png, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "1"
     assert "box 1 spot: 30, 10, 45, 20 (pixel)" in out
+    assert model.streamed == [False]  # not a terminal: printed whole
+
+
+def test_answers_stream_on_a_terminal_and_print_once(model, png, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Describe it.\nWhat did I ask?\n"))
+    assert main(["chat", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["a dark image", "you asked: Describe it."] and model.streamed == [True, True]
 
 
 def test_json_document(model, png, capsys):

@@ -91,16 +91,19 @@ def chat(
         check_tiling(tile, overlap if overlap is not None else 0)
     check_output(out, [source], overwrite=overwrite)
     m = load_chat_model(model, weights, device)
+    # one image on a terminal: the answer appears as it is generated
+    stream = Stream() if not as_json and not georeferenced and tile is None and sys.stdout.isatty() else None
     session = ChatSession(m, source, out=out, gsd=gsd, tile=tile, overlap=overlap, bands=parse_bands(bands),
                           iou=iou, max_new_tokens=max_new_tokens, temperature=temperature, task=task,
-                          overwrite=overwrite, progress=task_progress("chat", unit="windows"), model_name=model)
+                          overwrite=overwrite, progress=task_progress("chat", unit="windows"), model_name=model,
+                          on_text=stream)
     console = Console(highlight=False)
     if question is not None:
         result = session.ask(question)
         if as_json:
             emit_json(result.to_dict())
         else:
-            _print(console, result)
+            _print(console, result, stream)
         return
     interactive = sys.stdin.isatty()
     if interactive and not as_json:
@@ -118,16 +121,32 @@ def chat(
             break
         result = session.ask(text)
         if not as_json:
-            _print(console, result)
+            _print(console, result, stream)
     if as_json:
         emit_json({"source": str(source), "model": model,
                    "turns": [r.to_dict() for r in session.results]})
 
 
-def _print(console: Console, result: Any) -> None:
+class Stream:
+    """``on_text`` for a terminal: writes each piece of the answer as it is generated and
+    remembers whether anything was written (the answer is then not printed again)."""
+
+    def __init__(self) -> None:
+        self.wrote = False
+
+    def __call__(self, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        self.wrote = True
+
+
+def _print(console: Console, result: Any, stream: Stream | None = None) -> None:
     """The answer, then (for a raster) how it was combined, the boxes and the outputs."""
     windows = result.windows
-    if windows and result.kind in ("describe", "other") and len(windows) > 1:
+    if stream is not None and stream.wrote:
+        stream.wrote = False
+        console.print()  # the answer is on the screen already
+    elif windows and result.kind in ("describe", "other") and len(windows) > 1:
         t = Table(show_edge=False)
         for col in ("window", "bounds", "answer"):
             t.add_column(col)
