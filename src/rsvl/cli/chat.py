@@ -4,7 +4,8 @@ With a QUESTION the answer is printed (``--json``: the answer, its parsed boxes,
 yes/no, how a raster's windows were combined, and the settings). Without one, questions are
 read from stdin one per line until EOF or ``exit`` (a terminal, or a pipe: ``printf 'How
 many ships?\\nWhere are they?\\n' | rsvl chat scene.tif``), and every answer sees the
-earlier turns; ``--json`` then prints one document with every turn at the end.
+earlier turns; ``--json`` then prints one document with every turn at the end. On a
+terminal the answer about a single image appears as it is generated.
 """
 
 from __future__ import annotations
