@@ -140,3 +140,31 @@ def test_instances_goes_to_an_instance_model(tmp_path):
     with pytest.raises(UnknownModelError, match="does not serve 'instances'") as e:
         colour_model().instances("x.png", tmp_path / "o")
     assert "mini-instances" in e.value.hint
+
+
+class AnswerChat:
+    """A chat model that says what it was asked and how many earlier turns it saw."""
+
+    name = "answer-chat"
+    image_size = 32
+
+    def chat(self, image, question, *, history=(), task=None, max_new_tokens=256, temperature=0.0, on_text=None):
+        from rsvl.models.chat import Box, ChatAnswer
+
+        return ChatAnswer(f"{len(history)} earlier, {image.shape[1]}x{image.shape[0]}: {question}",
+                          [Box(0.5, 0.25, 1.0, 0.75)])
+
+
+def test_chat_on_arrays_and_files_with_history(tmp_path):
+    from types import SimpleNamespace
+
+    m = Model(AnswerChat(), SimpleNamespace(name="answer-chat", family="test", tasks=("chat",)))
+    res = m.chat(solid(0), "Describe this image.")
+    assert res.answer == "0 earlier, 50x40: Describe this image." and res.kind == "describe"
+    assert res.boxes[0]["x1"] == 25.0 and res.boxes[0]["y2"] == 30.0  # fractions of 50 x 40 pixels
+    assert res.settings["model"] == "answer-chat"
+    Image.fromarray(solid(1)).save(tmp_path / "g.png")
+    res = m.chat(str(tmp_path / "g.png"), "And now?", history=[("Describe this image.", res.answer)])
+    assert res.answer == "1 earlier, 50x40: And now?"
+    with pytest.raises(UnknownModelError, match="does not serve 'chat'"):
+        colour_model().chat(solid(0), "Describe this image.")

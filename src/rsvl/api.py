@@ -7,6 +7,7 @@
     model.classify("scene.png", "farmland|cropland, forest, river, residential")
     model.classify([rgb_array, other_array], ["farmland", "forest"], top_k=3)
     model.segment("ortho.tif", "forest|trees, water, buildings", out="out/ortho")
+    rsvl.load("mini-chat").chat("scene.png", "How many airplanes are there?").answer
     model.encode_text(["a stadium next to a river"])        # the network's own methods
 
 The object returned is a :class:`Model`: the family's network (``model.module``) plus the
@@ -27,6 +28,7 @@ from rsvl.data.classes import ClassSpec, parse_class_list
 from rsvl.errors import PromptError, UnknownModelError
 from rsvl.models import registry
 from rsvl.tasks import classify as task
+from rsvl.tasks.chat import chat
 from rsvl.tasks.instances import instances
 from rsvl.tasks.refer import refer
 from rsvl.tasks.search import build, search
@@ -161,6 +163,18 @@ class Model:
         self._require("instances")
         kwargs.setdefault("model_name", self.card.name)
         return instances(self.module, source, out, **kwargs)
+
+    def chat(self, image: str | os.PathLike[str] | Any, question: str,
+             history: Sequence[tuple[str, str]] | None = None, **kwargs: Any) -> Any:
+        """Ask ``question`` about an image (a path or an (H, W, 3) uint8 array) or a raster
+        (asked window by window, the answers combined by the kind of question); ``history``:
+        earlier (question, answer) turns. Returns a :class:`rsvl.tasks.chat.ChatResult`
+        (:func:`rsvl.tasks.chat.chat`: ``out``, ``gsd``, ``tile``, ``max_new_tokens``,
+        ``temperature``...)."""
+
+        self._require("chat")
+        kwargs.setdefault("model_name", self.card.name)
+        return chat(self.module, image, question, history=history or (), **kwargs)
 
 
 def _cards_for(task: str) -> list[Any]:
