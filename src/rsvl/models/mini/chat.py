@@ -24,6 +24,7 @@ import inspect
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,9 +180,11 @@ class MiniChat(nn.Module):
         if lora:
             from peft import LoraConfig, get_peft_model  # lazy: peft imports transformers (4.5 s)
 
-            language_model = get_peft_model(language_model, LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=list(config.lora_targets), bias="none"))
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+                warnings.simplefilter("ignore", FutureWarning)
+                language_model = get_peft_model(language_model, LoraConfig(
+                    r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    target_modules=list(config.lora_targets), bias="none"))
         self.llm = language_model
         #: the LoRA tensors folded into the language model by :meth:`merge_adapters`
         self.merged: dict[str, torch.Tensor] = {}
