@@ -8,7 +8,8 @@
 layout (one CLIP layer, the tower inside the checkpoint at 336 px, or in ``vision_tower/``).
 
 Shapes: LLaMA 2 x 32 wide with a ~330-piece SentencePiece BPE vocabulary (byte fallback, so
-"\\n" is ``<0x0A>`` as in LLaMA), CLIP 3 x 16 wide with 84 px patches: 336 px -> 4 x 4 = 16
+"\\n" is ``<0x0A>`` as in LLaMA), CLIP 3 x 128 wide (64 per head, as every OpenAI CLIP:
+a tower inside a GeoChat checkpoint has no config, its heads are width / 64) with 84 px patches: 336 px -> 4 x 4 = 16
 image tokens (VHM), 504 px -> 6 x 6 = 36 (GeoChat). Everything is random but seeded.
 
 The tokenizer file is written with the SentencePiece protobuf schema that transformers ships
@@ -35,7 +36,7 @@ WORDS = (
 )
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;'?!{}[]<>()|-_/ "
 VISION: dict[str, Any] = {
-    "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2,
     "image_size": 336, "patch_size": 84, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
     "projection_dim": 8,
 }
