@@ -11,7 +11,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from models.llava.tiny import tiny_text_config, tiny_vision_config, write_tiny_geochat, write_tiny_vhm
+from models.llava.tiny import (
+    tiny_text_config,
+    tiny_vision_config,
+    write_tiny_geochat,
+    write_tiny_vhm,
+)
 from torch.nn import functional as F
 from transformers import CLIPVisionModel, LlamaForCausalLM
 

@@ -113,15 +113,29 @@ class LlavaChat(nn.Module):
         self.feature_layers: list[int] = list(layers) if isinstance(layers, (list, tuple)) else [int(layers)]
         vision = cfg.vision_config
         self.num_image_tokens = (self.image_size // vision.patch_size) ** 2
-        layout = layout_of(net)
-        self.vision_tower = net.get_submodule(layout.vision.rstrip("."))
-        self.projector = net.get_submodule(layout.projector.rstrip("."))
-        self.decoder = net.get_submodule(layout.text.rstrip("."))
-        self.lm_head = net.get_submodule(layout.lm_head[: -len(".weight")])
+        #: where the parts live inside ``net`` (transformers' names vary by release)
+        self.layout = layout_of(net)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     # ------------------------------------------------------------------ pieces
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.net.get_submodule(self.layout.vision.rstrip("."))
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.net.get_submodule(self.layout.projector.rstrip("."))
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LLaMA without its head (``LlamaModel``)."""
+        return self.net.get_submodule(self.layout.text.rstrip("."))
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.net.get_submodule(self.layout.lm_head[: -len(".weight")])
 
     @property
     def device(self) -> torch.device:
