@@ -40,7 +40,7 @@ def _read_folder(folder):
 def _clip(sd, image_size):
     clip = CLIPVisionModel(tiny_vision_config(image_size)).eval()
     if not any(k.startswith("vision_model.") for k in clip.state_dict()):  # transformers 5.x
-        sd = {k[len("vision_model."):]: v for k, v in sd.items()}
+        sd = {k[len("vision_model.") :]: v for k, v in sd.items()}
     clip.load_state_dict(sd, strict=True)
     return clip
 
@@ -58,25 +58,44 @@ def _geochat_pos(pos, new_side):
 
 def direct_logits(model: LlavaChat, text_sd, vision_sd, layers, image_size, question, task):
     llama = LlamaForCausalLM(tiny_text_config()).eval()
-    llama.load_state_dict({k: v for k, v in text_sd.items() if "mm_projector" not in k
-                           and "rotary_emb" not in k and "vision_tower" not in k}, strict=True)
+    llama.load_state_dict(
+        {
+            k: v
+            for k, v in text_sd.items()
+            if "mm_projector" not in k and "rotary_emb" not in k and "vision_tower" not in k
+        },
+        strict=True,
+    )
     side = image_size // tiny_vision_config().patch_size
     vision_sd = dict(vision_sd)
     vision_sd["vision_model.embeddings.position_embedding.weight"] = _geochat_pos(
-        vision_sd["vision_model.embeddings.position_embedding.weight"], side)
+        vision_sd["vision_model.embeddings.position_embedding.weight"], side
+    )
     clip = _clip(vision_sd, image_size)
     pixels = preprocess_image(IMAGE, image_size)
     with torch.no_grad():
         hs = clip(pixels, output_hidden_states=True).hidden_states
         feats = torch.cat([hs[i][:, 1:] for i in layers], dim=-1)
-        proj = F.linear(F.gelu(F.linear(feats, text_sd["model.mm_projector.0.weight"],
-                                        text_sd["model.mm_projector.0.bias"])),
-                        text_sd["model.mm_projector.2.weight"], text_sd["model.mm_projector.2.bias"])
+        proj = F.linear(
+            F.gelu(
+                F.linear(
+                    feats,
+                    text_sd["model.mm_projector.0.weight"],
+                    text_sd["model.mm_projector.0.bias"],
+                )
+            ),
+            text_sd["model.mm_projector.2.weight"],
+            text_sd["model.mm_projector.2.bias"],
+        )
         tok = model.tokenizer
-        ids = tokenize_prompt(build_prompt(question, variant=model.variant, task=task),
-                              lambda t: tok.encode(t, add_bos=False), tok.bos_id, -200)
+        ids = tokenize_prompt(
+            build_prompt(question, variant=model.variant, task=task),
+            lambda t: tok.encode(t, add_bos=False),
+            tok.bos_id,
+            -200,
+        )
         at = ids.index(-200)
-        emb = llama.get_input_embeddings()(torch.tensor([ids[:at] + ids[at + 1:]]))
+        emb = llama.get_input_embeddings()(torch.tensor([ids[:at] + ids[at + 1 :]]))
         seq = torch.cat([emb[:, :at], proj, emb[:, at:]], dim=1)
         return llama(inputs_embeds=seq).logits, pixels
 
@@ -95,8 +114,9 @@ def test_vhm_logits_match_the_direct_computation(vhm, vhm_folder):
     assert isinstance(vhm, LlavaChat) and vhm.name == "vhm-7b" and vhm.variant == "vhm"
     assert vhm.feature_layers == [1, 2, 3] and vhm.num_image_tokens == 16 and vhm.image_size == 336
     vision = torch.load(vhm_folder / "vision_tower" / "pytorch_model.bin", weights_only=True)
-    want, pixels = direct_logits(vhm, _read_folder(vhm_folder), vision, [1, 2, 3], 336,
-                                 "What is in this image?", "cls")
+    want, pixels = direct_logits(
+        vhm, _read_folder(vhm_folder), vision, [1, 2, 3], 336, "What is in this image?", "cls"
+    )
     ids = vhm.prompt_ids("What is in this image?", task="cls")
     got = vhm(torch.tensor([ids]), pixels)
     assert got.shape[1] == want.shape[1] == len(ids)
@@ -111,7 +131,7 @@ def test_geochat_logits_match_with_the_504_px_interpolated_tower(tmp_path, embed
     text = _read_folder(folder)
     if embed_tower:
         prefix = "model.vision_tower.vision_tower."
-        vision = {k[len(prefix):]: v for k, v in text.items() if k.startswith(prefix)}
+        vision = {k[len(prefix) :]: v for k, v in text.items() if k.startswith(prefix)}
     else:
         vision = torch.load(folder / "vision_tower" / "pytorch_model.bin", weights_only=True)
     want, pixels = direct_logits(model, text, vision, [-2], 504, "Where is the plane?", "vg")
@@ -171,7 +191,10 @@ def test_no_folder_anywhere_says_what_to_download_where(tmp_path, monkeypatch):
     monkeypatch.setenv("RSVL_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="not on this machine") as err:
         registry.load("geochat-7b")
-    assert "MBZUAI/geochat-7B" in err.value.hint and str(tmp_path / "cache" / "geochat-7b") in err.value.hint
+    assert (
+        "MBZUAI/geochat-7B" in err.value.hint
+        and str(tmp_path / "cache" / "geochat-7b") in err.value.hint
+    )
     with pytest.raises(WeightsNotFoundError, match="no config.json"):
         registry.load("vhm-7b", weights=tmp_path)
 
@@ -223,11 +246,23 @@ def vhm_dtype(model: LlavaChat) -> torch.dtype:
 
 
 def test_build_gives_a_random_model_of_any_size():
-    model = registry.build("geochat-7b", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=4, vocab_size=50,
-                           vision={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                                   "num_attention_heads": 2, "patch_size": 84},
-                           image_size=168)
+    model = registry.build(
+        "geochat-7b",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=50,
+        vision={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 84,
+        },
+        image_size=168,
+    )
     assert model.variant == "geochat" and model.num_image_tokens == 4 and model.image_token_id == 50
     logits = model(torch.tensor([[1, 5] + [50] * 4 + [7]]), preprocess_image(IMAGE, 168))
     assert logits.shape == (1, 7, 51)

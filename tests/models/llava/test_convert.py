@@ -21,10 +21,14 @@ from rsvl.models.llava.convert import (
 
 def _llava_sd() -> dict[str, torch.Tensor]:
     return {
-        "model.embed_tokens.weight": torch.zeros(5, 4), "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 4),
-        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(2), "model.norm.weight": torch.ones(4),
-        "lm_head.weight": torch.zeros(5, 4), "model.mm_projector.0.weight": torch.zeros(4, 6),
-        "model.mm_projector.0.bias": torch.zeros(4), "model.mm_projector.2.weight": torch.zeros(4, 4),
+        "model.embed_tokens.weight": torch.zeros(5, 4),
+        "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 4),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(2),
+        "model.norm.weight": torch.ones(4),
+        "lm_head.weight": torch.zeros(5, 4),
+        "model.mm_projector.0.weight": torch.zeros(4, 6),
+        "model.mm_projector.0.bias": torch.zeros(4),
+        "model.mm_projector.2.weight": torch.zeros(4, 4),
         "model.mm_projector.2.bias": torch.zeros(4),
     }
 
@@ -34,8 +38,12 @@ def test_split_sorts_llama_projector_and_an_embedded_tower_and_drops_buffers():
     sd["model.vision_tower.vision_tower.vision_model.embeddings.class_embedding"] = torch.zeros(3)
     sd["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.zeros(1, 5)
     parts = split_checkpoint(sd)
-    assert set(parts.text) == {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
-                               "model.norm.weight", "lm_head.weight"}
+    assert set(parts.text) == {
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    }
     assert set(parts.projector) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert set(parts.vision) == {"vision_model.embeddings.class_embedding"}
 
@@ -52,8 +60,11 @@ def test_split_refuses_foreign_keys_and_a_missing_projector():
 
 def test_geochat_interpolation_keeps_cls_and_corners_and_keeps_the_grid_orientation():
     side, dim = 4, 3
-    yy, xx = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32),
+        torch.arange(side, dtype=torch.float32),
+        indexing="ij",
+    )
     plane = torch.stack([xx, yy, 2 * xx - yy], dim=-1).reshape(side * side, dim)  # row-major grid
     weight = torch.cat([torch.full((1, dim), 7.0), plane])
     out = interpolate_position_embedding(weight, 6)
@@ -79,7 +90,12 @@ def test_added_rows_are_the_mean_row():
 
 
 def test_shards_named_by_the_index_are_read_and_safetensors_twins_accepted(tmp_path):
-    index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
+    index = {
+        "weight_map": {
+            "a": "pytorch_model-00001-of-00002.bin",
+            "b": "pytorch_model-00002-of-00002.bin",
+        }
+    }
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     torch.save({"a": torch.ones(2)}, tmp_path / "pytorch_model-00001-of-00002.bin")
     save_file({"b": torch.zeros(3)}, str(tmp_path / "pytorch_model-00002-of-00002.safetensors"))
@@ -104,26 +120,54 @@ def test_the_variant_comes_from_the_config_contents_not_its_model_type():
 
 
 def test_llava_config_carries_the_layers_and_refuses_other_projectors():
-    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": [1, 2]}
-    vision = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 1,
-              "patch_size": 14}
+    base = {
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": [1, 2],
+    }
+    vision = {
+        "hidden_size": 4,
+        "intermediate_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 1,
+        "patch_size": 14,
+    }
     cfg = llava_config(base, vision, image_size=56, image_token_id=10)
     assert cfg.vision_feature_layer == [1, 2] and cfg.text_config.vocab_size == 11
     assert cfg.vision_config.image_size == 56 and cfg.image_seq_length == 16
     with pytest.raises(CheckpointMismatchError, match="mlp2x_gelu projectors only"):
-        llava_config({**base, "mm_projector_type": "linear"}, vision, image_size=56, image_token_id=10)
+        llava_config(
+            {**base, "mm_projector_type": "linear"}, vision, image_size=56, image_token_id=10
+        )
     with pytest.raises(CheckpointMismatchError, match="mm_use_im_start_end"):
-        llava_config({**base, "mm_use_im_start_end": True}, vision, image_size=56, image_token_id=10)
+        llava_config(
+            {**base, "mm_use_im_start_end": True}, vision, image_size=56, image_token_id=10
+        )
 
 
 def test_vision_shape_is_read_from_the_weights():
-    sd = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(1024, 3, 14, 14),
-          "vision_model.embeddings.position_embedding.weight": torch.zeros(577, 1024),
-          **{f"vision_model.encoder.layers.{i}.mlp.fc1.weight": torch.zeros(4096, 1024) for i in range(24)}}
+    sd = {
+        "vision_model.embeddings.patch_embedding.weight": torch.zeros(1024, 3, 14, 14),
+        "vision_model.embeddings.position_embedding.weight": torch.zeros(577, 1024),
+        **{
+            f"vision_model.encoder.layers.{i}.mlp.fc1.weight": torch.zeros(4096, 1024)
+            for i in range(24)
+        },
+    }
     fields = infer_vision_fields(sd)
-    assert fields == {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                      "num_attention_heads": 16, "patch_size": 14, "image_size": 336,
-                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+    assert fields == {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 336,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    }
     with pytest.raises(CheckpointMismatchError, match="not a CLIP vision model"):
         infer_vision_fields({})

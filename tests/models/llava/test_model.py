@@ -31,28 +31,39 @@ def test_padding_centres_the_image_on_the_clip_mean_colour():
     assert (sq[0] == (122, 116, 104)).all() and (sq[3] == (122, 116, 104)).all()
     assert (sq[1:3] == 9).all()
     tall = expand_to_square(np.zeros((5, 2, 3), np.uint8), (1, 2, 3))
-    assert (tall[:, 0] == (1, 2, 3)).all() and (tall[:, 1:3] == 0).all() and (tall[:, 4] == (1, 2, 3)).all()
+    assert (
+        (tall[:, 0] == (1, 2, 3)).all()
+        and (tall[:, 1:3] == 0).all()
+        and (tall[:, 4] == (1, 2, 3)).all()
+    )
 
 
 def test_preprocessing_normalises_like_clip_without_resampling_a_square_of_the_right_size():
     img = (np.arange(4 * 4 * 3) % 256).astype(np.uint8).reshape(4, 4, 3)
     got = preprocess_image(img, 4)
-    want = (torch.tensor(img).permute(2, 0, 1).float() / 255 - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) \
-        / torch.tensor(OPENAI_STD).view(3, 1, 1)
+    want = (
+        torch.tensor(img).permute(2, 0, 1).float() / 255 - torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    ) / torch.tensor(OPENAI_STD).view(3, 1, 1)
     torch.testing.assert_close(got[0], want)
 
 
 def test_preprocessing_agrees_with_transformers_llava_processor_to_one_grey_level():
     from transformers import LlavaImageProcessor
 
-    proc = LlavaImageProcessor(do_pad=True, size={"shortest_edge": 336},
-                               crop_size={"height": 336, "width": 336},
-                               image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+    proc = LlavaImageProcessor(
+        do_pad=True,
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=list(OPENAI_MEAN),
+        image_std=list(OPENAI_STD),
+    )
     ref = proc(images=IMAGE, return_tensors="pt")["pixel_values"]
     got = preprocess_image(IMAGE, 336)
     assert got.shape == ref.shape == (1, 3, 336, 336)
     diff = (got - ref).abs()
-    assert diff.max() < 2.01 / 255 / min(OPENAI_STD) and diff.mean() < 1e-3  # upstream rounds to uint8
+    assert (
+        diff.max() < 2.01 / 255 / min(OPENAI_STD) and diff.mean() < 1e-3
+    )  # upstream rounds to uint8
 
 
 def test_bad_images_are_refused(model):
@@ -65,7 +76,9 @@ def test_bad_images_are_refused(model):
 def test_chat_is_a_chat_model_greedy_and_deterministic_and_streams_its_text(model):
     assert isinstance(model, ChatModel) and model.image_size == 336
     pieces: list[str] = []
-    one = model.chat(IMAGE, "What is in this image?", task="cls", max_new_tokens=6, on_text=pieces.append)
+    one = model.chat(
+        IMAGE, "What is in this image?", task="cls", max_new_tokens=6, on_text=pieces.append
+    )
     two = model.chat(IMAGE, "What is in this image?", task="cls", max_new_tokens=6)
     assert isinstance(one, ChatAnswer) and one.text == two.text
     assert "".join(pieces) == one.text
@@ -119,8 +132,9 @@ def test_chat_stops_at_eos_and_parses_the_boxes_of_the_answer(model):
     ids = tok.encode("[100, 250, 300, 400] plane", add_bos=False) + [tok.eos_id, 5, 6]
     pieces: list[str] = []
     with scripted(model, ids):
-        answer = model.chat(IMAGE, "Where is the plane?", task="vg", max_new_tokens=50,
-                            on_text=pieces.append)
+        answer = model.chat(
+            IMAGE, "Where is the plane?", task="vg", max_new_tokens=50, on_text=pieces.append
+        )
     assert answer.text == "[100, 250, 300, 400] plane"
     assert answer.new_tokens == ids.index(tok.eos_id)
     assert answer.boxes == [Box(0.1, 0.25, 0.3, 0.4)]

@@ -23,7 +23,9 @@ def test_vhm_out_of_range_values_are_clipped_and_malformed_lists_skipped():
 
 
 def test_geochat_oriented_boxes_with_angles_and_labels():
-    text = "<p>plane</p> {<10><20><30><40>|45}{<50><50><60><70>|-30} and <p>ship</p> {<0><5><100><95>}"
+    text = (
+        "<p>plane</p> {<10><20><30><40>|45}{<50><50><60><70>|-30} and <p>ship</p> {<0><5><100><95>}"
+    )
     assert parse_geochat_boxes(text) == [
         Box(0.1, 0.2, 0.3, 0.4, angle=45.0, label="plane"),
         Box(0.5, 0.5, 0.6, 0.7, angle=-30.0, label="plane"),
@@ -32,11 +34,15 @@ def test_geochat_oriented_boxes_with_angles_and_labels():
 
 
 def test_geochat_box_without_label_and_with_bracketed_angle():
-    assert parse_geochat_boxes("{<25><25><75><75>|<90>}") == [Box(0.25, 0.25, 0.75, 0.75, angle=90.0)]
+    assert parse_geochat_boxes("{<25><25><75><75>|<90>}") == [
+        Box(0.25, 0.25, 0.75, 0.75, angle=90.0)
+    ]
     assert parse_geochat_boxes("{<1><2><3>}") == []
 
 
-@pytest.mark.parametrize(("variant", "text", "n"), [("vhm", "[1,2,3,4]", 1), ("geochat", "[1,2,3,4]", 0),
-                                                   ("geochat", "{<1><2><3><4>|0}", 1)])
+@pytest.mark.parametrize(
+    ("variant", "text", "n"),
+    [("vhm", "[1,2,3,4]", 1), ("geochat", "[1,2,3,4]", 0), ("geochat", "{<1><2><3><4>|0}", 1)],
+)
 def test_each_variant_reads_only_its_own_format(variant, text, n):
     assert len(parse_boxes(text, variant)) == n

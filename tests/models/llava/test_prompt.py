@@ -22,8 +22,10 @@ def test_vhm_template_is_vicuna_v1_with_the_task_tag_after_the_image():
     assert got == VHM_SYS + " USER: <image>\n{CLS} What is in this image? ASSISTANT:"
 
 
-@pytest.mark.parametrize(("task", "tag"), [("cls", "{CLS}"), ("vqa", "{VQA}"), ("vg", "{VG}"),
-                                           ("idk", "{IDK}"), ("it", "{IT}")])
+@pytest.mark.parametrize(
+    ("task", "tag"),
+    [("cls", "{CLS}"), ("vqa", "{VQA}"), ("vg", "{VG}"), ("idk", "{IDK}"), ("it", "{IT}")],
+)
 def test_every_vhm_task_kind_has_its_tag(task, tag):
     assert tag_question(" Is there a ship? ", task, "vhm") == f"{tag} Is there a ship?"
 
@@ -41,10 +43,16 @@ def test_geochat_uses_llava_v1_and_refer_for_grounding_only():
 
 
 def test_history_turns_end_with_eos_and_the_image_stays_in_the_first_turn():
-    got = build_prompt("How many?", variant="vhm", task="vqa",
-                       history=[("What is it?", "A harbour."), ("Ships?", "Yes.")])
-    assert got == (VHM_SYS + " USER: <image>\nWhat is it? ASSISTANT: A harbour.</s>"
-                   "USER: Ships? ASSISTANT: Yes.</s>USER: {VQA} How many? ASSISTANT:")
+    got = build_prompt(
+        "How many?",
+        variant="vhm",
+        task="vqa",
+        history=[("What is it?", "A harbour."), ("Ships?", "Yes.")],
+    )
+    assert got == (
+        VHM_SYS + " USER: <image>\nWhat is it? ASSISTANT: A harbour.</s>"
+        "USER: Ships? ASSISTANT: Yes.</s>USER: {VQA} How many? ASSISTANT:"
+    )
 
 
 def test_bad_questions_and_task_kinds_are_refused():

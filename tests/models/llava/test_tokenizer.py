@@ -41,7 +41,9 @@ def reference() -> Tokenizer:
             if left in scores and right in scores:
                 merges.append((left, right))
     ref = Tokenizer(BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True))
-    ref.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    ref.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always", split=False
+    )
     return ref
 
 
@@ -59,7 +61,8 @@ def test_encoding_matches_the_tokenizers_library(tok, reference, text):
 def test_newline_after_the_image_is_the_space_piece_then_byte_0x0a(tok):
     ids = tok.encode("\n{CLS} What", add_bos=False)
     assert ids[:2] == [tok.pieces.index("▁"), tok.pieces.index("<0x0A>")]  # LLaMA: 29871, 13
-    assert [tok.pieces[i] for i in ids[2:]] == ["{", "C", "L", "S", "}", "▁What"]  # no "▁" after \n
+    # no "▁" after the newline
+    assert [tok.pieces[i] for i in ids[2:]] == ["{", "C", "L", "S", "}", "▁What"]
 
 
 def test_a_leading_space_gives_an_extra_space_piece_as_sentencepiece_does(tok):

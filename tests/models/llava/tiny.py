@@ -9,8 +9,9 @@ layout (one CLIP layer, the tower inside the checkpoint at 336 px, or in ``visio
 
 Shapes: LLaMA 2 x 32 wide with a ~330-piece SentencePiece BPE vocabulary (byte fallback, so
 "\\n" is ``<0x0A>`` as in LLaMA), CLIP 3 x 128 wide (64 per head, as every OpenAI CLIP:
-a tower inside a GeoChat checkpoint has no config, its heads are width / 64) with 84 px patches: 336 px -> 4 x 4 = 16
-image tokens (VHM), 504 px -> 6 x 6 = 36 (GeoChat). Everything is random but seeded.
+a tower inside a GeoChat checkpoint has no config, its heads are width / 64) with 84 px
+patches: 336 px -> 4 x 4 = 16 image tokens (VHM), 504 px -> 6 x 6 = 36 (GeoChat).
+Everything is random but seeded.
 
 The tokenizer file is written with the SentencePiece protobuf schema that transformers ships
 (``transformers.utils.sentencepiece_model_pb2_new``), independently of rsvl's reader.
@@ -27,23 +28,78 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 #: words whose left-to-right prefixes become BPE pieces (so they tokenise to one piece each)
 WORDS = (
-    "▁A", "▁chat", "▁between", "▁a", "▁curious", "▁user", "▁human", "▁and", "▁an", "▁artificial",
-    "▁intelligence", "▁assistant.", "▁The", "▁assistant", "▁gives", "▁helpful,", "▁detailed,",
-    "▁polite", "▁answers", "▁to", "▁the", "▁user's", "▁human's", "▁questions.", "▁USER:",
-    "▁ASSISTANT:", "USER:", "▁What", "▁is", "▁in", "▁this", "▁image?", "▁Where", "▁plane?",
-    "▁{CLS}", "▁{VQA}", "▁{VG}", "▁{IDK}", "▁{IT}", "▁[refer]", "▁[grounding]", "▁[identify]",
-    "▁yes", "▁no", "▁plane", "▁road",
+    "▁A",
+    "▁chat",
+    "▁between",
+    "▁a",
+    "▁curious",
+    "▁user",
+    "▁human",
+    "▁and",
+    "▁an",
+    "▁artificial",
+    "▁intelligence",
+    "▁assistant.",
+    "▁The",
+    "▁assistant",
+    "▁gives",
+    "▁helpful,",
+    "▁detailed,",
+    "▁polite",
+    "▁answers",
+    "▁to",
+    "▁the",
+    "▁user's",
+    "▁human's",
+    "▁questions.",
+    "▁USER:",
+    "▁ASSISTANT:",
+    "USER:",
+    "▁What",
+    "▁is",
+    "▁in",
+    "▁this",
+    "▁image?",
+    "▁Where",
+    "▁plane?",
+    "▁{CLS}",
+    "▁{VQA}",
+    "▁{VG}",
+    "▁{IDK}",
+    "▁{IT}",
+    "▁[refer]",
+    "▁[grounding]",
+    "▁[identify]",
+    "▁yes",
+    "▁no",
+    "▁plane",
+    "▁road",
 )
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;'?!{}[]<>()|-_/ "
 VISION: dict[str, Any] = {
-    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2,
-    "image_size": 336, "patch_size": 84, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 336,
+    "patch_size": 84,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
     "projection_dim": 8,
 }
 TEXT: dict[str, Any] = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 4, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
 }
 
 
@@ -106,24 +162,40 @@ def _save_sharded(sd: dict[str, torch.Tensor], folder: Path, shards: int) -> Non
         part = {k: sd[k].clone() for k in keys[i * per : (i + 1) * per]}
         torch.save(part, folder / name)
         weight_map.update(dict.fromkeys(part, name))
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+        "weight_map": weight_map,
+    }
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _vision_json(image_size: int = 336) -> dict[str, Any]:
-    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
-            **{**VISION, "image_size": image_size}}
+    return {
+        "architectures": ["CLIPVisionModel"],
+        "model_type": "clip_vision_model",
+        **{**VISION, "image_size": image_size},
+    }
 
 
 def _llava_json(model_type: str, layers: Any, tower: str) -> dict[str, Any]:
     return {
-        "architectures": ["VHMLlamaForCausalLM" if model_type == "vhm" else "GeoChatLlamaForCausalLM"],
-        "model_type": model_type, "vocab_size": len(tiny_pieces()), **TEXT,
-        "mm_vision_tower": tower, "mm_vision_select_layer": layers, "mm_vision_select_feature": "patch",
-        "mm_hidden_size": VISION["hidden_size"], "mm_projector_type": "mlp2x_gelu",
-        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-        "use_mm_proj": True, "torch_dtype": "float32", "transformers_version": "4.33.0",
+        "architectures": [
+            "VHMLlamaForCausalLM" if model_type == "vhm" else "GeoChatLlamaForCausalLM"
+        ],
+        "model_type": model_type,
+        "vocab_size": len(tiny_pieces()),
+        **TEXT,
+        "mm_vision_tower": tower,
+        "mm_vision_select_layer": layers,
+        "mm_vision_select_feature": "patch",
+        "mm_hidden_size": VISION["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "use_mm_proj": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.33.0",
     }
 
 
@@ -140,16 +212,22 @@ def tiny_parts(n_layers: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[
     text["model.mm_projector.2.bias"] = torch.randn(width) * 0.1
     text["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # as LLaVA-era files carry
     vision = CLIPVisionModel(tiny_vision_config()).state_dict()  # 5.x drops "vision_model."
-    vision = {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in vision.items()}
+    vision = {
+        k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in vision.items()
+    }
     return text, {k: v for k, v in vision.items() if "position_ids" not in k}
 
 
-def write_tiny_vhm(folder: str | Path, *, seed: int = 0, shards: int = 2, vision: bool = True) -> Path:
+def write_tiny_vhm(
+    folder: str | Path, *, seed: int = 0, shards: int = 2, vision: bool = True
+) -> Path:
     """A tiny VHM folder in FitzPC/vhm_7B's layout, its tower in ``vision_tower/``."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     text, tower = tiny_parts(3, seed)
-    (root / "config.json").write_text(json.dumps(_llava_json("vhm", [1, 2, 3], "FitzPC/vhm_7b_pretrain_vit")))
+    (root / "config.json").write_text(
+        json.dumps(_llava_json("vhm", [1, 2, 3], "FitzPC/vhm_7b_pretrain_vit"))
+    )
     _save_sharded(text, root, shards)
     write_tokenizer(root / "tokenizer.model")
     if vision:

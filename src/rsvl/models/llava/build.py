@@ -6,7 +6,8 @@ and their index, ``tokenizer.model``) plus a CLIP vision tower: VHM's is a separ
 repository (``FitzPC/vhm_7b_pretrain_vit``), GeoChat's may be inside its checkpoint or come
 from ``openai/clip-vit-large-patch14-336``. The tower is looked for in this order: the
 ``vision_tower=`` option, the GeoChat checkpoint itself, the folder's ``vision_tower/``
-sub-folder, ``$RSVL_CACHE/<card name>/vision_tower/``.
+sub-folder, ``$RSVL_CACHE/<card name>/vision_tower/``, the Hugging Face cache's copy of the
+card's vision repository.
 
 The network is built with its parameters on the meta device and the checkpoint's tensors are
 assigned in place (no 28 GB random initialisation before the load), in the dtype asked:
@@ -56,17 +57,34 @@ from rsvl.models.weights import cache_root, is_offline
 
 #: the published 7B shapes (config.json of FitzPC/vhm_7B as read; GeoChat is the same LLaMA-7B)
 LLAMA_7B: dict[str, Any] = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-    "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch", "mm_hidden_size": 1024,
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_vision_select_feature": "patch",
+    "mm_hidden_size": 1024,
     "mm_use_im_start_end": False,
 }
 #: CLIP ViT-L/14-336 (both towers)
 CLIP_L14_336: dict[str, Any] = {
-    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-    "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
     "projection_dim": 768,
 }
 #: each variant's published config.json fields beyond the LLaMA shape
@@ -76,9 +94,14 @@ VARIANT_FIELDS: dict[str, dict[str, Any]] = {
 }
 #: the dtypes :func:`load_llava` accepts by name
 DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -106,7 +129,9 @@ def params_on_meta() -> Iterator[None]:
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = nn.Parameter(
+                param.to("meta"), requires_grad=param.requires_grad
+            )
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
@@ -145,12 +170,21 @@ def build(
     image_size = int(overrides.pop("image_size", card.image_size))
     cfg = {**published_config(card), **overrides}
     fields = {**CLIP_L14_336, **dict(vision or {})}
-    llava_cfg = llava_config(cfg, fields, image_size=image_size, image_token_id=int(cfg["vocab_size"]))
+    llava_cfg = llava_config(
+        cfg, fields, image_size=image_size, image_token_id=int(cfg["vocab_size"])
+    )
     if seed is not None:
         torch.manual_seed(seed)
     net = LlavaForConditionalGeneration(llava_cfg).eval()
-    return LlavaChat(net, tokenizer, variant=detect_variant(cfg), name=card.name, image_size=image_size,
-                     mean=card.mean, std=card.std)
+    return LlavaChat(
+        net,
+        tokenizer,
+        variant=detect_variant(cfg),
+        name=card.name,
+        image_size=image_size,
+        mean=card.mean,
+        std=card.std,
+    )
 
 
 def memory_estimate(card: str | ModelCard, dtype: str = "float16") -> int:
@@ -164,7 +198,9 @@ def memory_estimate(card: str | ModelCard, dtype: str = "float16") -> int:
     """
     card = pick_card(CARDS, card, "llava")
     cfg = published_config(card)
-    llava_cfg = llava_config(cfg, CLIP_L14_336, image_size=card.image_size, image_token_id=int(cfg["vocab_size"]))
+    llava_cfg = llava_config(
+        cfg, CLIP_L14_336, image_size=card.image_size, image_token_id=int(cfg["vocab_size"])
+    )
     net = empty_network(llava_cfg, torch.float16)
     layout = layout_of(net)
     quantisable = 0
@@ -214,20 +250,20 @@ def model_folder(card: ModelCard, weights: str | Path | None) -> Path:
                 hint=_place_hint(card, path if path.suffix == "" else path.parent),
             )
         if not (path / "config.json").is_file():
-            raise WeightsNotFoundError(f"{path} has no config.json, so it is not a {card.name} folder.",
-                                       hint=_place_hint(card, path))
+            raise WeightsNotFoundError(
+                f"{path} has no config.json, so it is not a {card.name} folder.",
+                hint=_place_hint(card, path),
+            )
         return path
     cached = cache_root() / card.name
     if (cached / "config.json").is_file():
         return cached
-    try:
-        found = huggingface_hub.try_to_load_from_cache(card.source.hf_repo, "config.json",
-                                                       revision=card.source.revision or "main")
-    except Exception:  # a malformed Hugging Face cache must not break loading
-        found = None
-    if isinstance(found, str) and Path(found).is_file():
-        return Path(found).parent
-    why = "offline mode is on" if is_offline() else "rsvl does not download 13 GB folders implicitly"
+    snapshot = _hf_snapshot(str(card.source.hf_repo), card.source.revision)
+    if snapshot is not None:
+        return snapshot
+    why = (
+        "offline mode is on" if is_offline() else "rsvl does not download 13 GB folders implicitly"
+    )
     raise WeightsNotFoundError(
         f"Weights of model {card.name!r} are not on this machine ({why}).",
         hint=_place_hint(card, cached),
@@ -239,14 +275,29 @@ def vision_folder(card: ModelCard, folder: Path, option: str | Path | None) -> P
     if option is not None:
         path = Path(option).expanduser()
         if not path.exists():
-            raise WeightsNotFoundError(f"vision_tower {path} does not exist.",
-                                       hint=f"Pass the folder of {card.metadata.get('vision_repo')}.")
+            raise WeightsNotFoundError(
+                f"vision_tower {path} does not exist.",
+                hint=f"Pass the folder of {card.metadata.get('vision_repo')}.",
+            )
         return path
     sub = str(card.metadata.get("vision_folder", "vision_tower"))
     for cand in (folder / sub, cache_root() / card.name / sub):
         if cand.is_dir():
             return cand
-    return None
+    return _hf_snapshot(str(card.metadata.get("vision_repo", "")))
+
+
+def _hf_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The Hugging Face cache's snapshot folder of ``repo`` (no network), if it has a config."""
+    if not repo:
+        return None
+    try:
+        found = huggingface_hub.try_to_load_from_cache(
+            repo, "config.json", revision=revision or "main"
+        )
+    except Exception:  # a malformed Hugging Face cache must not break loading
+        return None
+    return Path(found).parent if isinstance(found, str) and Path(found).is_file() else None
 
 
 def _missing_vision(card: ModelCard, folder: Path) -> WeightsNotFoundError:
@@ -256,7 +307,8 @@ def _missing_vision(card: ModelCard, folder: Path) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"The vision tower of {card.name!r} is missing: its checkpoint does not include one and "
         f"there is no {folder / sub} folder.",
-        hint=f"Download {repo} ({files}) into {folder / sub} (e.g. `huggingface-cli download {repo} "
+        hint=f"Download {repo} ({files}) into {folder / sub} (e.g. `huggingface-cli "
+        f"download {repo} "
         f"--local-dir {folder / sub}`), or pass vision_tower=FOLDER.",
     )
 
@@ -267,7 +319,11 @@ def read_vision(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if path.is_dir():
         sd = read_weights(path, "Vision tower folder")
         cfg_path = path / "config.json"
-        fields = vision_fields_from_json(read_json(cfg_path, "Vision tower config")) if cfg_path.is_file() else {}
+        fields = (
+            vision_fields_from_json(read_json(cfg_path, "Vision tower config"))
+            if cfg_path.is_file()
+            else {}
+        )
     else:
         sd = unwrap(read_file(path, "Vision tower checkpoint"), f"Vision tower checkpoint {path}")
         fields = {}
@@ -316,15 +372,27 @@ def quantize(net: nn.Module, bits: int, compute_dtype: torch.dtype) -> None:
             if not isinstance(child, nn.Linear):
                 continue
             if bits == 8:
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                          has_fp16_weights=False, threshold=6.0)
-                new.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
-                                               has_fp16_weights=False)
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    has_fp16_weights=False,
+                    threshold=6.0,
+                )
+                new.weight = bnb.nn.Int8Params(
+                    child.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False
+                )
             else:
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                        compute_dtype=compute_dtype, quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float16), requires_grad=False,
-                                               quant_type="nf4")
+                new = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                )
+                new.weight = bnb.nn.Params4bit(
+                    child.weight.data.to(torch.float16), requires_grad=False, quant_type="nf4"
+                )
             if child.bias is not None:
                 new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             setattr(parent, child_name, new)
@@ -354,8 +422,10 @@ def load_llava(
     """
     card = pick_card(CARDS, card, "llava")
     if card.family != "llava":
-        raise UnknownModelError(f"{card.name} is a {card.family} model, not a LLaVA-family chat model.",
-                                hint="Run `rsvl models --task chat` to list the chat models.")
+        raise UnknownModelError(
+            f"{card.name} is a {card.family} model, not a LLaVA-family chat model.",
+            hint="Run `rsvl models --task chat` to list the chat models.",
+        )
     device = check_device(device)
     if load_in_8bit and load_in_4bit:
         raise ValueError("choose one of load_in_8bit and load_in_4bit")
@@ -363,8 +433,10 @@ def load_llava(
     if bits:
         require_bitsandbytes(bits)
     if bits and not device.startswith("cuda"):
-        raise DeviceError(f"--load-in-{bits}bit runs on a CUDA GPU only (device {device!r} was asked).",
-                          hint="Pass --device cuda, or drop the quantisation option on a CPU.")
+        raise DeviceError(
+            f"--load-in-{bits}bit runs on a CUDA GPU only (device {device!r} was asked).",
+            hint="Pass --device cuda, or drop the quantisation option on a CPU.",
+        )
     folder = model_folder(card, weights)
     cfg = read_json(folder / "config.json", "Model config")
     variant = detect_variant(cfg)
@@ -378,7 +450,9 @@ def load_llava(
         )
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():
-        raise WeightsNotFoundError(f"{folder} has no tokenizer.model.", hint=_place_hint(card, folder))
+        raise WeightsNotFoundError(
+            f"{folder} has no tokenizer.model.", hint=_place_hint(card, folder)
+        )
     parts = split_checkpoint(read_weights(folder), f"Checkpoint in {folder}")
     vpath = vision_folder(card, folder, vision_tower)
     if vpath is not None:
@@ -388,28 +462,51 @@ def load_llava(
     else:
         raise _missing_vision(card, folder)
     image_token_id = int(parts.text["model.embed_tokens.weight"].shape[0])
-    llava_cfg = llava_config(cfg, vfields, image_size=card.image_size, image_token_id=image_token_id)
+    llava_cfg = llava_config(
+        cfg, vfields, image_size=card.image_size, image_token_id=image_token_id
+    )
     compute = pick_dtype(device, dtype)
     if device == "cpu" and compute != torch.float32:
-        console.warn(f"{card.name}: {compute} matrix products are slow or unsupported on a CPU; "
-                     "consider dtype=float32.")
+        console.warn(
+            f"{card.name}: {compute} matrix products are slow or unsupported on a CPU; "
+            "consider dtype=float32."
+        )
     net = empty_network(llava_cfg, compute)
     layout = layout_of(net)
-    sd, shown = to_llava_state_dict(parts, vision, layout, vocab_size=image_token_id + 1,
-                                    patches_per_side=card.image_size // llava_cfg.vision_config.patch_size)
-    load_strict(net, sd, what=f"Checkpoint in {folder} does not fit model {card.name!r}",
-                shown=lambda k: shown.get(k, k), assign=True)
+    sd, shown = to_llava_state_dict(
+        parts,
+        vision,
+        layout,
+        vocab_size=image_token_id + 1,
+        patches_per_side=card.image_size // llava_cfg.vision_config.patch_size,
+    )
+    load_strict(
+        net,
+        sd,
+        what=f"Checkpoint in {folder} does not fit model {card.name!r}",
+        shown=lambda k: shown.get(k, k),
+        assign=True,
+    )
     del sd, parts, vision
     n_params = sum(p.numel() for p in net.parameters())
     if device == "cpu" and n_params > 1_000_000_000:
-        console.warn(f"{card.name} ({n_params / 1e9:.1f}B parameters) runs in fp32 on the CPU: "
-                     "expect minutes per answer and about 4 bytes of memory per parameter; use a CUDA GPU.")
+        console.warn(
+            f"{card.name} ({n_params / 1e9:.1f}B parameters) runs in fp32 on the CPU: "
+            "expect minutes per answer and about 4 bytes of memory per parameter; use a CUDA GPU."
+        )
     if bits:
         quantize(net, bits, compute)
     net = net.to(device).eval()
     tokenizer = SentencePieceBPE.from_file(tok_path)
-    return LlavaChat(net, tokenizer, variant=variant, name=card.name, image_size=card.image_size,
-                     mean=card.mean, std=card.std)
+    return LlavaChat(
+        net,
+        tokenizer,
+        variant=variant,
+        name=card.name,
+        image_size=card.image_size,
+        mean=card.mean,
+        std=card.std,
+    )
 
 
 __all__ = [

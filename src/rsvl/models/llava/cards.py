@@ -53,14 +53,16 @@ LLAVA_CARDS: list[dict[str, Any]] = [
         "name": "geochat-7b",
         "variant": "geochat",
         "hf_repo": "MBZUAI/geochat-7B",
-        "short_commit": "cca91eb (main, 'Update README.md'; weights from 9194958 'geochat_uploaded')",
+        "short_commit": "cca91eb (main, 'Update README.md'; "
+        "weights from 9194958 'geochat_uploaded')",
         "vision_repo": "openai/clip-vit-large-patch14-336",
         "vision_files": ("config.json", "pytorch_model.bin"),
         "image_size": 504,
         "licence": "Apache-2.0 (Hugging Face model card); the LLM is Vicuna-7B (Llama licence)",
         "description": "GeoChat-7B grounded remote-sensing chat: CLIP ViT-L/14 with position "
         "embeddings interpolated to 504 px (1296 image tokens), layer -2, mlp2x_gelu -> Vicuna-7B; "
-        "task tags [grounding] [refer] [identify], oriented boxes {<x1><y1><x2><y2>|angle} in 0-100.",
+        "task tags [grounding] [refer] [identify], oriented boxes "
+        "{<x1><y1><x2><y2>|angle} in 0-100.",
         "paper": "arXiv:2311.15826 (CVPR 2024)",
         "code": "https://github.com/mbzuai-oryx/GeoChat",
     },

@@ -30,14 +30,34 @@ from rsvl.errors import CheckpointMismatchError
 
 #: LlamaConfig fields taken from a LLaVA config.json when present
 LLAMA_FIELDS: tuple[str, ...] = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "hidden_act",
-    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "attention_bias",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "hidden_act",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "attention_bias",
 )
 #: CLIPVisionConfig fields taken from a vision tower's config.json when present
 CLIP_FIELDS: tuple[str, ...] = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-    "patch_size", "hidden_act", "layer_norm_eps", "projection_dim", "num_channels",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "projection_dim",
+    "num_channels",
 )
 #: the two variants this family loads
 VARIANTS: tuple[str, ...] = ("vhm", "geochat")
@@ -49,23 +69,28 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointMismatchError(f"{what} {p} is not readable JSON ({exc}).",
-                                      hint="Download the file again from the model's repository.") from exc
+        raise CheckpointMismatchError(
+            f"{what} {p} is not readable JSON ({exc}).",
+            hint="Download the file again from the model's repository.",
+        ) from exc
     if not isinstance(data, dict):
-        raise CheckpointMismatchError(f"{what} {p} does not hold a JSON object.",
-                                      hint="Download the file again from the model's repository.")
+        raise CheckpointMismatchError(
+            f"{what} {p} does not hold a JSON object.",
+            hint="Download the file again from the model's repository.",
+        )
     return data
 
 
 def detect_variant(cfg: Mapping[str, Any]) -> str:
-    """"vhm" when the config concatenates several CLIP layers, else "geochat" (one layer)."""
+    """ "vhm" when the config concatenates several CLIP layers, else "geochat" (one layer)."""
     layer = cfg.get("mm_vision_select_layer")
     if isinstance(layer, (list, tuple)):
         return "vhm"
     if layer is None:
         raise CheckpointMismatchError(
             "config.json has no mm_vision_select_layer: it is not a LLaVA-style chat model.",
-            hint="Point --weights at the folder of VHM (FitzPC/vhm_7B) or GeoChat (MBZUAI/geochat-7B).",
+            hint="Point --weights at the folder of VHM (FitzPC/vhm_7B) or GeoChat "
+            "(MBZUAI/geochat-7B).",
         )
     return "geochat"
 
@@ -80,13 +105,15 @@ def check_multimodal(cfg: Mapping[str, Any]) -> None:
     projector = cfg.get("mm_projector_type", "linear")
     if projector != "mlp2x_gelu":
         raise CheckpointMismatchError(
-            f"config.json has mm_projector_type={projector!r}; rsvl loads mlp2x_gelu projectors only.",
+            f"config.json has mm_projector_type={projector!r}; "
+            "rsvl loads mlp2x_gelu projectors only.",
             hint="VHM and GeoChat use mlp2x_gelu; check that the folder is one of them.",
         )
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature != "patch":
         raise CheckpointMismatchError(
-            f"config.json has mm_vision_select_feature={feature!r}; only 'patch' (CLS dropped) is supported.",
+            f"config.json has mm_vision_select_feature={feature!r}; "
+            "only 'patch' (CLS dropped) is supported.",
             hint="VHM and GeoChat use 'patch'; check that the folder is one of them.",
         )
     if cfg.get("mm_use_im_start_end"):
@@ -128,13 +155,22 @@ def infer_vision_fields(sd: Mapping[str, Tensor], prefix: str = "vision_model.")
             f"The vision tower weights lack {exc.args[0]}: they are not a CLIP vision model.",
             hint="Use the vision tower named on the model's card (`rsvl models`).",
         ) from exc
-    layers = {k[len(prefix + "encoder.layers."):].split(".")[0] for k in sd if k.startswith(prefix + "encoder.layers.")}
+    layers = {
+        k[len(prefix + "encoder.layers.") :].split(".")[0]
+        for k in sd
+        if k.startswith(prefix + "encoder.layers.")
+    }
     width, patch_size = int(patch.shape[0]), int(patch.shape[-1])
     side = math.isqrt(int(pos.shape[0]) - 1)
     return {
-        "hidden_size": width, "intermediate_size": int(fc1.shape[0]), "num_hidden_layers": len(layers),
-        "num_attention_heads": max(1, width // 64), "patch_size": patch_size,
-        "image_size": side * patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        "hidden_size": width,
+        "intermediate_size": int(fc1.shape[0]),
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": max(1, width // 64),
+        "patch_size": patch_size,
+        "image_size": side * patch_size,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
     }
 
 

@@ -50,11 +50,14 @@ class LlavaLayout:
     text: str  # + embed_tokens.weight / layers.N.* / norm.weight
     lm_head: str  # the lm_head weight key
     projector: str  # + linear_1.weight ...
-    vision: str  # + embeddings.patch_embedding.weight ... (CLIP's vision_model.* without the prefix)
+    vision: (
+        str  # + embeddings.patch_embedding.weight ... (CLIP's vision_model.* without the prefix)
+    )
 
 
 def layout_of(net: nn.Module) -> LlavaLayout:
-    """The key prefixes of ``net`` (any transformers release that has ``LlavaForConditionalGeneration``)."""
+    """The key prefixes of ``net`` (any transformers release with
+    ``LlavaForConditionalGeneration``)."""
     keys = list(net.state_dict())
 
     def prefix(suffix: str) -> str:
@@ -80,7 +83,9 @@ def _shard_path(folder: Path, name: str) -> Path | None:
     path = folder / name
     if path.is_file():
         return path
-    alt = path.with_suffix(".safetensors")  # refs/pr/1 of vhm_7B: the .bin index, .safetensors shards
+    alt = path.with_suffix(
+        ".safetensors"
+    )  # refs/pr/1 of vhm_7B: the .bin index, .safetensors shards
     return alt if alt.is_file() else None
 
 
@@ -93,8 +98,10 @@ def weight_files(folder: str | Path, what: str = "Model folder") -> list[Path]:
             data = read_json(root / index, "Index")
             weight_map = data.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointMismatchError(f"Index {root / index} has no weight_map.",
-                                              hint="Download the index file again.")
+                raise CheckpointMismatchError(
+                    f"Index {root / index} has no weight_map.",
+                    hint="Download the index file again.",
+                )
             names = sorted(set(map(str, weight_map.values())))
             found = {n: _shard_path(root, n) for n in names}
             missing = [n for n, p in found.items() if p is None]
@@ -121,8 +128,10 @@ def read_weights(folder: str | Path, what: str = "Model folder") -> dict[str, Te
         part = unwrap(read_file(path, "Checkpoint shard"), f"Checkpoint shard {path}")
         clash = sorted(set(part) & set(sd))
         if clash:
-            raise CheckpointMismatchError(f"Checkpoint shard {path} repeats keys of another shard: {clash[:5]}.",
-                                          hint="Download the folder's files again.")
+            raise CheckpointMismatchError(
+                f"Checkpoint shard {path} repeats keys of another shard: {clash[:5]}.",
+                hint="Download the folder's files again.",
+            )
         sd.update(part)
     return sd
 
@@ -153,10 +162,13 @@ def split_checkpoint(sd: Mapping[str, Tensor], source: str = "The checkpoint") -
         if any(frag in key for frag in DROPPED):
             continue
         if key.startswith("model.mm_projector."):
-            parts.projector[key[len("model.mm_projector."):]] = value
+            parts.projector[key[len("model.mm_projector.") :]] = value
         elif key.startswith(_EMBEDDED_TOWER + "vision_model."):
-            parts.vision[key[len(_EMBEDDED_TOWER):]] = value
-        elif key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")) or key == "lm_head.weight":
+            parts.vision[key[len(_EMBEDDED_TOWER) :]] = value
+        elif (
+            key.startswith(("model.embed_tokens.", "model.layers.", "model.norm."))
+            or key == "lm_head.weight"
+        ):
             parts.text[key] = value
         else:
             unknown.append(key)
@@ -167,13 +179,17 @@ def split_checkpoint(sd: Mapping[str, Tensor], source: str = "The checkpoint") -
             hint="Point --weights at a VHM or GeoChat folder (LLaMA + model.mm_projector).",
         )
     if "model.embed_tokens.weight" not in parts.text:
-        raise CheckpointMismatchError(f"{source} has no model.embed_tokens.weight: it is not a LLaMA checkpoint.",
-                                      hint="Point --weights at a VHM or GeoChat folder.")
+        raise CheckpointMismatchError(
+            f"{source} has no model.embed_tokens.weight: it is not a LLaMA checkpoint.",
+            hint="Point --weights at a VHM or GeoChat folder.",
+        )
     if set(parts.projector) != {"0.weight", "0.bias", "2.weight", "2.bias"}:
         raise CheckpointMismatchError(
-            f"{source} has no complete mlp2x_gelu projector (model.mm_projector.{{0,2}}.{{weight,bias}}; "
+            f"{source} has no complete mlp2x_gelu projector "
+            "(model.mm_projector.{0,2}.{weight,bias}; "
             f"found {sorted(parts.projector) or 'none'}).",
-            hint="The folder must hold the fine-tuned model with its projector (FitzPC/vhm_7B, MBZUAI/geochat-7B).",
+            hint="The folder must hold the fine-tuned model with its projector "
+            "(FitzPC/vhm_7B, MBZUAI/geochat-7B).",
         )
     return parts
 
@@ -181,10 +197,15 @@ def split_checkpoint(sd: Mapping[str, Tensor], source: str = "The checkpoint") -
 def vision_from_folder_weights(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The ``vision_model.*`` tensors of a CLIP folder's weights (a ``CLIPVisionModel``, or a
     full ``CLIPModel`` whose text tower and projections are left out)."""
-    out = {k: v for k, v in sd.items() if k.startswith("vision_model.") and not any(f in k for f in DROPPED)}
+    out = {
+        k: v
+        for k, v in sd.items()
+        if k.startswith("vision_model.") and not any(f in k for f in DROPPED)
+    }
     if not out:
         raise CheckpointMismatchError(
-            "The vision tower weights have no vision_model.* keys: they are not a CLIP vision model.",
+            "The vision tower weights have no vision_model.* keys: "
+            "they are not a CLIP vision model.",
             hint="Use the vision tower named on the model's card (`rsvl models`).",
         )
     return out
@@ -196,8 +217,10 @@ def interpolate_position_embedding(weight: Tensor, new_side: int) -> Tensor:
     n, dim = weight.shape
     side = math.isqrt(n - 1)
     if side * side != n - 1:
-        raise CheckpointMismatchError(f"position embeddings of {n - 1} patches are not a square grid.",
-                                      hint="Use the CLIP vision tower named on the model's card.")
+        raise CheckpointMismatchError(
+            f"position embeddings of {n - 1} patches are not a square grid.",
+            hint="Use the CLIP vision tower named on the model's card.",
+        )
     if side == new_side:
         return weight
     cls_row, grid = weight[:1], weight[1:]
@@ -232,7 +255,7 @@ def to_llava_state_dict(
         if key == "lm_head.weight":
             new = layout.lm_head
         else:
-            new = layout.text + key[len("model."):]
+            new = layout.text + key[len("model.") :]
         if key in ("lm_head.weight", "model.embed_tokens.weight"):
             value = add_rows(value, vocab_size - value.shape[0])
         out[new], shown[new] = value, key
@@ -240,7 +263,7 @@ def to_llava_state_dict(
         new = layout.projector + ("linear_1." if key.startswith("0.") else "linear_2.") + key[2:]
         out[new], shown[new] = value, "model.mm_projector." + key
     for key, value in vision.items():
-        inner = key[len("vision_model."):]
+        inner = key[len("vision_model.") :]
         if inner == "embeddings.position_embedding.weight":
             value = interpolate_position_embedding(value, patches_per_side)
         new = layout.vision + inner

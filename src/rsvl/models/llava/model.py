@@ -62,7 +62,8 @@ def preprocess_image(
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or min(arr.shape[:2]) < 1:
         raise InputNotFoundError(
-            f"A chat image must be an (H, W, 3) uint8 RGB array; got shape {arr.shape}, dtype {arr.dtype}.",
+            "A chat image must be an (H, W, 3) uint8 RGB array; "
+            f"got shape {arr.shape}, dtype {arr.dtype}.",
             hint="Read the image as 8-bit RGB (rsvl chat converts rasters for you).",
         )
     fill = tuple(int(m * 255) for m in mean)
@@ -81,7 +82,7 @@ def _stream(text: str, shown: str, on_text: Callable[[str], None], *, final: boo
     if not final and visible.endswith("\ufffd"):
         return shown
     if len(visible) > len(shown) and visible.startswith(shown):
-        on_text(visible[len(shown):])
+        on_text(visible[len(shown) :])
         return visible
     return shown
 
@@ -110,7 +111,9 @@ class LlavaChat(nn.Module):
         cfg = net.config
         self.image_token_id = int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
         layers = cfg.vision_feature_layer
-        self.feature_layers: list[int] = list(layers) if isinstance(layers, (list, tuple)) else [int(layers)]
+        self.feature_layers: list[int] = (
+            list(layers) if isinstance(layers, (list, tuple)) else [int(layers)]
+        )
         vision = cfg.vision_config
         self.num_image_tokens = (self.image_size // vision.patch_size) ** 2
         #: where the parts live inside ``net`` (transformers' names vary by release)
@@ -166,7 +169,9 @@ class LlavaChat(nn.Module):
         if pixel_values is not None and bool(mask.any()):
             feats = self.image_features(pixel_values).to(embeds.dtype)
             if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
-                raise ValueError(f"{int(mask.sum())} image placeholders for {feats.shape[1]} image tokens")
+                raise ValueError(
+                    f"{int(mask.sum())} image placeholders for {feats.shape[1]} image tokens"
+                )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
         return embeds
 
@@ -186,15 +191,20 @@ class LlavaChat(nn.Module):
 
     # ------------------------------------------------------------------ prompt
 
-    def prompt_ids(self, question: str, *, task: str | None = None,
-                   history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    def prompt_ids(
+        self, question: str, *, task: str | None = None, history: Sequence[tuple[str, str]] = ()
+    ) -> list[int]:
         """The prompt's ids with the image placeholder expanded to one id per image token."""
         if self.tokenizer is None:
-            raise InputNotFoundError("This model has no tokenizer.",
-                                     hint="Place the model's tokenizer.model next to its config.json.")
+            raise InputNotFoundError(
+                "This model has no tokenizer.",
+                hint="Place the model's tokenizer.model next to its config.json.",
+            )
         tok = self.tokenizer
         prompt = build_prompt(question, variant=self.variant, task=task, history=history)
-        ids = tokenize_prompt(prompt, lambda t: tok.encode(t, add_bos=False), tok.bos_id, self.image_token_id)
+        ids = tokenize_prompt(
+            prompt, lambda t: tok.encode(t, add_bos=False), tok.bos_id, self.image_token_id
+        )
         expanded: list[int] = []
         for i in ids:
             expanded.extend([i] * self.num_image_tokens if i == self.image_token_id else [i])
@@ -247,7 +257,9 @@ class LlavaChat(nn.Module):
             new.append(next_id)
             if on_text is not None:
                 shown = _stream(tok.decode(new), shown, on_text)
-            step = self.decoder.get_input_embeddings()(torch.tensor([[next_id]], device=self.device))
+            step = self.decoder.get_input_embeddings()(
+                torch.tensor([[next_id]], device=self.device)
+            )
             hidden, cache = self._decode_step(step, cache)
         answer = tok.decode(new).strip()
         if on_text is not None:

@@ -47,10 +47,18 @@ ROLES = ("USER", "ASSISTANT")
 SEP, SEP2 = " ", "</s>"
 
 #: task kind -> VHM's tag
-VHM_TAGS: dict[str, str] = {"cls": "{CLS}", "vqa": "{VQA}", "vg": "{VG}", "idk": "{IDK}", "it": "{IT}"}
+VHM_TAGS: dict[str, str] = {
+    "cls": "{CLS}",
+    "vqa": "{VQA}",
+    "vg": "{VG}",
+    "idk": "{IDK}",
+    "it": "{IT}",
+}
 #: GeoChat's own tags by name
 GEOCHAT_TAG_NAMES: dict[str, str] = {
-    "grounding": "[grounding]", "refer": "[refer]", "identify": "[identify]",
+    "grounding": "[grounding]",
+    "refer": "[refer]",
+    "identify": "[identify]",
 }
 #: task kind -> GeoChat's tag (kinds not listed get none)
 GEOCHAT_TAGS: dict[str, str] = {"vg": "[refer]"}
@@ -65,10 +73,14 @@ def tag_question(question: str, task: str | None, variant: str) -> str:
     if not question:
         raise PromptError("The question is empty.", hint="Type a question about the image.")
     if task is not None and task not in TASK_KINDS:
-        raise PromptError(f"Unknown task kind {task!r}.", hint=f"Use one of {', '.join(TASK_KINDS)} or none.")
+        raise PromptError(
+            f"Unknown task kind {task!r}.", hint=f"Use one of {', '.join(TASK_KINDS)} or none."
+        )
     if variant == "vhm":
         tag = VHM_TAGS.get(task or "")
-        already = question.startswith("{") and any(question.startswith(t) for t in VHM_TAGS.values())
+        already = question.startswith("{") and any(
+            question.startswith(t) for t in VHM_TAGS.values()
+        )
     else:
         tag = GEOCHAT_TAGS.get(task or "")
         already = any(question.startswith(t) for t in GEOCHAT_TAG_NAMES.values())
@@ -91,7 +103,9 @@ def build_prompt(
     """
     if variant not in SYSTEMS:
         raise ValueError(f"unknown LLaVA variant {variant!r}")
-    turns = [(q.strip(), a.strip()) for q, a in history] + [(tag_question(question, task, variant), "")]
+    turns = [(q.strip(), a.strip()) for q, a in history] + [
+        (tag_question(question, task, variant), "")
+    ]
     first_q, first_a = turns[0]
     turns[0] = (f"{IMAGE_TOKEN}\n{first_q}", first_a)
     ret = SYSTEMS[variant] + SEP

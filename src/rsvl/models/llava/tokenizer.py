@@ -85,9 +85,14 @@ class SentencePieceBPE:
     specials: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.vocab = {p: i for i, p in enumerate(self.pieces) if self.types[i] in (NORMAL, USER_DEFINED)}
-        self.byte_ids = {int(p[3:5], 16): i for i, p in enumerate(self.pieces)
-                         if self.types[i] == BYTE and len(p) == 6}
+        self.vocab = {
+            p: i for i, p in enumerate(self.pieces) if self.types[i] in (NORMAL, USER_DEFINED)
+        }
+        self.byte_ids = {
+            int(p[3:5], 16): i
+            for i, p in enumerate(self.pieces)
+            if self.types[i] == BYTE and len(p) == 6
+        }
         if not self.specials:
             self.specials = {p: i for i, p in enumerate(self.pieces) if self.types[i] == CONTROL}
             self.specials[self.pieces[self.unk_id]] = self.unk_id
@@ -97,8 +102,10 @@ class SentencePieceBPE:
         """Read a ``tokenizer.model`` (SentencePiece ModelProto)."""
         p = Path(path)
         if not p.is_file():
-            raise InputNotFoundError(f"Tokenizer file {p} does not exist.",
-                                     hint="Place the model's tokenizer.model next to its config.json.")
+            raise InputNotFoundError(
+                f"Tokenizer file {p} does not exist.",
+                hint="Place the model's tokenizer.model next to its config.json.",
+            )
         try:
             return cls.from_bytes(p.read_bytes())
         except (ValueError, struct.error, UnicodeDecodeError) as exc:
@@ -136,11 +143,15 @@ class SentencePieceBPE:
         if spec.get(3, UNIGRAM) != BPE:
             raise ValueError("only BPE SentencePiece models (LLaMA's) are supported")
         return cls(
-            pieces=pieces, scores=scores, types=types,
+            pieces=pieces,
+            scores=scores,
+            types=types,
             byte_fallback=bool(spec.get(35, 0)),
             add_dummy_prefix=bool(norm.get(3, 1)),
             remove_extra_whitespaces=bool(norm.get(4, 1)),
-            unk_id=spec.get(40, 0), bos_id=spec.get(41, 1), eos_id=spec.get(42, 2),
+            unk_id=spec.get(40, 0),
+            bos_id=spec.get(41, 1),
+            eos_id=spec.get(42, 2),
         )
 
     def __len__(self) -> int:
