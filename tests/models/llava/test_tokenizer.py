@@ -8,6 +8,7 @@ import pytest
 from models.llava.tiny import tiny_pieces, write_tokenizer
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
+from transformers.utils import sentencepiece_model_pb2_new as pb
 
 from rsvl.errors import CheckpointMismatchError
 from rsvl.models.llava.prompt import build_prompt, tokenize_prompt
@@ -106,8 +107,6 @@ def test_files_that_are_no_bpe_sentencepiece_model_are_refused(tmp_path):
     bad.write_bytes(b"\xff\xff\xff")
     with pytest.raises(CheckpointMismatchError, match="not a SentencePiece model"):
         SentencePieceBPE.from_file(bad)
-    from transformers.utils import sentencepiece_model_pb2_new as pb
-
     unigram = pb.ModelProto()
     unigram.pieces.add().piece = "<unk>"
     unigram.trainer_spec.model_type = 1

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import sentencepiece_model_pb2_new as pb
 
 #: words whose left-to-right prefixes become BPE pieces (so they tokenise to one piece each)
 WORDS = (
@@ -129,8 +130,6 @@ def tiny_pieces() -> list[tuple[str, float, int]]:
 
 def write_tokenizer(path: Path) -> list[str]:
     """A SentencePiece BPE ``tokenizer.model`` (LLaMA's settings); returns the pieces."""
-    from transformers.utils import sentencepiece_model_pb2_new as pb
-
     model = pb.ModelProto()
     for piece, score, kind in tiny_pieces():
         p = model.pieces.add()
