@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from rsvl.errors import UnknownModelError
-from rsvl.models import clip, fianet, mini, rsprompter, sam
+from rsvl.models import clip, fianet, llava, mini, rsprompter, sam
 from rsvl.models.cards import ModelCard, normalise_name
 from rsvl.models.device import check_device
 
@@ -32,6 +32,7 @@ FAMILIES: dict[str, ModuleType] = {
     "sam": sam,
     "rsprompter": rsprompter,
     "fianet": fianet,
+    "llava": llava,
 }
 
 
