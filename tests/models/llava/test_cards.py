@@ -10,7 +10,7 @@ from rsvl.models.llava import CARDS
 
 def test_cards_are_registered_chat_models_with_honest_revisions():
     assert {c.name for c in registry.list_cards(family="llava")} == {"vhm-7b", "geochat-7b"}
-    assert [c.name for c in registry.list_cards(task="chat")] == ["geochat-7b", "vhm-7b"]
+    assert [c.name for c in registry.list_cards(task="chat")] == ["geochat-7b", "mini-chat", "vhm-7b"]
     for card in CARDS:
         assert card.tasks == ("chat",) and card.family == "llava"
         rev = card.source.revision

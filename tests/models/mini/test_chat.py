@@ -13,6 +13,7 @@ from conftest import shared_data
 
 from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError
 from rsvl.models.chat import ChatModel
+from rsvl.models.llava.parse import parse_vhm_boxes
 from rsvl.models.mini import smollm
 from rsvl.models.mini.chat import (
     IMAGE_PLACEHOLDER,
@@ -21,7 +22,6 @@ from rsvl.models.mini.chat import (
     format_box,
     load_mini_chat,
     pad_to_square,
-    parse_boxes,
     save_mini_chat,
 )
 
@@ -156,12 +156,11 @@ def test_weights_errors(tiny, tmp_path):
         tiny.load_trainable({k: v for k, v in other.trainable_state_dict().items()}, what="r2")
 
 
-def test_boxes_parse_and_format():
-    boxes = parse_boxes("The bridge is at [[120, 40, 360, 980]] and [500,500,1000,1000].")
-    assert [(b.x1, b.y1, b.x2, b.y2) for b in boxes] == [(0.12, 0.04, 0.36, 0.98), (0.5, 0.5, 1.0, 1.0)]
-    assert parse_boxes("[3, 4, 1, 2] no box, [1, 2] neither") == []
+def test_boxes_written_in_vhms_format_read_back():
+    """mini-chat is trained to answer boxes as VHM does, so VHM's parser reads them."""
     assert format_box(0.12, 0.04, 0.36, 0.98) == "[120, 40, 360, 980]"
-    assert parse_boxes(format_box(0.2501, 0.5, 0.75, 1.2))[0].y2 == 1.0
+    (box,) = parse_vhm_boxes("It is at [" + format_box(0.2501, 0.5, 0.75, 1.2) + "].")
+    assert (box.x1, box.y1, box.x2, box.y2) == (0.25, 0.5, 0.75, 1.0)
 
 
 def test_pad_to_square_centres_on_the_fill_colour():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +36,8 @@ from PIL import Image
 from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, PromptError
-from rsvl.models.chat import Box, ChatAnswer
+from rsvl.models.chat import ChatAnswer
+from rsvl.models.llava.parse import parse_vhm_boxes
 from rsvl.models.mini import smollm
 from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
 from rsvl.models.mini.files import read_weights, write_weights
@@ -139,20 +139,6 @@ def as_rgb(image: Any) -> np.ndarray:
         raise PromptError(f"an image must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}.",
                           hint="Scale 16-bit imagery to 8 bits first (rsvl's raster tasks do this).")
     return np.ascontiguousarray(arr[..., :3])
-
-
-_NUM = r"(\d+(?:\.\d+)?)"
-_BOX = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
-
-
-def parse_boxes(text: str, scale: float = 1000.0) -> list[Box]:
-    """VHM-style boxes ``[x1, y1, x2, y2]`` (0-``scale``) in ``text`` as image fractions."""
-    boxes = []
-    for m in _BOX.finditer(text):
-        x1, y1, x2, y2 = (min(max(float(v) / scale, 0.0), 1.0) for v in m.groups())
-        if x2 > x1 and y2 > y1:
-            boxes.append(Box(x1, y1, x2, y2))
-    return boxes
 
 
 def format_box(x1: float, y1: float, x2: float, y2: float, scale: int = 1000) -> str:
@@ -351,7 +337,7 @@ class MiniChat(nn.Module):
         final = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if on_text is not None and len(final) > len(text.strip()) and final.startswith(text.strip()):
             on_text(final[len(text.strip()):])
-        return ChatAnswer(text=final, boxes=parse_boxes(final), prompt_tokens=prompt_tokens, new_tokens=len(ids),
+        return ChatAnswer(text=final, boxes=parse_vhm_boxes(final), prompt_tokens=prompt_tokens, new_tokens=len(ids),
                           first_token_s=first, total_s=time.perf_counter() - t0)
 
 
@@ -393,4 +379,4 @@ def load_mini_chat(weights: str | Path | None = None, device: str = "cpu", *, me
 
 
 __all__ = ["DEFAULT_WEIGHTS", "FORMAT", "MiniChat", "MiniChatConfig", "build_mini_chat", "format_box",
-           "load_mini_chat", "pad_to_square", "parse_boxes", "save_mini_chat"]
+           "load_mini_chat", "pad_to_square", "save_mini_chat"]
