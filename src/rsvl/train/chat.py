@@ -216,7 +216,8 @@ def train_chat(data: str | Path, out: str | Path, config: ChatTrainConfig | None
         opt.step()
         sched.step()
         step += 1
-        running = 0.98 * running + 0.02 * float(loss) if step > 1 else float(loss)
+        value = float(loss.detach())
+        running = 0.98 * running + 0.02 * value if step > 1 else value
         elapsed = (time.perf_counter() - t0) / 60
         over = cfg.max_minutes is not None and elapsed >= cfg.max_minutes
         if step % 25 == 0:
