@@ -21,7 +21,6 @@ from rsvl.models.mini.chat import (
     build_mini_chat,
     format_box,
     load_mini_chat,
-    pad_to_square,
     save_mini_chat,
 )
 
@@ -161,13 +160,6 @@ def test_boxes_written_in_vhms_format_read_back():
     assert format_box(0.12, 0.04, 0.36, 0.98) == "[120, 40, 360, 980]"
     (box,) = parse_vhm_boxes("It is at [" + format_box(0.2501, 0.5, 0.75, 1.2) + "].")
     assert (box.x1, box.y1, box.x2, box.y2) == (0.25, 0.5, 0.75, 1.0)
-
-
-def test_pad_to_square_centres_on_the_fill_colour():
-    img = np.zeros((2, 6, 3), np.uint8)
-    sq = pad_to_square(img, (1, 2, 3))
-    assert sq.shape == (6, 6, 3)
-    assert (sq[2:4] == 0).all() and (sq[0] == (1, 2, 3)).all() and (sq[5] == (1, 2, 3)).all()
 
 
 def test_missing_smollm_package_says_how_to_install(monkeypatch):

@@ -37,6 +37,7 @@ from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, PromptError
 from rsvl.models.chat import ChatAnswer
+from rsvl.models.llava.model import expand_to_square
 from rsvl.models.llava.parse import parse_vhm_boxes
 from rsvl.models.mini import smollm
 from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
@@ -115,19 +116,6 @@ class ImageFeatures(nn.Module):
         size = (GRID, GRID)
         maps = [F.adaptive_avg_pool2d(f, size) if f.shape[-2:] != size else f for f in (f32, f16, f8)]
         return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
-
-
-def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
-    """Centre ``image`` (H, W, 3) on a square canvas of ``fill`` colour (LLaVA's expand2square)."""
-    h, w = image.shape[:2]
-    if h == w:
-        return image
-    side = max(h, w)
-    canvas = np.empty((side, side, 3), dtype=np.uint8)
-    canvas[:] = np.asarray(fill, dtype=np.uint8)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[top:top + h, left:left + w] = image
-    return canvas
 
 
 def as_rgb(image: Any) -> np.ndarray:
@@ -232,7 +220,7 @@ class MiniChat(nn.Module):
         s = self.config.image_size
         batch = []
         for image in images:
-            sq = pad_to_square(as_rgb(image), self.fill)
+            sq = expand_to_square(as_rgb(image), self.fill)
             if sq.shape[0] != s:
                 sq = np.asarray(Image.fromarray(sq).resize((s, s), Image.BICUBIC))
             batch.append(torch.from_numpy(np.array(sq)).permute(2, 0, 1))
@@ -379,4 +367,4 @@ def load_mini_chat(weights: str | Path | None = None, device: str = "cpu", *, me
 
 
 __all__ = ["DEFAULT_WEIGHTS", "FORMAT", "MiniChat", "MiniChatConfig", "build_mini_chat", "format_box",
-           "load_mini_chat", "pad_to_square", "save_mini_chat"]
+           "load_mini_chat", "save_mini_chat"]
