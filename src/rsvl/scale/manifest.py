@@ -99,9 +99,11 @@ class Manifest:
 
     def check_resumable(self, settings: dict[str, Any]) -> None:
         """Raise a ResumeError if ``settings`` differ from those the run was started with."""
+        def plain(value: Any) -> Any:  # as stored: tuples become lists; 0 and 0.0 compare equal
+            return json.loads(json.dumps(value, default=str))
+
         for key in sorted(set(settings) | set(self.settings)):
-            if json.dumps(settings.get(key), sort_keys=True, default=str) != json.dumps(
-                    self.settings.get(key), sort_keys=True, default=str):
+            if plain(settings.get(key)) != plain(self.settings.get(key)):
                 raise ResumeError(
                     f"the run in {self.out} was started with {key}={self.settings.get(key)!r}, "
                     f"not {settings.get(key)!r}.",

@@ -34,6 +34,8 @@ from rsvl.index.store import DEFAULT_IVF_THRESHOLD, IndexConfig, metadata_schema
 from rsvl.io import atomic_path, write_text
 
 Bounds = tuple[float, float, float, float]  # left, bottom, right, top
+#: tags of an item's raster that describe that item only (not copied to the mosaic)
+ITEM_TAGS = frozenset({"rsvl_resume_key"})
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,10 @@ def _vrt_text(grids: list[dict[str, Any]], paths: list[str], vrt: Path) -> str:
     if first["crs"]:
         lines.append(f"  <SRS>{escape(first['crs'])}</SRS>")
     lines.append(f"  <GeoTransform>{_fmt(minx)}, {_fmt(xres)}, 0.0, {_fmt(maxy)}, 0.0, {_fmt(yres)}</GeoTransform>")
-    if first["tags"]:
+    tags = {k: v for k, v in first["tags"].items() if k not in ITEM_TAGS}
+    if tags:
         lines.append("  <Metadata>")
-        lines += [f'    <MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in sorted(first["tags"].items())]
+        lines += [f'    <MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in sorted(tags.items())]
         lines.append("  </Metadata>")
     for b in range(first["count"]):
         nodata = first["nodata"][b]
