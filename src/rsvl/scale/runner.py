@@ -14,6 +14,7 @@ killed when the run ends however it ends, so they never hold the cluster's CPUs.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -293,11 +294,17 @@ def _start_ray(ray: Any, workers: int, cpus: float, address: str | None) -> bool
     """Initialise Ray unless it already is; True when this call started it."""
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    else:
-        ray.init(num_cpus=max(1, int(round(workers * cpus + 0.4999))), include_dashboard=False,
-                 log_to_driver=False, logging_level="ERROR")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        else:
+            ray.init(num_cpus=max(1, math.ceil(workers * cpus)), include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR")
+    except Exception as exc:  # Ray raises plain Exceptions (ConnectionError, timeouts) here
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise JobError(f"could not start {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).",
+                       hint="Check the --address (`ray status` on the head node), or retry when the machine is "
+                            "less busy; finished items are kept (--resume).") from None
     return True
 
 
