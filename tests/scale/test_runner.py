@@ -35,9 +35,21 @@ SEGMENT = {"classes": CLASSES, "gsd": 0, "tile": 64}
 pytestmark = pytest.mark.timeout(240)
 
 
+def start_ray(attempts: int = 3):
+    """A local Ray of 2 CPUs. On a busy shared machine its agents can miss Ray's fixed 30 s
+    start-up deadline; a few attempts make that a slow start instead of an error."""
+    for i in range(attempts):
+        try:
+            return ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        except Exception:
+            ray.shutdown()
+            if i == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ctx = start_ray()
     yield ctx.address_info["address"]
     ray.shutdown()
 
