@@ -179,7 +179,7 @@ def die_after_first(event, item, info):
     if event == "done":
         os.kill(os.getpid(), signal.SIGKILL)
 
-run("segment", [sys.argv[2]], sys.argv[3], workers=1, on_event=die_after_first, start_timeout=120,
+run("segment", [sys.argv[2]], sys.argv[3], workers=1, on_event=die_after_first, start_timeout=120, save_every=0,
     classes="water, forest, buildings", gsd=0, tile=64)
 """
 

@@ -206,6 +206,7 @@ def run(
     item_timeout: float | None = None,
     start_timeout: float = 600.0,
     on_event: Event | None = None,
+    save_every: float = 2.0,
     **options: Any,
 ) -> RunResult:
     """Run ``task`` over every raster of ``sources`` on Ray and merge the outputs in ``out``.
@@ -230,7 +231,10 @@ def run(
         item_timeout: seconds after which a running item's worker is killed (an attempt).
         start_timeout: seconds to wait for workers to start before giving up.
         on_event: called as ``on_event(event, item, info)`` for ``start`` (info: pid),
-            ``done``, ``retry`` and ``failed`` (info: error).
+            ``done``, ``retry`` and ``failed`` (info: error), after the manifest is updated.
+        save_every: least seconds between two rewrites of the manifest while items run (it
+            is rewritten whole, so a run of many short items would otherwise spend its time
+            there); 0 writes it at every change. A failure and the run's end always write it.
         **options: the task's options, as its own command takes them (``classes``, ``tile``,
             ``expression``, ``vector_format``...).
     """
@@ -277,7 +281,8 @@ def run(
             _run_items(ray, manifest, todo, spec, model=model, weights=weights_text, device=device, options=opts,
                        workers=min(workers, len(todo)), gpus=gpus_per_worker, cpus=cpus_per_worker,
                        address=address, on_error=on_error, retries=retries, item_timeout=item_timeout,
-                       start_timeout=start_timeout, on_event=on_event, done_before=skipped)
+                       start_timeout=start_timeout, on_event=on_event, done_before=skipped,
+                       save_every=save_every)
         run_s = time.perf_counter() - t_run
         t_merge = time.perf_counter()
         manifest.merged = merge_outputs(manifest, spec, opts, vector_format=vector_format, cog=cog)
@@ -311,13 +316,22 @@ def _start_ray(ray: Any, workers: int, cpus: float, address: str | None) -> bool
 def _run_items(ray: Any, manifest: Manifest, todo: list[ItemRecord], spec: TaskSpec, *, model: str,
                weights: str | None, device: str, options: dict[str, Any], workers: int, gpus: float, cpus: float,
                address: str | None, on_error: str, retries: int, item_timeout: float | None,
-               start_timeout: float, on_event: Event | None, done_before: int) -> None:
+               start_timeout: float, on_event: Event | None, done_before: int, save_every: float) -> None:
     notify = on_event or (lambda event, item, info: None)
     started = _start_ray(ray, workers, cpus, address)
     actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus or 0, max_restarts=0, max_task_retries=0)(Worker)
 
     def make() -> Any:
         return actor_cls.remote(spec.name, model, weights, device, options, str(manifest.out))
+
+    last_save = [time.monotonic()]
+
+    def checkpoint(force: bool = False) -> None:
+        """Rewrite the manifest, at most every ``save_every`` seconds unless forced: an item
+        finished since the last write is merely redone by a resume."""
+        if force or time.monotonic() - last_save[0] >= save_every:
+            manifest.save()
+            last_save[0] = time.monotonic()
 
     pool: _Pool | None = None
     queue: deque[ItemRecord] = deque(todo)
@@ -334,7 +348,7 @@ def _run_items(ray: Any, manifest: Manifest, todo: list[ItemRecord], spec: TaskS
                     i, rec = free.pop(0), queue.popleft()
                     rec.state, rec.attempts, rec.worker = RUNNING, rec.attempts + 1, pool.pids[i]
                     running[pool.actors[i].run.remote(rec.item.to_dict())] = (i, rec, time.monotonic())
-                    manifest.save()
+                    checkpoint()
                     notify("start", rec.item.name, {"pid": pool.pids[i], "attempt": rec.attempts})
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
                 if item_timeout:
@@ -354,7 +368,7 @@ def _run_items(ray: Any, manifest: Manifest, todo: list[ItemRecord], spec: TaskS
                     rec.seconds = round(res["seconds"], 3) if res.get("seconds") is not None else None
                     if res["ok"]:
                         rec.state, rec.outputs, rec.error = DONE, res["outputs"], None
-                        manifest.save()
+                        checkpoint()
                         advance(1)
                         notify("done", rec.item.name, {"seconds": rec.seconds})
                         continue
@@ -362,11 +376,11 @@ def _run_items(ray: Any, manifest: Manifest, todo: list[ItemRecord], spec: TaskS
                     if rec.attempts <= retries:
                         rec.state = PENDING
                         queue.appendleft(rec)
-                        manifest.save()
+                        checkpoint()
                         notify("retry", rec.item.name, {"error": rec.error})
                         continue
                     rec.state = FAILED
-                    manifest.save()
+                    checkpoint(force=True)
                     advance(1)
                     notify("failed", rec.item.name, {"error": rec.error})
                     if on_error == "stop":
@@ -377,8 +391,7 @@ def _run_items(ray: Any, manifest: Manifest, todo: list[ItemRecord], spec: TaskS
     finally:
         for _, rec, _ in running.values():
             rec.state = PENDING
-        if running:
-            manifest.save()
+        manifest.save()
         if pool is not None:
             pool.close()
         if started:
