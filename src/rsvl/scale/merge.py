@@ -197,7 +197,7 @@ def _keep_in_core(gdf: gpd.GeoDataFrame, core: Bounds, rule: str) -> gpd.GeoData
     if rule == "clip":
         geoms = gdf.geometry.intersection(shapely.box(*core))
         gdf = gdf.set_geometry(geoms)
-        return gdf[~geoms.is_empty & geoms.notna()]
+        return gdf[np.array([g is not None and not g.is_empty for g in geoms], dtype=bool)]
     pts = gdf.geometry.representative_point()
     x, y = pts.x, pts.y
     inside = (x >= left) & (x < right) & (y > bottom) & (y <= top)  # half-open: one owner per point
