@@ -90,3 +90,7 @@ class ModelMismatchError(RsvlError):
 
 class DeviceError(RsvlError):
     """The requested device (``--device cuda``, ``mps``...) does not exist on this machine."""
+
+
+class JobError(RsvlError):
+    """A scaled run (``rsvl run``) is misconfigured: an unknown task or option, a bad job file."""

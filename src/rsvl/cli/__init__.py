@@ -31,7 +31,7 @@ import typer
 import typer.main
 
 from rsvl import __version__
-from rsvl.cli import chat, classify, data, index, info, instances, models, refer, segment, train
+from rsvl.cli import chat, classify, data, index, info, instances, models, refer, run, segment, train
 from rsvl.cli import eval as evaluate
 from rsvl.console import state
 from rsvl.errors import RsvlError
@@ -65,7 +65,7 @@ def _root(
 
 
 # Order here is the order in `rsvl --help`.
-for _module in (info, classify, segment, index, instances, refer, chat, models, evaluate, train, data):
+for _module in (info, classify, segment, index, instances, refer, chat, run, models, evaluate, train, data):
     _module.register(app)
 
 
