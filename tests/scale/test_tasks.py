@@ -9,7 +9,7 @@ from rsvl.scale.tasks import TASKS, block_pad, get_task, parse_bands
 
 
 def test_task_names_and_aliases():
-    assert set(TASKS) == {"segment", "classify", "instances", "refer", "index"}
+    assert set(TASKS) == {"segment", "classify", "instances", "refer", "index", "chat"}
     for name in ("index", "index build", "index-build", "Index"):
         assert get_task(name).name == "index"
     with pytest.raises(JobError, match="no task 'chatter'") as err:
@@ -32,6 +32,11 @@ def test_options_are_checked_before_any_worker_starts():
     with pytest.raises(JobError, match="needs the option 'expression'"):
         get_task("refer").check_options({"tile": 512})
     assert get_task("index").check_options({"tile": 64, "min_valid": 0.2}) == {"tile": 64, "min_valid": 0.2}
+    with pytest.raises(JobError, match="needs the option 'question'"):
+        get_task("chat").check_options({"tile": 64})
+    with pytest.raises(PromptError, match="question is empty"):
+        get_task("chat").check_options({"question": "   "})
+    assert get_task("chat").check_options({"question": " How  many? ", "iou": 0.3}) == {"question": "How many?", "iou": 0.3}
 
 
 def test_which_outputs_each_task_merges():
@@ -46,3 +51,36 @@ def test_bands_and_block_context():
     with pytest.raises(JobError, match="not a list of band numbers"):
         parse_bands("red")
     assert block_pad(TASKS["segment"], {"tile": 256}) == 256 and block_pad(TASKS["segment"], {}) == 512
+
+
+def test_a_chat_item_writes_its_boxes_and_one_row(tmp_path):
+    """One raster through the chat entry: the combined answer as the item's row, the boxes in
+    map coordinates as its vector file (what the run joins with a source column)."""
+    import geopandas as gpd
+    import numpy as np
+    from conftest import write_raster
+    from scipy import ndimage
+
+    from rsvl.models.chat import Box, ChatAnswer
+
+    class BrightChat:  # the objects are the bright patches; counts in words with one box each
+        name, image_size = "bright-chat", 64
+
+        def chat(self, image, question, **_):
+            h, w = image.shape[:2]
+            labels, n = ndimage.label(image.mean(2) > 128)
+            boxes = [Box(sl[1].start / w, sl[0].start / h, sl[1].stop / w, sl[0].stop / h)
+                     for sl in ndimage.find_objects(labels)]
+            return ChatAnswer(["No roofs.", "One roof.", "Two roofs."][n], boxes)
+
+    a = np.full((3, 64, 128), 20, np.uint8)
+    a[:, 10:20, 10:20] = 250
+    a[:, 40:50, 90:100] = 250
+    src = write_raster(tmp_path / "scene.tif", a)
+    spec = get_task("chat")
+    opts = spec.check_options({"question": "How many roofs are there?", "tile": 64, "overlap": 0})
+    res = spec.run(BrightChat(), str(src), tmp_path / "item", opts)
+    (row,) = res["rows"]
+    assert (row["kind"], row["number"], row["boxes"]) == ("count", 2, 2)
+    assert set(res["outputs"]) == {"vectors"}
+    assert len(gpd.read_file(res["outputs"]["vectors"])) == 2

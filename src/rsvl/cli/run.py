@@ -32,7 +32,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def run(
-    task: str = typer.Argument(..., help="segment, classify, instances, refer, index (build), or a job file (.yaml/.json)."),
+    task: str = typer.Argument(..., help="segment, classify, instances, refer, chat, index (build), or a job file (.yaml/.json)."),
     sources: list[str] = typer.Argument(None, help="Rasters, folders (recursive) or glob patterns (quoted)."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for the run: run.json, items/, merged outputs."),
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: the task's; see `rsvl models`)."),
@@ -41,6 +41,7 @@ def run(
     classes: str = typer.Option(None, "--classes", help='segment, classify: "forest|trees, water, buildings".'),
     labels_file: Path = typer.Option(None, "--labels-file", help="segment, classify: class file, one class per line."),
     expression: str = typer.Option(None, "--expression", help="refer: the referring expression."),
+    question: str = typer.Option(None, "--question", help='chat: the question, e.g. "How many storage tanks are there?".'),
     tile: int = typer.Option(None, "--tile", help="Tile size in pixels (default: the task's)."),
     overlap: int = typer.Option(None, "--overlap", help="Tile overlap in pixels (default: the task's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Tiles per model call (default: the task's)."),
@@ -86,7 +87,7 @@ def run(
         kwargs["out"] = str(out)
     opts = dict(kwargs.pop("options"))
     named = {"classes": classes, "labels_file": str(labels_file) if labels_file else None, "expression": expression,
-             "tile": tile, "overlap": overlap, "batch_size": batch_size, "gsd": gsd, "bands": bands,
+             "question": question, "tile": tile, "overlap": overlap, "batch_size": batch_size, "gsd": gsd, "bands": bands,
              "vector_format": vector_format}
     opts.update({k: v for k, v in named.items() if v is not None})
     opts.update(parse_option(o) for o in option or [])

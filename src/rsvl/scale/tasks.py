@@ -28,11 +28,13 @@ from rsvl.data.classes import load_classes
 from rsvl.errors import JobError
 from rsvl.index.store import metadata_schema
 from rsvl.io import atomic_path, write_text
+from rsvl.tasks.chat import chat, check_question
 from rsvl.tasks.classify import classify
 from rsvl.tasks.instances import instances
 from rsvl.tasks.refer import check_expression, refer
 from rsvl.tasks.search import embed_sources, model_name, plan_sources
 from rsvl.tasks.segment import segment
+from rsvl.tasks.sources import is_georeferenced
 
 #: keyword arguments of the task functions that the runner itself sets
 RESERVED = frozenset({"model", "source", "sources", "out", "overwrite", "resume", "progress", "model_name",
@@ -93,6 +95,8 @@ class TaskSpec:
             load_classes(inline=opts.get("classes"), file=opts.get("labels_file"))  # fails now, not on a worker
         if self.name == "refer":
             check_expression(opts.get("expression"))
+        if self.name == "chat":
+            opts["question"] = check_question(opts.get("question"))
         return opts
 
     def task_kwargs(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,6 +106,7 @@ class TaskSpec:
 _REQUIRED_HINTS = {
     "classes": 'Pass the classes, e.g. --classes "forest|trees, water, buildings" (or --labels-file).',
     "expression": 'Pass the expression, e.g. --expression "the large storage tank next to the road".',
+    "question": 'Pass the question, e.g. --question "How many storage tanks are there?".',
 }
 
 
@@ -162,6 +167,20 @@ def run_refer(model: Any, source: str, prefix: Path, options: dict[str, Any]) ->
     return {"outputs": outputs, "rows": [row]}
 
 
+def run_chat(model: Any, source: str, prefix: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """One question about one raster or image: its boxes (grounding) or windows as a vector
+    file when it is a raster, and one row with the combined answer."""
+    spec = TASKS["chat"]
+    kw = spec.task_kwargs(options)
+    fmt = str(options.get("vector_format") or "gpkg")
+    out = Path(f"{prefix}.{fmt}") if is_georeferenced(source) else None
+    res = chat(model, source, options["question"], out=out, overwrite=True, model_name=getattr(model, "name", None), **kw)
+    outputs = {k: v for k, v in _existing(res.outputs).items() if k == "vectors"}
+    row = {"source": source, "question": res.question, "kind": res.kind, "answer": res.answer,
+           "number": res.number, "yes": res.yes, "combined": res.combined, "boxes": len(res.boxes)}
+    return {"outputs": outputs, "rows": [row]}
+
+
 #: the metadata columns an item of ``index build`` writes (the run numbers the rows at merge)
 def index_rows_schema() -> pa.Schema:
     return pa.schema([f for f in metadata_schema() if f.name not in ("id", "model", "dim")])
@@ -207,6 +226,8 @@ TASKS: dict[str, TaskSpec] = {
     "refer": TaskSpec("refer", "mini-refer", run_refer, refer, own_options=("expression",),
                       required=("expression",), rasters=("mask",), vectors=("vector",), table="refer"),
     "index": TaskSpec("index", "mini-clip", run_index, _index_options, index=True),
+    "chat": TaskSpec("chat", "mini-chat", run_chat, chat, own_options=("question", "vector_format"),
+                     required=("question",), vectors=("vectors",), table="chat"),
 }
 #: other spellings of task names
 ALIASES = {"index-build": "index", "index_build": "index", "build": "index"}
