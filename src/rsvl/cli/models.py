@@ -64,12 +64,20 @@ def fetch(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Download a model's weights into the cache (pinned revision; sha256 checked where published)."""
+    from rsvl.models.registry import fetch as do_fetch  # lazy: see rsvl.cli
     from rsvl.models.registry import get_card  # lazy: see rsvl.cli
-    from rsvl.models.weights import fetch as do_fetch  # lazy: see rsvl.cli
     from rsvl.models.weights import sha256_file  # lazy: see rsvl.cli
 
     card = get_card(name)
     path = do_fetch(card, force=force)
+    if path.is_dir():  # a folder of files (VHM, GeoChat): list them
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+        doc = {"name": card.name, "path": str(path), "files": files, "verified": False}
+        if as_json:
+            emit_json(doc)
+            return
+        typer.echo(f"{card.name}: {path} ({len(files)} files)")
+        return
     doc = {"name": card.name, "path": str(path), "sha256": sha256_file(path), "verified": card.sha256 is not None}
     if as_json:
         emit_json(doc)

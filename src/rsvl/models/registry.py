@@ -24,6 +24,7 @@ from rsvl.errors import UnknownModelError
 from rsvl.models import clip, fianet, llava, mini, rsprompter, sam
 from rsvl.models.cards import ModelCard, normalise_name
 from rsvl.models.device import check_device
+from rsvl.models.weights import fetch as weights_fetch
 
 #: family name -> package, in the order `rsvl models` lists them
 FAMILIES: dict[str, ModuleType] = {
@@ -127,9 +128,21 @@ __all__ = [
     "REGISTRY",
     "build",
     "family_of",
+    "fetch",
     "get_card",
     "list_cards",
     "load",
     "normalise_name",
     "resolve_card",
 ]
+
+
+def fetch(card: str | ModelCard, *, force: bool = False) -> Path:
+    """Bring ``card``'s weights into rsvl's cache: the family's own ``fetch`` when it has one
+    (a folder of files, e.g. VHM), else the card's single checkpoint
+    (:func:`rsvl.models.weights.fetch`). Returns the file or folder."""
+    card = get_card(card)
+    family = family_of(card)
+    if hasattr(family, "fetch"):
+        return Path(family.fetch(card, force=force))
+    return weights_fetch(card, force=force)

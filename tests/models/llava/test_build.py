@@ -5,8 +5,10 @@ written at the image position -> LlamaForCausalLM on inputs_embeds."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,3 +291,34 @@ def test_memory_estimate_counts_the_published_shapes(name, variant):
     assert 0.5 * 2 * n < int8 < 0.6 * 2 * n and 0.3 * 2 * n < int4 < int8
     with pytest.raises(ValueError, match="unknown dtype"):
         llava.memory_estimate(name, "int2")
+
+
+def test_fetch_downloads_the_listed_files_and_the_vision_tower_config_last(tmp_path, monkeypatch):
+    """`rsvl fetch vhm-7b` asks the Hub for exactly the card's files (model folder, then the
+    vision tower into vision_tower/), config.json last; offline it is one clear error."""
+    from rsvl.errors import WeightsNotFoundError
+    from rsvl.models import registry
+    llava_build = importlib.import_module("rsvl.models.llava.build")  # the module, not build()
+
+    monkeypatch.setenv("RSVL_CACHE", str(tmp_path))
+    monkeypatch.delenv("RSVL_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+
+    def fake_download(repo, *, revision=None, local_dir, allow_patterns):
+        calls.append((repo, Path(local_dir).relative_to(tmp_path).as_posix(), tuple(allow_patterns)))
+        for name in allow_patterns:
+            (Path(local_dir) / name).write_text("{}")
+
+    monkeypatch.setattr(llava_build.huggingface_hub, "snapshot_download", fake_download)
+    path = registry.fetch("vhm-7b")
+    assert path == tmp_path / "vhm-7b" and (path / "config.json").is_file()
+    assert [c[:2] for c in calls] == [("FitzPC/vhm_7B", "vhm-7b"), ("FitzPC/vhm_7b_pretrain_vit", "vhm-7b/vision_tower"),
+                                      ("FitzPC/vhm_7B", "vhm-7b")]
+    assert "config.json" not in calls[0][2] and "pytorch_model-00001-of-00002.bin" in calls[0][2]
+    assert calls[-1][2] == ("config.json",)
+    calls.clear()
+    assert registry.fetch("vhm-7b") == path and calls == []  # cached: nothing asked
+    monkeypatch.setenv("RSVL_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="offline mode is on"):
+        registry.fetch("geochat-7b")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rsvl.models.cards import ModelCard
-from rsvl.models.llava.build import build, load_llava, memory_estimate
+from rsvl.models.llava.build import build, fetch_folder, load_llava, memory_estimate
 from rsvl.models.llava.cards import CARDS
 from rsvl.models.llava.model import LlavaChat
 from rsvl.models.llava.tokenizer import SentencePieceBPE
@@ -33,4 +33,7 @@ def load(
     return load_llava(card, weights, device, **options)
 
 
-__all__ = ["CARDS", "LlavaChat", "SentencePieceBPE", "build", "load", "memory_estimate"]
+#: ``rsvl fetch`` for this family: a folder of files, not one checkpoint
+fetch = fetch_folder
+
+__all__ = ["CARDS", "LlavaChat", "SentencePieceBPE", "build", "fetch", "fetch_folder", "load", "memory_estimate"]

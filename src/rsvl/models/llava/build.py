@@ -270,6 +270,43 @@ def model_folder(card: ModelCard, weights: str | Path | None) -> Path:
     )
 
 
+def fetch_folder(card: ModelCard | str, *, force: bool = False) -> Path:
+    """Download ``card``'s published folder (and its vision tower into ``vision_tower/``)
+    into rsvl's cache, where :func:`load` finds it; returns the folder.
+
+    Only the files the card lists are fetched (``huggingface_hub.snapshot_download`` with
+    ``allow_patterns``: no optimizer states or duplicate safetensors copies), at the card's
+    revision when it pins one. The folder's config.json is written last, so an interrupted
+    download is never taken for a complete folder: rerun to continue (files already there
+    are kept)."""
+    card = pick_card(CARDS, card, "llava")
+    dest = cache_root() / card.name
+    if (dest / "config.json").is_file() and not force:
+        return dest
+    if is_offline():
+        raise WeightsNotFoundError(f"Weights of model {card.name!r} are not cached and offline mode is on.",
+                                   hint=_place_hint(card, dest))
+    files = [f for f in card.metadata.get("files", ()) if f != "config.json"]
+    parts = [(str(card.source.hf_repo), card.source.revision, dest, files)]
+    vision_repo = str(card.metadata.get("vision_repo", ""))
+    if vision_repo:
+        sub = dest / str(card.metadata.get("vision_folder", "vision_tower"))
+        parts.append((vision_repo, None, sub, list(card.metadata.get("vision_files", ("config.json", "pytorch_model.bin")))))
+    try:
+        for repo, revision, folder, names in parts:
+            folder.mkdir(parents=True, exist_ok=True)
+            if names:
+                huggingface_hub.snapshot_download(repo, revision=revision, local_dir=str(folder), allow_patterns=names)
+        huggingface_hub.snapshot_download(str(card.source.hf_repo), revision=card.source.revision,
+                                          local_dir=str(dest), allow_patterns=["config.json"])
+    except Exception as exc:  # network, HTTP, disk: one line, and how to do it by hand
+        raise WeightsNotFoundError(f"Downloading {card.name} failed ({type(exc).__name__}: {exc}).",
+                                   hint=_place_hint(card, dest)) from exc
+    if not (dest / "config.json").is_file():
+        raise WeightsNotFoundError(f"Downloading {card.name} left no config.json in {dest}.", hint=_place_hint(card, dest))
+    return dest
+
+
 def vision_folder(card: ModelCard, folder: Path, option: str | Path | None) -> Path | None:
     """The vision tower folder (or file) to use, or None when none is found."""
     if option is not None:
@@ -511,6 +548,7 @@ def load_llava(
 
 __all__ = [
     "build",
+    "fetch_folder",
     "empty_network",
     "load_llava",
     "memory_estimate",
