@@ -152,9 +152,9 @@ def bench(task: str, scene: Path, work: Path, kills: int, seed: int) -> dict:
                 p.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGKILL if stopped % 2 == 0 else signal.SIGINT)
-                stopped += 1
         _, err = p.communicate()
         codes.append(p.returncode)
+        stopped += p.returncode != 0  # a signal sent as the run finished does not count
         if p.returncode == 0:
             break
         if p.returncode not in (-signal.SIGKILL, 130):
