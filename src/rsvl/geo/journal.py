@@ -108,9 +108,12 @@ class TileJournal:
         if self.resume:
             existing = [p for p in self.outputs if p.exists()]
             if existing:
+                # the run finished (an interruption after its last write leaves complete
+                # outputs and no journal); its settings are not re-checked, so refuse
                 raise ResumeError(
-                    f"{existing[0]} exists and no interrupted run of it is left to resume.",
-                    hint="Pass --overwrite (without --resume) to run again, or choose another output name.",
+                    f"{existing[0]} exists and no interrupted run of it is left to resume: that run finished.",
+                    hint="Its outputs are complete. Pass --overwrite (without --resume) to run again, "
+                         "or choose another output name.",
                 )
         if not self.overwrite:
             for p in self.outputs:
