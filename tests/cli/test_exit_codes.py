@@ -116,7 +116,7 @@ def test_ctrl_c_in_process_returns_130_and_says_so(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(task, "classify", interrupt)
     assert main(["classify", SAMPLE, "-l", "forest, water"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and "--resume" not in err  # classify has no --resume
+    assert "interrupted; rerun with --resume to continue" in err  # classify per tile resumes
 
 
 def test_ctrl_c_answered_with_sys_exit_still_exits_130(monkeypatch, capsys):
@@ -142,7 +142,9 @@ def test_interrupted_message_names_resume_only_where_it_exists():
 
     assert "--resume" in interrupted_message(["segment", "a.tif", "water"])
     assert "--resume" in interrupted_message(["--quiet", "train", "clip", "--out", "x"])
-    for args in (["classify", "a.tif"], ["index", "build", "a"], ["instances", "a.tif"], []):
+    assert "--resume" in interrupted_message(["classify", "a.tif", "-l", "water"])
+    assert "--resume" in interrupted_message(["instances", "a.tif"])
+    for args in (["index", "build", "a"], []):
         assert interrupted_message(args) == "interrupted"
 
 

@@ -15,6 +15,7 @@ from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, task_progress
 from rsvl.data.classes import load_classes
 from rsvl.errors import OutputError
+from rsvl.geo.journal import refuse_stale_journal
 from rsvl.io import atomic_path
 
 
@@ -38,6 +39,7 @@ def classify(
     csv_path: Path = typer.Option(None, "--csv", help="Also write the table as CSV."),
     device: str = typer.Option("cpu", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    resume: bool = typer.Option(False, "--resume", help="Raster tiles: continue an interrupted run (same input and options)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Zero-shot classification: top-k labels per image, or per tile of a raster.
@@ -54,12 +56,15 @@ def classify(
     specs = load_classes(inline=labels, file=labels_file)
     georeferenced = preflight.file_or_folder(source)
     if georeferenced is not None and (tile is not None or georeferenced):
-        preflight.new_outputs(raster_output_paths(source, out), overwrite)
+        tiles_out = raster_output_paths(source, out)
+        refuse_stale_journal(tiles_out[0], resume, overwrite)
+        if not resume:
+            preflight.new_outputs(tiles_out, overwrite)
     preflight.new_outputs([csv_path], overwrite)
     m = rsvl.load(model, weights=weights, device=device)
     result = run_classify(m, source, specs, templates=templates, top_k=top_k, batch_size=batch_size,
                           bands=parse_bands(bands), tile=tile, gsd=gsd, out=out, overwrite=overwrite,
-                          progress=task_progress("classify", unit="images" if source.is_dir() else "tiles"))
+                          resume=resume, progress=task_progress("classify", unit="images" if source.is_dir() else "tiles"))
     if csv_path is not None:
         _write_csv(result, csv_path, top_k, overwrite)
     if as_json:

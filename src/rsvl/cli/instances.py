@@ -10,6 +10,8 @@ from rich.console import Console
 from rsvl.cli import preflight
 from rsvl.cli.options import parse_bands
 from rsvl.console import emit_json, state, task_progress
+from rsvl.errors import ResumeError
+from rsvl.geo.journal import refuse_stale_journal
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +35,7 @@ def instances(
     to_crs: str = typer.Option(None, "--to-crs", help="Reproject polygons, e.g. EPSG:4326."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run on a raster (same input and options)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Find object instances: PNG overlay + GeoJSON for images; polygons in the source CRS
@@ -45,6 +48,9 @@ def instances(
 
     preflight.file_or_folder(source)
     preflight.vector_format(vector_format)
+    if source.is_dir() and resume:
+        raise ResumeError("--resume continues one raster, not a folder of images.",
+                          hint="Run the folder again without --resume (with --overwrite to redo its outputs).")
     if source.is_dir():
         base = out if out is not None else Path.cwd() / source.name
         jobs = [(f, base / f.stem) for f in preflight.images(source)]
@@ -55,13 +61,15 @@ def instances(
         paths = output_paths(prefix, vector_format, georeferenced)
         if not (georeferenced and instance_tif):
             paths.pop("instance_tif", None)
-        preflight.new_outputs(paths.values(), overwrite)
+        refuse_stale_journal(paths["instances"], resume, overwrite)
+        if not resume:
+            preflight.new_outputs(paths.values(), overwrite)
     m = rsvl.load(model, weights=weights, device=device)
     progress = task_progress("instances", unit="images" if source.is_dir() else "tiles")
     result = run_instances(
         m, source, out, classes=classes, score=score, tile=tile, overlap=overlap,
         batch_size=batch_size, bands=parse_bands(bands), gsd=gsd, vector_format=vector_format,
-        to_crs=to_crs, instance_tif=instance_tif, overwrite=overwrite, progress=progress,
+        to_crs=to_crs, instance_tif=instance_tif, overwrite=overwrite, resume=resume, progress=progress,
         model_name=model,
     )
     results = result if isinstance(result, list) else [result]

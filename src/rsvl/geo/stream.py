@@ -76,12 +76,15 @@ class TileStream:
         prefetch: int = 2,
         start_row: int = 0,
         min_valid: float | None = 0.0,
+        start_tile: int = 0,
     ) -> None:
         check_tiling(grid.tile, grid.overlap, batch_size)
         self.source = source
         self.grid = grid
         self.batch_size = batch_size
-        self.start_row = start_row
+        # the first tile read: row start_row, or tile start_tile in row-major order if later
+        self.start_row = max(start_row, start_tile // grid.n_cols)
+        self.start_tile = max(start_tile, start_row * grid.n_cols)
         self.min_valid = min_valid
         self.read_wait = 0.0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
@@ -138,6 +141,8 @@ class TileStream:
                     for c in range(grid.n_cols):
                         if self._stop.is_set():
                             return
+                        if r * grid.n_cols + c < self.start_tile:
+                            continue
                         win = grid.window(r, c)
                         rgb, valid = reader.read(win)
                         assert rgb.shape == (3, T, T)
@@ -184,6 +189,7 @@ def map_tiles(
     prefetch: int = 2,
     min_valid: float | None = 0.0,
     progress: Advance | None = None,
+    start: int = 0,
 ) -> Iterator[TileOutput]:
     """Run ``predict`` over the tiles of ``source`` and yield one :class:`TileOutput` per tile,
     in row-major order: the streaming loop of tasks whose per-tile results are not blended
@@ -194,9 +200,13 @@ def map_tiles(
     sent and come back with ``result`` None. ``progress(n)`` is called as tiles are done.
     Tiles are read ahead on a background thread (:class:`TileStream`), so reading overlaps
     prediction and memory holds a few batches, never the scene.
+
+    ``start``: the number of tiles (in row-major order) a resumed run already has; they are
+    neither read nor predicted nor yielded, and batches are counted from there.
     """
     grid = TileGrid(source.width, source.height, tile, overlap)
-    with TileStream(source, grid, batch_size=batch_size, prefetch=prefetch, min_valid=min_valid) as stream:
+    with TileStream(source, grid, batch_size=batch_size, prefetch=prefetch, min_valid=min_valid,
+                    start_tile=start) as stream:
         for batch, keep in stream:
             idx = np.flatnonzero(keep)
             results: list[Any] = [None] * len(batch)

@@ -34,6 +34,7 @@ from rsvl.errors import (
     PromptError,
     RasterReadError,
 )
+from rsvl.geo.journal import TileJournal, refuse_stale_journal, source_identity
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import TileGrid, check_batch_size, check_gsd, check_tiling
@@ -110,11 +111,13 @@ def classify(
     gsd: float | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: TaskProgress | None = None,
 ) -> ClassifyResult:
     """Classify an image, a folder of images, or the tiles of a raster (see module doc).
 
     ``progress`` (:class:`rsvl.console.TaskProgress`) is told the number of images or tiles.
+    ``resume`` continues an interrupted tile run of a raster (:mod:`rsvl.geo.journal`).
     """
     src = Path(source)
     if not src.exists():
@@ -152,7 +155,7 @@ def classify(
         return ClassifyResult(names, preds, settings=settings)
     return _classify_raster(clf, src, names, settings, tile=int(tile) if tile is not None else int(model.image_size), top_k=top_k,
                             batch_size=batch_size, bands=bands, gsd=gsd, out=out, overwrite=overwrite,
-                            progress=progress)
+                            resume=resume, progress=progress)
 
 
 def classify_arrays(
@@ -206,17 +209,22 @@ def raster_output_paths(src: str | os.PathLike[str], out: str | os.PathLike[str]
 
 def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], settings: dict[str, Any], *,
                      tile: int, top_k: int, batch_size: int, bands: Sequence[int] | None, gsd: float | None,
-                     out: str | os.PathLike[str] | None, overwrite: bool,
+                     out: str | os.PathLike[str] | None, overwrite: bool, resume: bool,
                      progress: TaskProgress | None) -> ClassifyResult:
     """Non-overlapping tiles through the streaming loop (:func:`rsvl.geo.stream.map_tiles`):
-    what is kept per tile is its prediction and footprint, plus one label pixel per tile."""
+    what is kept per tile is its prediction and footprint, plus one label pixel per tile.
+
+    Each tile's scores are journaled as batches finish (:class:`rsvl.geo.journal.TileJournal`):
+    an interrupted run continues with ``resume`` and writes what an uninterrupted one would."""
     gpkg, label_tif = raster_output_paths(src, out)
     check_outputs([gpkg, label_tif], [src])
     if not gpkg.parent.exists():
         raise OutputError(f"{gpkg.parent}: output folder does not exist.", hint="Create it first.")
-    for p in (gpkg, label_tif):
-        if p.exists() and not overwrite:
-            raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
+    refuse_stale_journal(gpkg, resume, overwrite)
+    if not resume:
+        for p in (gpkg, label_tif):
+            if p.exists() and not overwrite:
+                raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
     size = int(clf.model.image_size)
 
     def predict(batch: TileBatch) -> np.ndarray:
@@ -230,24 +238,46 @@ def _classify_raster(clf: ZeroShotClassifier, src: Path, names: list[str], setti
         settings = {**settings, **rs.resample_plan().tags()}
         grid = TileGrid(rs.width, rs.height, tile, 0)
         labels = np.full((1, grid.n_rows, grid.n_cols), 255, np.uint8)
-        with progress_scope(progress, len(grid)) as advance:
-            for t in map_tiles(rs, predict, tile=tile, overlap=0, batch_size=batch_size, min_valid=MIN_VALID,
-                               progress=advance):
-                if not t.predicted:  # mostly nodata: not classified
-                    continue
-                r, c = t.position
-                (pred,) = top_k_predictions(clf.classes, [f"{src.name}:{r},{c}"], t.result[None], top_k)
-                preds.append(pred)
-                labels[0, r, c] = names.index(pred.label)
-                win = t.window
-                poly = boxes_to_polygons([[win.col_off, win.row_off, win.col_off + tile, win.row_off + tile]],
-                                         rs.transform)[0]
-                records.append({"row": r, "col": c, "label": pred.label, "score": pred.score,
-                                "topk": json.dumps(pred.topk), "geometry": poly})
-        crs, transform = rs.crs, rs.transform @ Affine.scale(tile)
-    gdf = gpd.GeoDataFrame(records, columns=["row", "col", "label", "score", "topk", "geometry"], geometry="geometry", crs=crs)
-    write_vectors(gdf, gpkg, overwrite=overwrite)
-    write_geotiff_from_array(labels, label_tif, crs=crs, transform=transform, nodata=255,
-                             tags={"classes": json.dumps(dict(enumerate(names))), "rsvl_settings": json.dumps(settings)},
-                             colormap=colormap_for(names), descriptions=["label"])
+
+        def keep(position: tuple[int, int], scores: np.ndarray | None) -> None:
+            if scores is None:  # mostly nodata: not classified
+                return
+            r, c = position
+            (pred,) = top_k_predictions(clf.classes, [f"{src.name}:{r},{c}"], scores[None], top_k)
+            preds.append(pred)
+            labels[0, r, c] = names.index(pred.label)
+            win = grid.window(r, c)
+            poly = boxes_to_polygons([[win.col_off, win.row_off, win.col_off + tile, win.row_off + tile]],
+                                     rs.transform)[0]
+            records.append({"row": r, "col": c, "label": pred.label, "score": pred.score,
+                            "topk": json.dumps(pred.topk), "geometry": poly})
+
+        run = {**settings, **rs.settings(), **source_identity(src), "tile": tile, "top_k": top_k,
+               "batch_size": batch_size, "min_valid": MIN_VALID, "grid": [grid.n_rows, grid.n_cols],
+               "outputs": [str(gpkg.resolve()), str(label_tif.resolve())]}
+        with TileJournal([gpkg, label_tif], run, batch_size=batch_size, resume=resume,
+                         overwrite=overwrite) as journal:
+            done = journal.open()
+            with progress_scope(progress, len(grid)) as advance:
+                if done:
+                    advance(len(done))
+                for position, payload in done:
+                    keep(position, None if payload is None else np.asarray(payload["scores"], dtype=payload["dtype"]))
+                for t in map_tiles(rs, predict, tile=tile, overlap=0, batch_size=batch_size, min_valid=MIN_VALID,
+                                   progress=advance, start=len(done)):
+                    scores = np.asarray(t.result) if t.predicted else None
+                    keep(t.position, scores)
+                    journal.add(t.position, None if scores is None else
+                                {"dtype": str(scores.dtype), "scores": scores.tolist()})
+                journal.flush()
+            crs, transform = rs.crs, rs.transform @ Affine.scale(tile)
+            gdf = gpd.GeoDataFrame(records, columns=["row", "col", "label", "score", "topk", "geometry"],
+                                   geometry="geometry", crs=crs)
+            # a resumed run may find outputs of its own interrupted final write
+            write_vectors(gdf, gpkg, overwrite=overwrite or resume)
+            write_geotiff_from_array(labels, label_tif, crs=crs, transform=transform, nodata=255,
+                                     tags={"classes": json.dumps(dict(enumerate(names))),
+                                           "rsvl_settings": json.dumps(settings)},
+                                     colormap=colormap_for(names), descriptions=["label"])
+            journal.finish()
     return ClassifyResult(names, preds, outputs={"tiles": str(gpkg), "labels": str(label_tif)}, settings=settings)

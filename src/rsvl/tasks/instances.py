@@ -29,6 +29,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ from shapely.geometry import mapping
 from shapely.strtree import STRtree
 
 from rsvl.console import Advance, TaskProgress, progress_scope
-from rsvl.errors import InputNotFoundError, OutputError, PromptError
+from rsvl.errors import InputNotFoundError, OutputError, PromptError, ResumeError
+from rsvl.geo.journal import TileJournal, refuse_stale_journal, source_identity
 from rsvl.geo.raster import RasterSource
 from rsvl.geo.stream import TileBatch, map_tiles
 from rsvl.geo.tiles import check_gsd, check_tiling
@@ -338,10 +340,13 @@ def _pieces_to_records(pieces: Sequence[Piece], names: Sequence[str]) -> list[di
 def detect_tiles(predict: Callable[[Sequence[np.ndarray]], list[TileDetections]], source: RasterSource,
                  tile: int, overlap: int, batch_size: int = 2,
                  advance: Advance | None = None,
-                 transform: Any = None) -> tuple[list[Piece], int]:
+                 transform: Any = None, journal: TileJournal | None = None) -> tuple[list[Piece], int]:
     """Run ``predict`` over the overlapping tiles of a :class:`RasterSource` through the
     streaming loop (:func:`rsvl.geo.stream.map_tiles`); pieces in ``transform``'s
-    coordinates (default: the source's map coordinates)."""
+    coordinates (default: the source's map coordinates).
+
+    With a ``journal`` (opened), the tiles it already holds are replayed instead of
+    predicted, and every tile's pieces are journaled as batches finish."""
     if transform is None:
         transform = source.transform
 
@@ -349,16 +354,37 @@ def detect_tiles(predict: Callable[[Sequence[np.ndarray]], list[TileDetections]]
         return predict(list(batch.images))
 
     pieces: list[Piece] = []
-    n_tiles = 0
+    done = journal.open() if journal is not None else []
+    if done and advance is not None:
+        advance(len(done))
+    for _, payload in done:
+        pieces += [] if payload is None else [pieces_from_json(p) for p in payload]
+    n_tiles = len(done)
     for t in map_tiles(source, predict_batch, tile=tile, overlap=overlap, batch_size=batch_size, min_valid=0.0,
-                       progress=advance):
+                       progress=advance, start=len(done)):
         n_tiles += 1
-        if not t.predicted:  # no valid pixel
-            continue
-        win = t.window
-        window = (int(win.col_off), int(win.row_off), int(win.width), int(win.height))
-        pieces += detections_to_pieces(t.result, window, transform, source.width, source.height, valid=t.valid)
+        found: list[Piece] | None = None
+        if t.predicted:  # else: no valid pixel
+            win = t.window
+            window = (int(win.col_off), int(win.row_off), int(win.width), int(win.height))
+            found = detections_to_pieces(t.result, window, transform, source.width, source.height, valid=t.valid)
+            pieces += found
+        if journal is not None:
+            journal.add(t.position, None if found is None else [pieces_to_json(p) for p in found])
+    if journal is not None:
+        journal.flush()
     return pieces, n_tiles
+
+
+def pieces_to_json(p: Piece) -> list[Any]:
+    """One piece as journal JSON: WKB (exact coordinates), class, score, cut flag."""
+    return [shapely.to_wkb(p.geometry, hex=True), int(p.label), float(p.score), bool(p.partial)]
+
+
+def pieces_from_json(item: Sequence[Any]) -> Piece:
+    """The inverse of :func:`pieces_to_json`."""
+    wkb, label, score, partial = item
+    return Piece(shapely.from_wkb(wkb), int(label), float(score), bool(partial))
 
 
 class InstanceIds:
@@ -421,13 +447,15 @@ def instances(
     merge_iou: float = 0.5,
     merge_overlap: float = 0.3,
     overwrite: bool = False,
+    resume: bool = False,
     progress: TaskProgress | None = None,
     model_name: str | None = None,
 ) -> InstancesResult | list[InstancesResult]:
     """Instances of an image, every image of a folder (a list of results), or a raster.
 
     ``progress`` (:class:`rsvl.console.TaskProgress`) is told the number of images of a
-    folder, or the number of tiles of a raster.
+    folder, or the number of tiles of a raster. ``resume`` continues an interrupted tile
+    run of one raster (:mod:`rsvl.geo.journal`).
     """
     src = Path(source)
     if not src.exists():
@@ -442,6 +470,9 @@ def instances(
         raise PromptError(f"--score {score} is not between 0 and 1.", hint="Example: --score 0.5")
     keep = select_classes(model, classes)
     predict = InstancePredictor(model, score=score, classes=keep)
+    if src.is_dir() and resume:
+        raise ResumeError("--resume continues one raster, not a folder of images.",
+                          hint="Run the folder again without --resume (with --overwrite to redo its outputs).")
     if src.is_dir():
         files = find_images(src)
         if not files:
@@ -463,7 +494,7 @@ def instances(
     return _one(predict, src, prefix, keep=keep, score=score, tile=tile, overlap=overlap,
                 batch_size=batch_size, bands=bands, gsd=gsd, vector_format=vector_format,
                 to_crs=to_crs, instance_tif=instance_tif, merge_iou=merge_iou,
-                merge_overlap=merge_overlap, overwrite=overwrite, progress=progress,
+                merge_overlap=merge_overlap, overwrite=overwrite, resume=resume, progress=progress,
                 model_name=model_name)
 
 
@@ -471,7 +502,7 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
          score: float, tile: int, overlap: int | None, batch_size: int,
          bands: Sequence[int] | None, gsd: float | None, vector_format: str, to_crs: str | None,
          instance_tif: bool, merge_iou: float, merge_overlap: float, overwrite: bool,
-         progress: TaskProgress | None = None, model_name: str | None = None,
+         resume: bool = False, progress: TaskProgress | None = None, model_name: str | None = None,
          reads: Sequence[Path] = (),
          ) -> InstancesResult:
     t0 = time.perf_counter()
@@ -481,8 +512,9 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
     if not (georef and instance_tif):
         paths.pop("instance_tif", None)
     check_outputs(paths.values(), [src, *reads])
+    refuse_stale_journal(paths["instances"], resume, overwrite)
     for p in paths.values():
-        if p.exists() and not overwrite:
+        if p.exists() and not overwrite and not resume:
             raise OutputError(f"{p} exists.", hint="Pass --overwrite to replace it, or choose another output name.")
         if not p.parent.exists():
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -493,11 +525,25 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
         "classes": [names[i] for i in keep] if keep is not None else names, "score": score,
         "tile": tile, "overlap": overlap, "merge_iou": merge_iou, "merge_overlap": merge_overlap,
     }
-    with RasterSource(src, bands=bands, target_gsd=gsd) as rs:
+    with RasterSource(src, bands=bands, target_gsd=gsd) as rs, ExitStack() as stack:
         settings.update(rs.settings())
         # plain images up to 1.5 tiles go through whole (as the model saw them in training)
         whole = not georef and max(rs.width, rs.height) <= 1.5 * tile
         rgb = None
+        journal = None
+        if whole and resume and not overwrite:
+            for p in paths.values():
+                if p.exists():
+                    raise OutputError(f"{p} exists; a whole image has no interrupted run to resume.",
+                                      hint="Pass --overwrite to replace it, or choose another output name.")
+        if not whole:
+            # the primary output first: it names the journal's folder and the lock
+            outs = [paths["instances"], *(p for k, p in paths.items() if k != "instances")]
+            run = {**settings, **source_identity(src), "batch_size": batch_size, "bands": list(bands or []),
+                   "target_gsd": gsd, "to_crs": to_crs, "vector_format": vector_format,
+                   "outputs": [str(p.resolve()) for p in outs]}
+            journal = stack.enter_context(TileJournal(outs, run, batch_size=batch_size, resume=resume,
+                                                      overwrite=overwrite))
         if whole:
             rgb, valid = rs.read(Window(0, 0, rs.width, rs.height))
             (det,) = predict([rgb])
@@ -508,7 +554,8 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
             grid_len = announce_resampling(rs, tile, overlap)
             with progress_scope(progress, grid_len) as adv:
                 pieces, n_tiles = detect_tiles(predict, rs, tile, overlap, batch_size, adv,
-                                               transform=rs.transform if georef else Affine.identity())
+                                               transform=rs.transform if georef else Affine.identity(),
+                                               journal=journal)
             pieces = merge_pieces(pieces, merge_iou=merge_iou, merge_overlap=merge_overlap)
         pieces.sort(key=lambda p: -p.score)
         records = _pieces_to_records(pieces, names)
@@ -529,7 +576,8 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
                  for r in records],
                 columns=["id", "class", "class_id", "score", "area", "model", "geometry"],
                 geometry="geometry", crs=rs.crs)
-            write_vectors(gdf, paths["instances"], to_crs=to_crs, overwrite=overwrite)
+            # a resumed run may find outputs of its own interrupted final write
+            write_vectors(gdf, paths["instances"], to_crs=to_crs, overwrite=overwrite or resume)
             outputs["instances"] = str(paths["instances"])
             if "instance_tif" in paths:
                 write_instance_tif(pieces, paths["instance_tif"], width=rs.width, height=rs.height,
@@ -541,6 +589,8 @@ def _one(predict: InstancePredictor, src: Path, prefix: Path, *, keep: list[int]
         else:
             write_text(paths["instances"], json.dumps(_feature_collection(records, settings)))
             outputs["instances"] = str(paths["instances"])
+        if journal is not None:
+            journal.finish()
     counts: dict[str, int] = {}
     for r in records:
         counts[r["class"]] = counts.get(r["class"], 0) + 1
