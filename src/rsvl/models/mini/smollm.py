@@ -99,12 +99,16 @@ def load(device: str = "cpu", *, path: Path | None = None) -> tuple[Any, Any]:
     if not is_converted(path):
         convert(path)
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" would print on every command
     try:
         model = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
 
 
