@@ -58,3 +58,14 @@ def write_raster(
 def rgb_raster(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     return write_raster(tmp_path / "rgb.tif", rng.integers(0, 255, (3, 301, 437), dtype=np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _console_state_per_test():
+    """rsvl's console state (--quiet, --debug) is process-wide; a test that sets it (a CLI
+    call, a Ray worker built in-process) must not silence the next test's messages."""
+    from rsvl.console import state
+
+    saved = (state.quiet, state.debug)
+    yield
+    state.quiet, state.debug = saved
