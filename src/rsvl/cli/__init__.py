@@ -31,7 +31,19 @@ import typer
 import typer.main
 
 from rsvl import __version__
-from rsvl.cli import chat, classify, data, index, info, instances, models, refer, run, segment, train
+from rsvl.cli import (
+    chat,
+    classify,
+    data,
+    index,
+    info,
+    instances,
+    models,
+    refer,
+    run,
+    segment,
+    train,
+)
 from rsvl.cli import eval as evaluate
 from rsvl.console import state
 from rsvl.errors import RsvlError
