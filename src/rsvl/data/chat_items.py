@@ -473,7 +473,7 @@ def generate_items(*, ucm: str | Path | None = None, nwpu: str | Path | None = N
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if ucm is None and nwpu is None and aid is None:
-        raise InputNotFoundError("no source given",
+        raise InputNotFoundError("no source given.",
                                  hint="Pass at least one of --ucm, --nwpu, --aid.")
     drops: Counter[str] = Counter() if dropped is None else dropped
     items: list[ChatItem] = []
