@@ -337,7 +337,7 @@ def _rsivqa_items(ucm: Path, dropped: Counter[str]) -> list[ChatItem]:
     return items
 
 
-def _aid_split(labels: dict[str, list[Path]], val_fraction: float, seed: int) -> dict[Path, str]:
+def aid_split(labels: dict[str, list[Path]], val_fraction: float, seed: int) -> dict[Path, str]:
     out: dict[Path, str] = {}
     for label in sorted(labels):
         files = sorted(labels[label])
@@ -352,7 +352,7 @@ def _aid_items(aid: Path, val_fraction: float, seed: int) -> list[ChatItem]:
     by_label: dict[str, list[Path]] = defaultdict(list)
     for s in data.samples:
         by_label[s.class_name].append(s.image.resolve())
-    split = _aid_split(by_label, val_fraction, seed)
+    split = aid_split(by_label, val_fraction, seed)
     classes = ", ".join(aid_class_name(c) for c in data.classes)
     items: list[ChatItem] = []
     for s in data.samples:
