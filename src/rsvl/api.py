@@ -26,9 +26,11 @@ import numpy as np
 
 from rsvl.data.classes import ClassSpec, parse_class_list
 from rsvl.errors import PromptError, UnknownModelError
+from rsvl.io import read_rgb
 from rsvl.models import registry
 from rsvl.tasks import classify as task
 from rsvl.tasks.chat import chat
+from rsvl.tasks.farmland import segment_request
 from rsvl.tasks.instances import instances
 from rsvl.tasks.refer import refer
 from rsvl.tasks.search import build, search
@@ -121,11 +123,27 @@ class Model:
         """Open-vocabulary segmentation of a raster or image into ``classes``; writes
         ``OUT_classes.tif``, ``OUT_confidence.tif``, polygons and an overlay
         (:func:`rsvl.tasks.segment.segment` lists the options: ``cls_lambda``, ``threshold``,
-        ``gsd``, ``tile``, ``probabilities``...)."""
+        ``gsd``, ``tile``, ``probabilities``...). With a language-guided model (mini-fsvlm,
+        fsvlm-7b...) ``classes`` is the request, "Please segment the farmland."
+        (:func:`rsvl.tasks.farmland.segment_request`)."""
 
+        if "farmland" in self.card.tasks and "segment" not in self.card.tasks:
+            # a language-guided model (FSVLM, LISA, mini-fsvlm): ``classes`` is the request
+            kwargs.setdefault("model_name", self.card.name)
+            return segment_request(self.module, source, str(classes), out, **kwargs)
         self._require("segment")
         kwargs.setdefault("model_name", self.card.name)
         return segment(self.module, source, _classes(classes), out, **kwargs)
+
+    def seg_chat(self, image: str | os.PathLike[str] | Any, request: str, **kwargs: Any) -> Any:
+        """Ask a language-guided segmentation model (FSVLM, LISA, mini-fsvlm) ``request``
+        about one image (a path or an (H, W, 3) uint8 array): a
+        :class:`rsvl.models.segchat.SegAnswer` with the text and the mask logits."""
+
+        self._require("farmland")
+        if isinstance(image, (str, os.PathLike)):
+            image = read_rgb(image)
+        return self.module.seg_chat(image, request, **kwargs)
 
     def build_index(self, sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
                     **kwargs: Any) -> Any:

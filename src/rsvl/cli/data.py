@@ -4,6 +4,10 @@
 RRSIS-D's layout (what ``rsvl train refer`` and ``rsvl eval refer`` read); see
 :mod:`rsvl.data.refgen` for the templates and the uniqueness checks.
 
+``rsvl data farmland`` writes language-guided segmentation data in FSVLM's FIT layout from
+the real pixel labels (UCM mosaics for farmland, NWPU VHR-10 and WHU "segment the X"
+requests, LoveDA tiles as the test split); see :mod:`rsvl.data.farmland`.
+
 ``rsvl data chat`` writes instruction data (VHM's training layout, plus the val items in the
 VHM_Eval layout that ``rsvl eval chat`` scores) from UCM, RSIVQA, NWPU VHR-10 and AID; see
 :mod:`rsvl.data.chat` for the tasks and answer formats.
@@ -37,6 +41,7 @@ class Link(StrEnum):
 def register(app: typer.Typer) -> None:
     data_app.command("refgen")(refgen)
     data_app.command("chat")(chat)
+    data_app.command("farmland")(farmland)
     app.add_typer(data_app, name="data")
 
 
@@ -87,4 +92,36 @@ def chat(
         emit_json({"out": str(out), "stats": stats})
         return
     typer.echo(format_chat_stats(stats))
+    state.notice(f"wrote {out}")
+
+
+def farmland(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder ({train,val,test}/{img,lbl,json}, stats.json); must not exist."),
+    ucm: Path = typer.Option(..., "--ucm", help="UCM folder with ucm.json (e.g. ../shared/data/ucm): farmland mosaics."),
+    nwpu: Path = typer.Option(None, "--nwpu", help="NWPU VHR-10 COCO instances JSON: 'Please segment the X.' requests."),
+    nwpu_images: Path = typer.Option(None, "--nwpu-images", help="Folder of the NWPU images (default: 'images' beside the COCO file)."),
+    whu: Path = typer.Option(None, "--whu", help="WHU building folder ({train,val}/{image,label})."),
+    loveda: Path = typer.Option(None, "--loveda", help="LoveDA crops folder (images/, labels/): the test split (agriculture = farmland)."),
+    aid: Path = typer.Option(None, "--aid", help="AID folder (one sub-folder per class): look-alike landscapes in the mosaics."),
+    train_mosaics: int = typer.Option(800, "--train-mosaics", min=1, help="Farmland mosaics built from UCM train scenes."),
+    val_mosaics: int = typer.Option(80, "--val-mosaics", min=1, help="Farmland mosaics built from UCM val scenes."),
+    size: int = typer.Option(384, "--size", min=64, help="Side of the mosaics in pixels."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", min=0.0, help="Fraction of NWPU and AID images that become val."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT written by this command."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as one JSON document."),
+) -> None:
+    """Build language-guided segmentation data (FSVLM's FIT layout) from real pixel labels."""
+    from rsvl.data.farmland import build_farmland_data  # lazy: pycocotools, PIL
+
+    stats = build_farmland_data(out, ucm=ucm, nwpu=nwpu, nwpu_images=nwpu_images, whu=whu, loveda=loveda, aid=aid,
+                                train_mosaics=train_mosaics, val_mosaics=val_mosaics, size=size,
+                                val_fraction=val_fraction, seed=seed, overwrite=overwrite, log=state.notice)
+    if as_json:
+        emit_json({"out": str(out), "stats": stats})
+        return
+    for split, n in stats["samples"].items():
+        typer.echo(f"{split:>6}: {n} samples")
+    for key, n in stats["by_source"].items():
+        typer.echo(f"  {key}: {n}")
     state.notice(f"wrote {out}")

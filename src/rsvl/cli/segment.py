@@ -24,6 +24,7 @@ def segment(
         None, help='Classes separated by commas, synonyms joined by "|": "forest|trees, water, buildings|houses".'
     ),
     labels_file: Path = typer.Option(None, "--labels-file", help="Class file: one class per line, synonyms separated by commas."),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="Language-guided models (mini-fsvlm, fsvlm-7b): read the request from this text file."),
     out: Path = typer.Option(None, "--out", "-o", help="Output prefix (default: the raster's name in the current folder)."),
     model: str = typer.Option("mini-clip", "--model", "-m", help="Model name (see `rsvl models`)."),
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint to use instead of the model card's file."),
@@ -53,8 +54,22 @@ def segment(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Segment RASTER into the given classes: class GeoTIFF, confidence, polygons, PNG overlay."""
+    """Segment RASTER into the given classes: class GeoTIFF, confidence, polygons, PNG overlay.
+
+    With a language-guided model (--model mini-fsvlm, fsvlm-7b, lisa-7b-v1) the text is a
+    request instead: "This is a 1 m image of irrigated fields. Please segment the farmland."
+    """
     import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.models import registry  # lazy: torch start-up, see rsvl.cli
+
+    card = registry.resolve_card(model, weights)
+    if "farmland" in card.tasks and "segment" not in card.tasks:
+        _segment_request(raster, classes, prompt_file, out, model, weights, bands, gsd, tile, overlap, min_pixels,
+                         simplify, vector_format, to_crs, device, overwrite, resume, as_json)
+        return
+    if prompt_file is not None:
+        raise typer.BadParameter(f"--prompt-file is for language-guided models; {model} takes classes.",
+                                 param_hint="--prompt-file")
     from rsvl.tasks.segment import output_paths  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.segment import segment as run_segment  # lazy: torch start-up, see rsvl.cli
 
@@ -89,3 +104,40 @@ def segment(
     for kind, path in result.outputs.items():
         console.print(f"{kind:>13}  {path}")
     state.notice(f"{result.polygons} polygon(s)")
+
+
+def _segment_request(raster: Path, text: str | None, prompt_file: Path | None, out: Path | None, model: str,
+                     weights: Path | None, bands: str | None, gsd: float | None, tile: int | None, overlap: int | None,
+                     min_pixels: int, simplify: float, vector_format: str, to_crs: str | None, device: str,
+                     overwrite: bool, resume: bool, as_json: bool) -> None:
+    import rsvl  # lazy: torch start-up, see rsvl.cli
+    from rsvl.errors import InputNotFoundError
+    from rsvl.tasks.farmland import check_request, output_paths
+
+    if prompt_file is not None:
+        if text:
+            raise typer.BadParameter("give the request inline or with --prompt-file, not both.", param_hint="--prompt-file")
+        if not prompt_file.is_file():
+            raise InputNotFoundError(f"prompt file not found: {prompt_file}.")
+        text = prompt_file.read_text(encoding="utf-8", errors="replace")
+    request = check_request(text)
+    preflight.raster_file(raster)
+    prefix = out if out is not None else Path.cwd() / raster.stem
+    if not resume:
+        preflight.new_outputs(output_paths(prefix, preflight.vector_format(vector_format)).values(), overwrite)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    m = rsvl.load(model, weights=weights, device=device)
+    result = m.segment(raster, request, prefix, bands=parse_bands(bands), gsd=gsd, tile=tile, overlap=overlap,
+                       min_pixels=min_pixels, simplify=simplify, vector_format=vector_format, to_crs=to_crs,
+                       overwrite=overwrite, resume=resume, progress=task_progress("segment"))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    console = Console(highlight=False)
+    console.print(f"{raster.name}: {result.tiles} tile(s), {result.seconds:.1f} s")
+    console.print(f"answer: {result.answer}", markup=False)
+    area = f", {result.hectares:.2f} ha" if result.hectares is not None else ""
+    console.print(f"{result.target}: {100 * result.fraction:.1f} % of the valid pixels, {result.polygons} polygon(s){area}",
+                  markup=False)
+    for kind, path in result.outputs.items():
+        console.print(f"{kind:>13}  {path}")

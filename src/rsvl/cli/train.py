@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import typer
 
-from rsvl.cli import train_chat, train_clip, train_instances, train_mini_clip, train_refer
+from rsvl.cli import (
+    train_chat,
+    train_clip,
+    train_fsvlm,
+    train_instances,
+    train_mini_clip,
+    train_refer,
+)
 
 train_app = typer.Typer(
     help="Train or fine-tune models (Lightning: AMP, checkpoints, resume).",
@@ -22,6 +29,6 @@ train_app = typer.Typer(
 
 def register(app: typer.Typer) -> None:
     # order here is the order in `rsvl train --help`
-    for module in (train_clip, train_mini_clip, train_instances, train_refer, train_chat):
+    for module in (train_clip, train_mini_clip, train_instances, train_refer, train_chat, train_fsvlm):
         module.register(train_app)
     app.add_typer(train_app, name="train")

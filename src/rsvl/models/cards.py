@@ -30,7 +30,7 @@ OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: task names a card can serve (the ``tasks/`` layer keys on these)
-KNOWN_TASKS = ("classify", "search", "segment", "refer", "instances", "chat")
+KNOWN_TASKS = ("classify", "search", "segment", "refer", "instances", "chat", "farmland")
 
 
 @dataclass(frozen=True)

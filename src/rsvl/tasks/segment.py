@@ -177,7 +177,7 @@ def _default_gsd(model: Any, source: str | os.PathLike[str]) -> float | None:
         return float(preferred) if ds.crs is not None else None
 
 
-def _class_counts(path: Path, n: int) -> np.ndarray:
+def class_counts(path: Path, n: int) -> np.ndarray:
     """Pixels per class of a class raster, read block by block."""
     counts = np.zeros(256, np.int64)
     with rasterio.open(path) as ds:
@@ -314,7 +314,7 @@ def segment(
         write_vectors(gdf, paths["polygons"], to_crs=to_crs, overwrite=True)
         rgb, labels = preview_arrays(src, paths["classes"])
     overlay_png(rgb, labels, names, paths["overlay"], nodata=NODATA, title=settings["model"])
-    counts = _class_counts(paths["classes"], len(names))
+    counts = class_counts(paths["classes"], len(names))
     total = max(int(counts.sum()), 1)
     return SegmentResult(
         classes=names,

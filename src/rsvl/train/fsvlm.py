@@ -19,6 +19,7 @@ the best weights go to ``OUT/fsvlm.safetensors`` with ``OUT/summary.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -31,12 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from rsvl.console import state as console
 from rsvl.data.farmseg import read_split
-from rsvl.io import read_rgb, write_text
+from rsvl.io import atomic_path, read_rgb, write_text
 from rsvl.models.lisa.loss import seg_losses
 from rsvl.models.mini.fsvlm import MiniFSVLM, MiniFSVLMConfig, build_mini_fsvlm, save_mini_fsvlm
 
@@ -104,7 +104,7 @@ def cache_samples(model: MiniFSVLM, samples: Sequence[Any], rng: random.Random,
         parts["states"].append(states.cpu())
         parts["lse"].append(torch.logsumexp(logits, -1).cpu())
         for s in chunk:
-            labels.append(torch.from_numpy(square_label(s.read_label(), model.image_size)))
+            labels.append(torch.from_numpy(np.array(square_label(s.read_label(), model.image_size))))
             sources.append(s.source)
         if (i // batch) % 20 == 0:
             log(f"cache: {min(i + batch, len(samples))}/{len(samples)} ({time.perf_counter() - t0:.0f} s)")
@@ -167,7 +167,7 @@ def batch_loss(model: MiniFSVLM, cache: Cache, idx: Sequence[int], cfg: FsvlmTra
         # ... and a word in the chat questions' answers
         ce = 0.5 * (ce + (torch.logaddexp(nl[pick].to(dev), sn) - nt[pick].to(dev)).mean())
     loss = cfg.ce_weight * ce + cfg.bce_weight * mask_loss["bce"] + cfg.dice_weight * mask_loss["dice"]
-    return loss, {"ce": float(ce), "bce": float(mask_loss["bce"]), "dice": float(mask_loss["dice"])}
+    return loss, {"ce": float(ce.detach()), "bce": float(mask_loss["bce"].detach()), "dice": float(mask_loss["dice"].detach())}
 
 
 @torch.no_grad()
@@ -208,9 +208,30 @@ def evaluate(model: MiniFSVLM, cache: Cache, negatives: tuple[torch.Tensor, ...]
     return out
 
 
+def _cached(model: MiniFSVLM, samples: Sequence[Any], rng: random.Random, log: Callable[[str], None],
+            cache_dir: Path | None, split: str) -> Cache:
+    """:func:`cache_samples`, kept in ``cache_dir`` when given (keyed by the samples, the
+    request choice and the model's frozen parts), so a second run starts training at once."""
+    if cache_dir is None:
+        return cache_samples(model, samples, rng, log)
+    key = hashlib.sha256(json.dumps([[str(s.image), s.request(random.Random(0))] for s in samples]).encode()
+                         + json.dumps(model.config.to_dict(), sort_keys=True).encode()
+                         + repr(rng.getstate()).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"fsvlm-{split}-{key}.pt"
+    if path.is_file():
+        log(f"cache: {path}")
+        d = torch.load(path, weights_only=True)
+        return Cache(**d)
+    cache = cache_samples(model, samples, rng, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(asdict(cache), tmp)
+    return cache
+
+
 def train_fsvlm(data: str | Path, out: str | Path, config: FsvlmTrainConfig | None = None, *,
                 ucm: str | Path | None = None, log: Callable[[str], None] | None = None,
-                model: MiniFSVLM | None = None) -> dict[str, Any]:
+                model: MiniFSVLM | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Train mini-fsvlm on ``data/train``, select on ``data/val``; write
     ``out/fsvlm.safetensors`` (best val score) and ``out/summary.json``."""
     cfg = config or FsvlmTrainConfig()
@@ -229,8 +250,8 @@ def train_fsvlm(data: str | Path, out: str | Path, config: FsvlmTrainConfig | No
     model = model if model is not None else build_mini_fsvlm(MiniFSVLMConfig(), device=cfg.device)
     model.train()
     log(f"{len(train_samples)} train / {len(val_samples)} val requests")
-    train = cache_samples(model, train_samples, rng, log)
-    val = cache_samples(model, val_samples, random.Random(cfg.seed + 1), log)
+    train = _cached(model, train_samples, rng, log, cache_dir, "train")
+    val = _cached(model, val_samples, random.Random(cfg.seed + 1), log, cache_dir, "val")
     negatives = val_negatives = None
     if ucm is not None:
         negatives = chat_negatives(model, Path(ucm), cfg.chat_negatives, rng, log)
@@ -239,7 +260,11 @@ def train_fsvlm(data: str | Path, out: str | Path, config: FsvlmTrainConfig | No
         negatives = tuple(t[n_val:] for t in negatives)
 
     params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    head = list(model.seg_head.parameters())
+    rest = [p for p in params if all(p is not h for h in head)]
+    # the [SEG] row starts at zero and must outgrow a log-sum-exp over 49k words: a 10x rate
+    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": head, "lr": 10 * cfg.lr}],
+                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     total = max(1, cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
@@ -264,7 +289,7 @@ def train_fsvlm(data: str | Path, out: str | Path, config: FsvlmTrainConfig | No
         opt.step()
         sched.step()
         step += 1
-        for k, v in {"loss": float(loss), **parts}.items():
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
             running[k] = 0.95 * running.get(k, v) + 0.05 * v
         minutes = (time.perf_counter() - t0) / 60
         over = cfg.max_minutes is not None and minutes >= cfg.max_minutes

@@ -18,6 +18,7 @@ from rsvl.models.cards import ModelCard, pick_card
 from rsvl.models.mini.cards import CARDS
 from rsvl.models.mini.chat import MiniChat, MiniChatConfig, build_mini_chat, load_mini_chat
 from rsvl.models.mini.clip import HeadsConfig, MiniClip, MiniClipHeads, load_mini_clip
+from rsvl.models.mini.fsvlm import MiniFSVLMConfig, build_mini_fsvlm, load_mini_fsvlm
 from rsvl.models.mini.instances import (
     MiniInstances,
     MiniInstancesConfig,
@@ -69,10 +70,21 @@ def build_chat(*, pretrained: bool = True, **overrides: Any) -> MiniChat:
     return build_mini_chat(_config(MiniChatConfig, "mini-chat", overrides), pretrained=pretrained)
 
 
+def build_fsvlm(**overrides: Any) -> nn.Module:
+    """mini-fsvlm with fresh trained parts on the shipped mini-chat (the decoder starts from
+    mini-refer's weights); overrides are :class:`MiniFSVLMConfig` fields."""
+    return build_mini_fsvlm(_config(MiniFSVLMConfig, "mini-fsvlm", overrides))
+
+
+def load_fsvlm(weights: str | Path | None = None, device: str = "cpu", **options: Any) -> nn.Module:
+    """mini-fsvlm as shipped (or from ``weights``)."""
+    return load_mini_fsvlm(weights, device, **options)
+
+
 _BUILDERS = {"mini-clip": build_clip_heads, "mini-refer": build_refer, "mini-instances": build_instances,
-             "mini-chat": build_chat}
+             "mini-chat": build_chat, "mini-fsvlm": build_fsvlm}
 _LOADERS = {"mini-clip": load_mini_clip, "mini-refer": load_mini_refer, "mini-instances": load_mini_instances,
-            "mini-chat": load_mini_chat}
+            "mini-chat": load_mini_chat, "mini-fsvlm": load_fsvlm}
 
 
 def build(name: str | ModelCard, **overrides: Any) -> nn.Module:

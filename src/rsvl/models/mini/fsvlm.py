@@ -44,7 +44,8 @@ from rsvl.models.llava.model import expand_to_square
 from rsvl.models.mini.cards import assets_dir
 from rsvl.models.mini.chat import GRID, MiniChat, as_rgb, cache_arg, load_mini_chat
 from rsvl.models.mini.files import read_weights, write_weights
-from rsvl.models.mini.refer import MiniReferConfig, ReferDecoder
+from rsvl.models.mini.refer import DEFAULT_WEIGHTS as REFER_WEIGHTS
+from rsvl.models.mini.refer import MiniReferConfig, ReferDecoder, load_decoder
 from rsvl.models.segchat import SegAnswer
 
 FORMAT = "rsvl-mini-fsvlm-v1"
@@ -62,6 +63,9 @@ class MiniFSVLMConfig:
     decoder: dict[str, Any] = field(default_factory=lambda: asdict(MiniReferConfig()))
     #: the mini-chat weights the frozen part came from (checked when loading)
     chat: str = "mini-chat"
+
+    def __post_init__(self) -> None:  # the decoder's config as JSON has it (tuples -> lists)
+        self.decoder = json.loads(json.dumps(self.decoder))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +108,7 @@ class MiniFSVLM(nn.Module):
         dcfg = MiniReferConfig.from_dict(config.decoder)
         self.seg_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.seg_head.weight)
-        nn.init.constant_(self.seg_head.bias, -4.0)
+        nn.init.zeros_(self.seg_head.bias)
         self.text_hidden_fcs = TextHiddenFcs(hidden, config.words, dcfg.text_dim)
         self.decoder = ReferDecoder(dcfg)
 
@@ -168,14 +172,21 @@ class MiniFSVLM(nn.Module):
         chat = self.chat_model
         lm = chat.causal_lm
         image = chat.projector(tokens)
-        states, logits = [], []
+        rows = []
         for b, prompt in enumerate(prompts):
             before, after = chat.prompt_ids(self.check_prompt(prompt))
-            embeds = torch.cat([chat.embed(before), image[b], chat.embed(after)])[None]
-            h = lm.model(inputs_embeds=embeds).last_hidden_state[0, -1]
-            states.append(h)
-            logits.append(lm.lm_head(h[None])[0])
-        return torch.stack(states).float(), torch.stack(logits).float()
+            rows.append(torch.cat([chat.embed(before), image[b], chat.embed(after)]))
+        # one right-padded batch: the state of each row is at its last real position
+        width = max(r.shape[0] for r in rows)
+        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+        for b, r in enumerate(rows):
+            embeds[b, : r.shape[0]] = r
+            mask[b, : r.shape[0]] = 1
+        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        last = torch.tensor([r.shape[0] - 1 for r in rows], device=hidden.device)
+        states = hidden[torch.arange(len(rows), device=hidden.device), last]
+        return states.float(), lm.lm_head(states).float()
 
     # -- the trained part ------------------------------------------------------------------
     def decode(self, feats: tuple[torch.Tensor, ...], small: torch.Tensor, states: torch.Tensor,
@@ -256,11 +267,8 @@ def build_mini_fsvlm(config: MiniFSVLMConfig | None = None, *, chat: MiniChat | 
     config = config or MiniFSVLMConfig()
     chat = chat if chat is not None else load_mini_chat(device=device)
     if init_decoder is not None:
-        from rsvl.models.mini.refer import DEFAULT_WEIGHTS as REFER_WEIGHTS
-        from rsvl.models.mini.refer import load_decoder
-
         dec = load_decoder(REFER_WEIGHTS if init_decoder == "mini-refer" else init_decoder)
-        config.decoder = asdict(dec.config)
+        config.decoder = json.loads(json.dumps(asdict(dec.config)))
         model = MiniFSVLM(config, chat)
         model.decoder.load_state_dict(dec.state_dict())
     else:
