@@ -11,6 +11,8 @@
   accumulated in a streaming confusion matrix.
 - Referring segmentation: LAVT / FIANet / RMSIN (per-sample IoU, mIoU = mean of per-sample
   IoU, oIoU = ΣI/ΣU, Pr@X = fraction of samples with IoU >= X).
+- Language-guided segmentation: FSVLM's two-class ``Evaluator`` (Acc, Acc_class, mIoU over
+  background and target, FWIoU, dice, precision) and LISA's gIoU / cIoU.
 - Instance segmentation / detection: pycocotools ``COCOeval`` (AP, AP50, AP75, APs/m/l and
   per-class AP as mmdet's ``classwise`` table).
 
@@ -43,6 +45,7 @@ from pycocotools.cocoeval import COCOeval
 from rsvl.errors import DatasetError
 
 __all__ = [
+    "BinarySegAccumulator",
     "ConfusionMatrix",
     "ReferringAccumulator",
     "coco_evaluate",
@@ -472,6 +475,82 @@ class ReferringAccumulator:
         for t in self.thresholds:
             res[f"Pr@{t:g}"] = float(np.mean(arr >= t)) if n else float("nan")
         return res
+
+
+# ----------------------------------------------------------------------------------------
+# Language-guided (binary) segmentation: FSVLM's Evaluator(2) and LISA's gIoU / cIoU
+# ----------------------------------------------------------------------------------------
+
+
+class BinarySegAccumulator:
+    """Streaming metrics of FSVLM's ``test.py`` / ``validate()`` on binary masks.
+
+    One pixel confusion matrix over the whole split, rows = ground truth, columns =
+    prediction, classes {0 background, 1 target} (FSVLM's ``Evaluator(2)``):
+
+    - ``acc``: overall pixel accuracy; ``acc_class``: nanmean of per-class recall;
+    - ``miou``: nanmean of the two classes' IoU (background included, as upstream);
+    - ``fwiou``: frequency-weighted IoU; ``dice``: mean over the two classes of 2I/(row+col);
+    - ``precision``: mean over the two classes of diag/colsum (upstream prints it as
+      "recall"; it is precision).
+
+    And LISA's per-sample numbers on the target class: ``giou`` = mean per-sample IoU with an
+    empty union counted as 1 (a correct "nothing here"), ``ciou`` = ΣI / ΣU.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = np.zeros((2, 2), dtype=np.int64)
+        self.ious: list[float] = []
+        self.cum_i = 0
+        self.cum_u = 0
+
+    def update(self, pred: Any, gt: Any) -> float:
+        """Add one sample (boolean masks, anything non-zero is the target); returns its IoU."""
+        p = _np(pred).astype(bool)
+        g = _np(gt).astype(bool)
+        if p.shape != g.shape:
+            raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
+        i = int(np.count_nonzero(p & g))
+        u = int(np.count_nonzero(p | g))
+        gp = int(np.count_nonzero(g))
+        pp = int(np.count_nonzero(p))
+        self.confusion += np.array([[p.size - u, pp - i], [gp - i, i]], dtype=np.int64)
+        self.cum_i += i
+        self.cum_u += u
+        iou = i / u if u else 1.0
+        self.ious.append(iou)
+        return iou
+
+    def merge(self, other: BinarySegAccumulator) -> BinarySegAccumulator:
+        self.confusion += other.confusion
+        self.ious.extend(other.ious)
+        self.cum_i += other.cum_i
+        self.cum_u += other.cum_u
+        return self
+
+    def compute(self) -> dict[str, float]:
+        cm = self.confusion.astype(np.float64)
+        diag, rows, cols, total = np.diag(cm), cm.sum(1), cm.sum(0), cm.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = diag / (rows + cols - diag)
+            freq = rows / total if total else np.full(2, np.nan)
+            out = {
+                "n": len(self.ious),
+                "acc": float(diag.sum() / total) if total else float("nan"),
+                "acc_class": float(np.nanmean(diag / rows)) if total else float("nan"),
+                "miou": float(np.nanmean(iou)) if total else float("nan"),
+                "fwiou": float(np.nansum(freq * iou)) if total else float("nan"),
+                "dice": float(np.nanmean(2 * diag / (rows + cols))) if total else float("nan"),
+                "precision": float(np.nanmean(diag / cols)) if total else float("nan"),
+                "iou_background": float(iou[0]),
+                "iou_target": float(iou[1]),
+                "giou": float(np.mean(self.ious)) if self.ious else float("nan"),
+                "ciou": self.cum_i / self.cum_u if self.cum_u else float("nan"),
+            }
+        return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``rsvl eval zeroshot|retrieval|ovss|refer|coco|chat``: benchmark protocols with full settings."""
+"""``rsvl eval zeroshot|retrieval|ovss|refer|coco|chat|farmland``: benchmark protocols with full settings."""
 
 from __future__ import annotations
 
@@ -299,6 +299,46 @@ def coco(
     rows = [(k, r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     rows += [(f"  AP {k}", v) for k, v in r["per_class"].items()]
     _finish(res, as_json, out, _table(f"COCO {iou_type} {detections.name}", rows))
+
+
+@eval_app.command("farmland")
+def farmland(
+    data: Path = typer.Argument(..., help="A FarmSeg-VL / FIT-layout folder ({train,val,test}/{img,lbl,json}; e.g. written by rsvl data farmland)."),
+    model: str = typer.Option("mini-fsvlm", "--model", "-m", help="A language-guided segmentation model (mini-fsvlm, fsvlm-7b, lisa-7b-v1), or an open-vocabulary CLIP (mini-clip) for the class-probability baseline."),
+    weights: Path = _WEIGHTS,
+    split: str = typer.Option("test", "--split", help="train, val or test."),
+    question: str = typer.Option("test", "--question", help="test: FSVLM's fixed test request; description: the image's description + the farmland question. A label json's 'question' always wins."),
+    force_seg: bool = typer.Option(False, "--force-seg", help="Teacher-force [SEG] (LISA's validation) instead of generating the answer."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    threshold: float = typer.Option(0.5, "--threshold", help="CLIP baseline only: the target's class probability above which a pixel is the target."),
+    limit: int = _LIMIT,
+    device: str = _DEVICE,
+    as_json: bool = _JSON,
+    out: Path = _OUT,
+) -> None:
+    """Language-guided segmentation: FSVLM's Acc, Acc_class, mIoU, FWIoU, dice, precision and
+    LISA's gIoU / cIoU, by source, on a FIT-layout folder."""
+    from rsvl.data.farmseg import read_split  # lazy: see rsvl.cli
+    from rsvl.eval import subset_indices  # lazy: see rsvl.cli
+    from rsvl.eval.farmland import ClassProbabilityBaseline, run_farmland  # lazy: see rsvl.cli
+
+    n = len(subset_indices(len(read_split(data, split)), limit))  # fail on the data before loading a model
+    m = _load_model(model, weights, device)
+    name = model
+    if "farmland" not in m.card.tasks:
+        if "segment" not in m.card.tasks:
+            raise PromptError(f"{model} neither answers segmentation requests nor segments by class name.",
+                              hint="Use mini-fsvlm (or fsvlm-7b, lisa-7b-v1), or mini-clip for the baseline.")
+        m = ClassProbabilityBaseline(m.module, threshold=threshold, name=f"{model} (class probability > {threshold:g})")
+        name = m.name
+    with progress_bar(n, "farmland") as advance:
+        res = run_farmland(m, data, split=split, question=question, force_seg=force_seg, max_new_tokens=max_new_tokens,
+                           limit=limit, model_name=name, weights=weights, progress=advance)
+    r = res.metrics
+    rows = [(k, r[k]) for k in ("miou", "giou", "ciou", "acc", "acc_class", "fwiou", "dice", "precision", "seg_rate")]
+    for src, v in r["per_source"].items():
+        rows.append((f"{src}: gIoU / cIoU / n", f"{100 * v['giou']:.2f} / {100 * v['ciou']:.2f} / {v['n']}"))
+    _finish(res, as_json, out, _table(f"farmland {Path(data).name} ({split})", rows))
 
 
 eval_app.command("chat")(eval_chat.chat)

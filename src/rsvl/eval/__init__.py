@@ -20,6 +20,7 @@ Protocols (see ``../shared/reference/farslip-fsvlm-fianet.md`` 1.4, 1.5 and 3.4)
   background counted and 255 ignored (``reduce_zero_label`` where the preset says so).
 - referring: LAVT / FIANet per-sample IoU, mIoU, oIoU, Pr@X on predicted mask files.
 - COCO: pycocotools AP on a detections JSON.
+- farmland: FSVLM's test.py on a FIT-layout folder (:mod:`rsvl.eval.farmland`).
 - chat: RSEvalKit's VHM_Eval task files, scored as upstream does and corrected where its
   scorers are wrong (:mod:`rsvl.eval.chat`, :mod:`rsvl.eval.chat_scorers`).
 """
@@ -33,6 +34,7 @@ from rsvl.eval.chat import (
     resolve_tasks,
 )
 from rsvl.eval.coco import run_coco, run_coco_model
+from rsvl.eval.farmland import ClassProbabilityBaseline, run_farmland
 from rsvl.eval.ovss import (
     OVSS_PROTOCOLS,
     OvssProtocol,
@@ -59,6 +61,7 @@ __all__ = [
     "OVSS_PROTOCOLS",
     "TASKS",
     "ChatTask",
+    "ClassProbabilityBaseline",
     "PROMPT_NAMES",
     "EvalResult",
     "OvssProtocol",
@@ -77,6 +80,7 @@ __all__ = [
     "resolve_tasks",
     "run_coco",
     "run_coco_model",
+    "run_farmland",
     "run_ovss",
     "run_refer",
     "run_refer_model",
