@@ -37,7 +37,14 @@ from PIL import Image
 from rsvl.data.classes import parse_class_list
 from rsvl.data.farmseg import TEST_QUESTION, farmland_question, read_split
 from rsvl.errors import DatasetError, PromptError
-from rsvl.eval.results import EvalResult, Progress, base_settings, finish, model_settings, subset_indices
+from rsvl.eval.results import (
+    EvalResult,
+    Progress,
+    base_settings,
+    finish,
+    model_settings,
+    subset_indices,
+)
 from rsvl.metrics import BinarySegAccumulator
 from rsvl.models.segchat import SegAnswer
 from rsvl.tasks.farmland import request_target
