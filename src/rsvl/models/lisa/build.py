@@ -215,6 +215,20 @@ def _missing_vision(card: ModelCard, folder: Path) -> WeightsNotFoundError:
 # --------------------------------------------------------------------------------------------
 
 
+def tower_state_dict(tower: nn.Module, vision: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """CLIP ``vision_model.*`` tensors under ``tower``'s own key names (transformers 5 drops the
+    ``vision_model.`` prefix from ``CLIPVisionModel``'s state dict, 4.x keeps it), and the file's
+    spelling of each key."""
+    anchor = "embeddings.patch_embedding.weight"
+    prefix = next(k[: -len(anchor)] for k in tower.state_dict() if k.endswith(anchor))
+    out: dict[str, Tensor] = {}
+    shown: dict[str, str] = {}
+    for key, value in vision.items():
+        new = prefix + key[len("vision_model."):]
+        out[new], shown[new] = value, key
+    return out, shown
+
+
 def read_checkpoint(folder: Path, file: Path | None, lora_alpha: float | None = None) -> dict[str, Tensor]:
     """The merged state dict of a folder (or one weights file): LoRA merged when the file is
     a training output, unloadable keys dropped, foreign keys refused."""
@@ -292,7 +306,8 @@ def load_lisa(
             f"The CLIP tower in {vpath} is {vfields['hidden_size']} wide but the projector reads "
             f"{vision_width} channels.", hint=f"Use {card.metadata.get('vision_repo')}.")
     tower = CLIPVisionModel(CLIPVisionConfig(**vfields))
-    load_strict(tower, vision_sd, what=f"Vision tower {vpath} does not fit its config")
+    sd_tower, shown = tower_state_dict(tower, vision_sd)
+    load_strict(tower, sd_tower, what=f"Vision tower {vpath} does not fit its config", shown=lambda k: shown.get(k, k))
     n_params = sum(p.numel() for p in net.parameters())
     if device == "cpu" and n_params > 1_000_000_000:
         console.warn(f"{card.name} ({n_params / 1e9:.1f}B parameters) runs in fp32 on the CPU: expect "
