@@ -8,12 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+import rasterio
 import torch
+from conftest import write_raster
 
 pytest.importorskip("segment_anything")
 
 from models.lisa.tiny import TinyParts, reference, reference_ids, steer_seg_second  # noqa: E402
 
+from rsvl.cli import main  # noqa: E402
 from rsvl.errors import CheckpointMismatchError, PromptError, WeightsNotFoundError  # noqa: E402
 from rsvl.models import registry  # noqa: E402
 from rsvl.models.lisa import load  # noqa: E402
@@ -228,3 +231,22 @@ def test_missing_tower_and_folder_say_what_to_place(tiny, tmp_path):
     assert "openai/clip-vit-large-patch14" in str(err.value.hint)
     with pytest.raises(WeightsNotFoundError, match="config.json"):
         load("fsvlm-7b", weights=tmp_path)
+
+
+# ----------------------------------------------------------------------- through the task
+
+
+def test_rsvl_segment_runs_fsvlm_through_the_farmland_task(tiny, tmp_path, capsys):
+    data = (np.random.RandomState(0).rand(3, 150, 200) * 255).astype(np.uint8)
+    src = write_raster(tmp_path / "scene.tif", data)
+    out = tmp_path / "o"
+    code = main(["segment", str(src), "--model", "fsvlm-7b", "--weights", str(tiny[1]), "--tile", "96",
+                 "--overlap", "16", "--out", str(out), "--json", REQUEST])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    res = json.loads(stdout)
+    assert res["target"] == "farmland" and isinstance(res["answer"], str) and res["tiles"] >= 4
+    with rasterio.open(res["outputs"]["classes"]) as ds:
+        assert ds.shape == (150, 200) and ds.tags()["request"] == REQUEST
+        assert ds.tags()["answer"] == res["answer"]
+        assert set(np.unique(ds.read(1))) <= {0, 1}
