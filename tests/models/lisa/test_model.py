@@ -250,3 +250,13 @@ def test_rsvl_segment_runs_fsvlm_through_the_farmland_task(tiny, tmp_path, capsy
         assert ds.shape == (150, 200) and ds.tags()["request"] == REQUEST
         assert ds.tags()["answer"] == res["answer"]
         assert set(np.unique(ds.read(1))) <= {0, 1}
+
+
+def test_bfloat16_load_gives_the_same_mask(tiny, model):
+    """Upstream's default precision: every part (SAM's buffers included) in bf16."""
+    bf = load("fsvlm-7b", weights=tiny[1], dtype="bfloat16")
+    assert bf.net.sam.prompt_encoder.no_mask_embed.weight.dtype == torch.bfloat16
+    img = _image()
+    a = bf.seg_chat(img, REQUEST, force_seg=True).masks[0]
+    b = model.seg_chat(img, REQUEST, force_seg=True).masks[0]
+    assert a.dtype == np.float32 and np.abs(a - b).max() < 0.05
