@@ -133,7 +133,8 @@ def _notes(d: dict[str, Any]) -> str:
         return (
             f"Revision not pinned: no full commit of {d['hf_repo']} could be read offline, so a "
             f"download follows main. The model is a folder: `rsvl fetch {d['name']}` downloads "
-            f"{', '.join(d['files'])} into {folder}, or place them there yourself, or pass "
+            f"{', '.join(d['files'])} into {folder} (the names upstream's save_pretrained writes; the "
+            "Hub listing could not be read offline), or place them there yourself, or pass "
             f"--weights FOLDER. " + tower + common
         )
     return (
