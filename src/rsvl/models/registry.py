@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from rsvl.errors import UnknownModelError
-from rsvl.models import clip, fianet, llava, mini, rsprompter, sam
+from rsvl.models import clip, fianet, lisa, llava, mini, rsprompter, sam
 from rsvl.models.cards import ModelCard, normalise_name
 from rsvl.models.device import check_device
 from rsvl.models.weights import fetch as weights_fetch
@@ -34,6 +34,7 @@ FAMILIES: dict[str, ModuleType] = {
     "rsprompter": rsprompter,
     "fianet": fianet,
     "llava": llava,
+    "lisa": lisa,
 }
 
 
