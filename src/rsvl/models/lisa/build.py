@@ -210,6 +210,15 @@ def _missing_vision(card: ModelCard, folder: Path) -> WeightsNotFoundError:
         f"(`huggingface-cli download {repo} --local-dir {sub}`), or pass vision_tower=FOLDER.")
 
 
+def vision_path(card: ModelCard, folder: Path, option: str | Path | None = None) -> Path:
+    """The CLIP tower to use (``option``, ``folder/vision_tower``, rsvl's cache, the Hugging
+    Face cache), or a :class:`WeightsNotFoundError` saying what to download where."""
+    found = vision_folder(card, folder, option)
+    if found is None:
+        raise _missing_vision(card, folder)
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -284,30 +293,41 @@ def load_lisa(
     markers = tuple(card.metadata.get("image_markers", ())) if fields.use_im_start_end else ()
     if SEG_TOKEN not in tokenizer.added:  # the base model's tokenizer beside a training output
         tokenizer.add_tokens([SEG_TOKEN, *markers])
+    vpath = vision_path(card, folder, vision_tower)
+    return assemble(card, cfg, sd, tokenizer, vpath, device=device, dtype=dtype, source=f"Checkpoint in {folder}")
+
+
+def assemble(card: str | ModelCard, cfg: Mapping[str, Any], sd: dict[str, Tensor], tokenizer: LisaTokenizer,
+             vision: Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+             source: str = "The checkpoint") -> LisaSeg:
+    """A :class:`LisaSeg` from a merged state dict (:func:`read_checkpoint`'s keys), its
+    config.json dict, its tokenizer and the CLIP tower at ``vision`` (what :func:`load_lisa`
+    and the trainer share). ``sd`` is consumed; every parameter is frozen
+    (``requires_grad=False``): a trainer unfreezes what it trains."""
+    card = pick_card(CARDS, card, "lisa")
+    fields = lisa_fields(cfg)
     vocab = int(sd["model.embed_tokens.weight"].shape[0])
     if len(tokenizer) != vocab:
         raise CheckpointMismatchError(
-            f"The tokenizer in {folder} has {len(tokenizer)} tokens but the checkpoint's embeddings "
-            f"have {vocab} rows.",
+            f"The tokenizer has {len(tokenizer)} tokens but the checkpoint's embeddings have {vocab} rows "
+            f"({source}).",
             hint="Use the tokenizer files saved with this checkpoint (its added_tokens.json names [SEG]).")
     projector, vision_width = projector_of(sd)
     sam_cfg = infer_sam_config(sam_part(sd), "meta")
     out_dim = int(sd["model.text_hidden_fcs.0.2.weight"].shape[0])
     compute = pick_dtype(device, dtype)
     net = _net(text_config(cfg, vocab), sam_cfg, vision_width, projector, out_dim, dtype=compute)
-    load_strict(net, sd, what=f"Checkpoint in {folder} does not fit model {card.name!r}", assign=True)
-    del sd
-    vpath = vision_folder(card, folder, vision_tower)
-    if vpath is None:
-        raise _missing_vision(card, folder)
-    vision_sd, vfields = read_vision(vpath)
+    load_strict(net, sd, what=f"{source} does not fit model {card.name!r}", assign=True)
+    sd.clear()
+    vision_sd, vfields = read_vision(vision)
     if int(vfields["hidden_size"]) != vision_width:
         raise CheckpointMismatchError(
-            f"The CLIP tower in {vpath} is {vfields['hidden_size']} wide but the projector reads "
+            f"The CLIP tower in {vision} is {vfields['hidden_size']} wide but the projector reads "
             f"{vision_width} channels.", hint=f"Use {card.metadata.get('vision_repo')}.")
     tower = CLIPVisionModel(CLIPVisionConfig(**vfields))
     sd_tower, shown = tower_state_dict(tower, vision_sd)
-    load_strict(tower, sd_tower, what=f"Vision tower {vpath} does not fit its config", shown=lambda k: shown.get(k, k))
+    load_strict(tower, sd_tower, what=f"Vision tower {vision} does not fit its config", shown=lambda k: shown.get(k, k))
+    tower.requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())
     if device == "cpu" and n_params > 1_000_000_000:
         console.warn(f"{card.name} ({n_params / 1e9:.1f}B parameters) runs in fp32 on the CPU: expect "
@@ -318,4 +338,5 @@ def load_lisa(
                  use_markers=fields.use_im_start_end, clip_size=int(vfields.get("image_size", 224)))
 
 
-__all__ = ["CLIP_L14_224", "LLAMA_13B", "LLAMA_7B", "build", "fetch", "load_lisa", "locate", "read_checkpoint"]
+__all__ = ["CLIP_L14_224", "LLAMA_13B", "LLAMA_7B", "assemble", "build", "fetch", "load_lisa", "locate",
+           "read_checkpoint", "vision_path"]
