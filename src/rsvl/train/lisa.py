@@ -72,6 +72,7 @@ from rsvl.data.farmseg import ANSWER_TEMPLATES, FarmSample, read_split
 from rsvl.errors import (
     CheckpointMismatchError,
     DatasetError,
+    OutputError,
     ResumeError,
     UnknownModelError,
     WeightsNotFoundError,
@@ -489,7 +490,8 @@ def train_lisa(model_name: str, data: str | Path, out: str | Path, config: LisaT
     accel = "gpu" if device.startswith("cuda") else "cpu"
     save_dtype = DTYPES.get(cfg.save_dtype)
     if save_dtype is None:
-        raise ValueError(f"unknown save dtype {cfg.save_dtype!r}; use {', '.join(DTYPES)}")
+        raise OutputError(f"--save-dtype {cfg.save_dtype!r} is not a dtype rsvl saves.",
+                          hint=f"Use one of {', '.join(DTYPES)}.")
     out = Path(out)
     last = out / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
