@@ -538,7 +538,7 @@ def train_lisa(model_name: str, data: str | Path, out: str | Path, config: LisaT
         log(f"resuming from {last} (step {resumed_from})")
     t0 = time.time()
     fit(trainer, module, loader, ckpt_path=last if resume else None)
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # optimiser, schedule and step too
     model.eval()
     tok = model.tokenizer
     assert tok is not None

@@ -52,7 +52,9 @@ CLIP_FILES: tuple[str, ...] = ("config.json", "pytorch_model.bin")
 
 _FSVLM_UNPUBLISHED = (
     "The FSVLM authors publish no trained weights (WithoutOcean/FSVLM a8cb8a6). Train one with "
-    "upstream's train_ds.py, then either merge it with upstream's "
+    "`rsvl train fsvlm DATA --model fsvlm-7b --base LLAVA_FOLDER --sam sam_vit_h_4b8939.pth --out RUN` "
+    "(a GPU; RUN/merged is the folder to place), or with upstream's train_ds.py, then either merge "
+    "it with upstream's "
     "merge_lora_weights_and_save_hf_model.py (a Hugging Face folder: config.json, weight "
     "shards, tokenizer.model, added_tokens.json) or keep the unmerged pytorch_model.bin from "
     "zero_to_fp32.py next to the base LLaVA's config.json and tokenizer files (rsvl merges the "
