@@ -98,6 +98,19 @@ def test_base_gets_seg_and_fsvlm_markers_with_mean_rows(files):
     assert start.model.markers == ("<|im_start|>", "<|im_end|>")
 
 
+def test_markers_follow_the_card_even_when_the_base_used_none(files, tmp_path):
+    """train_ds.py's --use_mm_start_end is on by default: a base trained without markers (the
+    LLaMA-2 lightning LLaVA) still gets them; LISA's are <im_start>/<im_end>."""
+    import shutil
+
+    base = shutil.copytree(files["base"], tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "mm_use_im_start_end": False}))
+    start = start_model("lisa-7b-v1", base, vision_tower=files["vision"], sam=files["sam"], log=lambda _m: None)
+    assert start.added_tokens == ["[SEG]", "<im_start>", "<im_end>"]
+    assert start.model.markers == ("<im_start>", "<im_end>") and start.config["mm_use_im_start_end"] is True
+
+
 def test_conversation_masks_everything_but_the_answer(files):
     model = _start(files).model
     tok = model.tokenizer

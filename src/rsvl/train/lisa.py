@@ -222,9 +222,11 @@ def start_model(card: str | ModelCard, base: str | Path, *, vision_tower: str | 
             f"--base {folder} {what}: training starts from a LLaVA or LISA folder.",
             hint="Pass --base LLAVA_FOLDER (upstream's --version, e.g. LLaVA-Lightning-7B-v1-1 for the 7B cards) "
             "with --sam sam_vit_h_4b8939.pth, or --base LISA_FOLDER to fine-tune a LISA / FSVLM model.")
-    cfg = read_json(folder / "config.json", "Base model config")
-    fields = lisa_fields(cfg)
+    cfg = dict(read_json(folder / "config.json", "Base model config"))
     sd, kind = base_state_dict(folder)
+    if kind == "llava":  # train_ds.py's --use_mm_start_end (default True), whatever the base used
+        cfg["mm_use_im_start_end"] = True
+    fields = lisa_fields(cfg)
     tokenizer = LisaTokenizer.from_folder(folder)
     rows = int(sd["model.embed_tokens.weight"].shape[0])
     if len(tokenizer) != rows:
@@ -316,18 +318,28 @@ class FitTrainSet(torch.utils.data.Dataset):
         self.image_tokens = (model.clip_size // int(model.vision_tower.config.patch_size)) ** 2
         self.max_length = max_length
         self.rng = random.Random(seed)
+        self._worker: int | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _draw(self) -> random.Random:
+        """The template RNG: in a DataLoader worker, one seeded by the worker's own seed
+        (a worker's copy of the parent's RNG would repeat every other worker's draws)."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._worker != info.id:
+            self.rng, self._worker = random.Random(info.seed), info.id
+        return self.rng
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
+        rng = self._draw()
         rgb = read_rgb(s.image)
         label = s.read_label()
         if label.shape != rgb.shape[:2]:
             raise DatasetError(f"{s.label} is {label.shape[1]} x {label.shape[0]} px but {s.image} is "
                                f"{rgb.shape[1]} x {rgb.shape[0]}.", hint="A label has its image's size.")
-        ids, labels = conversation(self.tokenizer, s.request(self.rng), self.rng.choice(ANSWER_TEMPLATES),
+        ids, labels = conversation(self.tokenizer, s.request(rng), rng.choice(ANSWER_TEMPLATES),
                                    self.markers, self.max_length, self.image_tokens)
         resized = self.resize.apply_image(rgb)
         return {"clip": clip_pixels(rgb, self.clip_size, self.mean, self.std)[0],
