@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from serve_util import png_b64, png_bytes, shared_loader
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_util import png_b64, png_bytes, shared_loader
 
 from rsvl.serve.app import create_app
 from rsvl.serve.safety import Limits

@@ -562,8 +562,13 @@ async def _fields(request: Request, limits: Limits) -> tuple[dict[str, Any], byt
         fields: dict[str, Any] = {}
         upload = None
         for key, value in form.multi_items():
-            if isinstance(value, str):
-                fields[key] = json.loads(value) if key == "history" and value.strip() else value
+            if isinstance(value, str) and key == "history":
+                try:
+                    fields[key] = json.loads(value) if value.strip() else []
+                except ValueError:
+                    raise PromptError("history must be JSON: [[question, answer], ...].") from None
+            elif isinstance(value, str):
+                fields[key] = value
             elif key == "file":
                 upload = await value.read(limits.upload_bytes + 1)
                 if len(upload) > limits.upload_bytes:

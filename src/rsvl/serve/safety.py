@@ -89,7 +89,11 @@ class Roots:
         if not self.contains(real):
             raise AccessDeniedError(f"{path!r} is outside the folders this service may read.",
                                     hint=f"Allowed roots: {', '.join(map(str, self.paths))}.")
-        if not real.exists():
+        try:
+            exists = real.exists()
+        except OSError:  # a name too long, a loop of links...
+            exists = False
+        if not exists:
             raise InputNotFoundError(f"{path!r}: no such file under the roots.", hint="Check the path (GET /v1/files lists them).")
         return real
 
