@@ -95,9 +95,10 @@ function showLayer(layer) {
   if (layer.georeferenced) {
     const b = layer.bounds;
     const bounds = L.latLngBounds([b[1], b[0]], [b[3], b[2]]);
-    state.base = L.tileLayer(layer.tiles, { bounds, maxNativeZoom: layer.maxzoom, minNativeZoom: layer.minzoom, maxZoom: 24, minZoom: 0, tileSize: 256 });
-    state.base.addTo(map);
+    // fit first: a tile layer with a native zoom far from the map's would ask for a world of tiles
     map.fitBounds(bounds);
+    state.base = L.tileLayer(layer.tiles, { bounds, maxNativeZoom: layer.maxzoom, maxZoom: 24, tileSize: 256 });
+    state.base.addTo(map);
   }
   $("run").disabled = false;
   $("chat").hidden = false;
@@ -196,7 +197,7 @@ async function showResult(job) {
   for (const [kind, layer] of Object.entries(job.layers)) {
     if (kind === "confidence" || !layer.georeferenced) continue;
     const b = layer.bounds;
-    const t = L.tileLayer(layer.tiles, { bounds: L.latLngBounds([b[1], b[0]], [b[3], b[2]]), maxNativeZoom: layer.maxzoom, minNativeZoom: layer.minzoom, maxZoom: 24, opacity, className: "result-layer" });
+    const t = L.tileLayer(layer.tiles, { bounds: L.latLngBounds([b[1], b[0]], [b[3], b[2]]), maxNativeZoom: layer.maxzoom, maxZoom: 24, opacity, className: "result-layer" });
     t.addTo(map);
     state.overlays.push(t);
   }
