@@ -249,21 +249,24 @@ def create_app(
         with cache.use(job.model, runs.CARD_TASK.get(job.task, job.task)) as model:
             result = runs.run(job.task, model, src, params, out, progress=progress, resume=resume,
                               stem=stem or "input")
-        job.outputs = runs.relative_outputs(result.get("outputs") or {}, out)
-        result["outputs"] = dict(job.outputs)
+        outputs = runs.relative_outputs(result.get("outputs") or {}, out)
+        result["outputs"] = dict(outputs)
         if "index" in result and job.task == "index":
             result["index"] = job.id
-        job.result = result
-        job.files = runs.files_of(out)
-        for kind, name in job.outputs.items():
+        # built aside and assigned whole: GET /jobs/{id} reads the record from other threads
+        found: dict[str, str] = {}
+        legend: list[dict[str, Any]] = []
+        for kind, name in outputs.items():
             if not name.endswith(".tif"):
                 continue
             if kind in ("classes", "labels", "mask"):
                 layer = layers.add(out / name, "labels", f"{job.task}: {kind}")
-                job.layers[kind] = layer.id
-                job.legend = job.legend or layer.legend
+                found[kind] = layer.id
+                legend = legend or layer.legend
             elif kind == "confidence":
-                job.layers[kind] = layers.add(out / name, "grey", f"{job.task}: confidence").id
+                found[kind] = layers.add(out / name, "grey", f"{job.task}: confidence").id
+        job.files, job.layers, job.legend, job.result = runs.files_of(out), found, legend, result
+        job.outputs = outputs
 
     store = JobStore(state, execute, workers=workers)
 
