@@ -325,3 +325,14 @@ def test_index_job_and_search(client: TestClient) -> None:
     error_of(client.post("/v1/search", json={"index": job["id"]}), 400, "prompt")
     error_of(client.post("/v1/search", json={"index": "0123456789abcdef", "text": "x"}), 404)
     error_of(client.post("/v1/search", json={"index": "../x", "text": "x"}), 403)
+
+
+def test_cli_registers_serve() -> None:
+    from typer.testing import CliRunner
+
+    from rsvl.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--help"])
+    assert out.exit_code == 0 and "--root" in out.output and "127.0.0.1" in out.output
+    bad = CliRunner().invoke(app, ["serve", "--jobs", "0"])
+    assert bad.exit_code == 2
