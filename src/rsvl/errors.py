@@ -94,3 +94,30 @@ class DeviceError(RsvlError):
 
 class JobError(RsvlError):
     """A scaled run (``rsvl run``) is misconfigured: an unknown task or option, a bad job file."""
+
+
+class AccessDeniedError(RsvlError):
+    """A path given to the service lies outside its allowed roots (``rsvl serve --root``), or
+    climbs out of them with ``..`` or a symbolic link."""
+
+
+class UnauthorizedError(RsvlError):
+    """The service wants a bearer token (``rsvl serve --token`` / ``RSVL_TOKEN``) and the
+    request carries none or a wrong one."""
+
+
+class RequestTooLargeError(RsvlError):
+    """An upload or an image is larger than the service accepts (bytes or pixels)."""
+
+
+class JobNotFoundError(InputNotFoundError):
+    """No job, layer or job file with the given id on this service."""
+
+
+class JobStateError(RsvlError):
+    """A job cannot do what was asked in its current state (cancel a finished job, download
+    the files of a job still running)."""
+
+
+class CancelledError(RsvlError):
+    """Work was cancelled on request (a service job deleted while it ran)."""

@@ -42,6 +42,7 @@ from rsvl.cli import (
     refer,
     run,
     segment,
+    serve,
     train,
 )
 from rsvl.cli import eval as evaluate
@@ -77,7 +78,7 @@ def _root(
 
 
 # Order here is the order in `rsvl --help`.
-for _module in (info, classify, segment, index, instances, refer, chat, run, models, evaluate, train, data):
+for _module in (info, classify, segment, index, instances, refer, chat, run, serve, models, evaluate, train, data):
     _module.register(app)
 
 
