@@ -90,6 +90,36 @@ def test_absolute_path_under_root_is_allowed(client: TestClient, roots: dict[str
     assert doc["width"] == 400 and doc["path"] == "OSBS_029.tif"
 
 
+def _vrt(target: str, relative: bool = False) -> str:
+    rel = ' relativeToVRT="1"' if relative else ""
+    return (f'<VRTDataset rasterXSize="400" rasterYSize="400"><VRTRasterBand dataType="Byte" band="1">'
+            f'<SimpleSource><SourceFilename{rel}>{target}</SourceFilename><SourceBand>1</SourceBand>'
+            f'</SimpleSource></VRTRasterBand></VRTDataset>')
+
+
+def test_vrts_may_only_read_files_under_the_roots(client: TestClient, roots: dict[str, Path]) -> None:
+    root, outside = roots["root"], roots["outside"]
+    (root / "inside.vrt").write_text(_vrt("OSBS_029.tif", relative=True))
+    (root / "inside_abs.vrt").write_text(_vrt(str(root / "OSBS_029.tif")))
+    (root / "leak.vrt").write_text(_vrt(str(outside / "secret.tif")))
+    (root / "leak_rel.vrt").write_text(_vrt("../outside/secret.tif", relative=True))
+    (root / "leak_link.vrt").write_text(_vrt("escape.tif", relative=True))  # a link out of the root
+    (root / "cwd.vrt").write_text(_vrt("OSBS_029.tif"))  # relative to the server's working folder
+    (root / "remote.vrt").write_text(_vrt("/vsicurl/http://example.com/x.tif"))
+    (root / "disguised.tif").write_text(_vrt(str(outside / "secret.tif")))  # GDAL opens by content
+    (root / "wms.tif").write_text("<GDAL_WMS><Service name='TMS'><ServerUrl>http://example.com</ServerUrl></Service></GDAL_WMS>")
+    for name in ("inside.vrt", "inside_abs.vrt"):
+        assert client.post("/v1/info", json={"path": name}).json()["width"] == 400
+    for name in ("leak.vrt", "leak_rel.vrt", "leak_link.vrt", "cwd.vrt", "remote.vrt", "disguised.tif", "wms.tif"):
+        for resp in (client.post("/v1/info", json={"path": name}), client.post("/layers", json={"path": name}),
+                     client.post("/jobs", json={"task": "segment", "source": name, "params": {"classes": "a, b"}})):
+            error_of(resp, 403, "access_denied")
+    # uploads cannot be VRTs, whatever their name
+    error_of(client.post("/uploads", files={"file": ("x.vrt", _vrt("/etc/passwd").encode())}), 400)
+    error_of(client.post("/uploads", files={"file": ("x.tif", _vrt(str(root / "OSBS_029.tif")).encode())}), 403,
+             "access_denied")
+
+
 # -- layers and tiles -----------------------------------------------------------------------
 
 def tile_of(layer: dict[str, Any], z: int) -> tuple[int, int]:

@@ -83,7 +83,9 @@ from rsvl.tasks.search import search as search_index
 STATIC = Path(__file__).parent / "static"
 COOKIE = "rsvl_token"
 #: files a client may upload (rasters GDAL reads, plain images)
-UPLOAD_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".png", ".jpg", ".jpeg", ".webp", ".img")
+UPLOAD_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".webp", ".img")
+#: what GET /v1/files lists: uploads' formats and VRTs (a VRT's sources must lie under the roots)
+LISTED_SUFFIXES = (*UPLOAD_SUFFIXES, ".vrt")
 #: what sync endpoints run on a file under the roots; larger rasters go through POST /jobs
 SYNC_PIXELS = 4_000_000
 SYNC_TASKS = ("classify", "segment", "refer", "instances", "chat", "farmland")
@@ -351,7 +353,7 @@ def create_app(
             real = Path(os.path.realpath(p))
             if not allowed.contains(real):
                 continue  # a link out of the roots is not shown
-            if p.is_dir() or p.suffix.lower() in UPLOAD_SUFFIXES:
+            if p.is_dir() or p.suffix.lower() in LISTED_SUFFIXES:
                 entries.append({"name": p.name, "path": allowed.display(real) if p.is_dir() else allowed.display(p),
                                 "dir": p.is_dir(), "size": p.stat().st_size if p.is_file() else None})
         return {"dir": allowed.display(folder), "roots": [str(r) for r in allowed.paths], "entries": entries}
@@ -361,7 +363,7 @@ def create_app(
         path = allowed.resolve(req.path)
         if path.is_dir():
             raise InputNotFoundError(f"{req.path!r} is a folder.", hint="Open one raster.")
-        check_raster(path, limits)
+        check_raster(path, limits, allowed)
         return layers.add(path, "image", Path(req.path).name).public()
 
     @api.get("/layers/{layer_id}", summary="A layer: bounds, zooms, legend, tile URL")
@@ -396,6 +398,10 @@ def create_app(
                         headers={"Cache-Control": "private, max-age=60"})
 
     # -- synchronous tasks ----------------------------------------------------------------------
+    def scope(path: Path) -> Roots | None:
+        """The roots a server-side file may read within; None for an upload (its own folder)."""
+        return allowed if allowed.contains(path) else None
+
     def source_of(path: str | None, layer: str | None) -> Path:
         if (path is None) == (layer is None):
             raise PromptError("give exactly one of path and layer.")
@@ -409,7 +415,7 @@ def create_app(
     @api.post("/v1/info", summary="What a raster is and how rsvl reads it")
     def info(req: InfoRequest) -> dict[str, Any]:
         path = source_of(req.path, req.layer)
-        check_raster(path, limits)
+        check_raster(path, limits, scope(path))
         with RasterSource(path) as src:
             meta = src.info().to_dict()
         meta["path"] = allowed.display(path) if allowed.contains(path) else path.name
@@ -427,7 +433,7 @@ def create_app(
         source: Any
         if path is not None or layer is not None:
             file = source_of(path, layer)
-            w, h = check_raster(file, limits)
+            w, h = check_raster(file, limits, scope(file))
             if task == "chat":  # the page's chat panel: the whole scene, downsampled
                 source = _preview(file)
             elif w * h > SYNC_PIXELS:
@@ -481,7 +487,7 @@ def create_app(
     @api.post("/jobs", status_code=202, summary="Run a task on a raster as a job")
     def submit(req: JobRequest) -> dict[str, Any]:
         path = source_of(req.source, req.layer)
-        check_raster(path, limits)
+        check_raster(path, limits, scope(path))
         params = runs.parse_params(req.task, req.params)
         card = card_for(req.model, req.task)
         shown = req.source if req.source is not None else layers.get(str(req.layer)).title

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
@@ -173,14 +174,71 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def check_raster(path: Path, limits: Limits) -> tuple[int, int]:
+def _references(path: Path) -> list[str] | None:
+    """The files a VRT names, or None when ``path`` is not text that GDAL reads as a dataset.
+    GDAL picks drivers by content, so a VRT renamed ``.tif`` is caught too; other XML
+    descriptions (``<GDAL_WMS>``, ``<WCS_GDAL>``...: network sources) are refused."""
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"<"):
+        return None
+    if path.stat().st_size > 16 * 1024 * 1024:
+        raise RequestTooLargeError(f"{path.name}: an XML dataset description larger than 16 MiB.")
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as exc:
+        raise RasterReadError(f"{path.name}: neither a raster nor a valid VRT ({exc}).") from None
+    if not isinstance(root.tag, str) or root.tag.lower() != "vrtdataset":
+        raise AccessDeniedError(f"{path.name}: a <{root.tag}> dataset description; this service opens only "
+                                "raster files and VRTs of files under its roots.")
+    refs = []
+    for el in root.iter():
+        tag = el.tag.lower() if isinstance(el.tag, str) else ""
+        if tag == "pixelfunctioncode":
+            raise AccessDeniedError(f"{path.name}: VRT pixel functions with code are not run by this service.")
+        if tag.endswith("filename"):
+            name = (el.text or "").strip()
+            relative = el.get("relativeToVRT", "0").strip() == "1"
+            refs.append(str(path.parent / name) if relative and not os.path.isabs(name) else name)
+    return refs
+
+
+def _check_reference(name: str, owner: Path, roots: Roots | None) -> None:
+    what = f"{owner.name} refers to {name!r}"
+    if not name or name.startswith("/vsi") or "://" in name or name.lower().startswith(("<", "mem:", "vrt:")):
+        raise AccessDeniedError(f"{what}: remote, virtual or inline sources are not read by this service.",
+                                hint="Point the VRT at files under the service's --root folders.")
+    if not os.path.isabs(name):  # GDAL would resolve it against the server's working folder
+        raise AccessDeniedError(f"{what}: a relative source without relativeToVRT=\"1\".",
+                                hint="Mark relative sources relativeToVRT=\"1\" or use absolute paths under the roots.")
+    real = Path(os.path.realpath(name))
+    if roots is None or not roots.contains(real):
+        raise AccessDeniedError(f"{what}, outside the folders this service may read.",
+                                hint="Only VRTs under a --root whose sources are under the roots are opened; "
+                                "uploads cannot be VRTs.")
+
+
+def check_raster(path: Path, limits: Limits, roots: Roots | None = None) -> tuple[int, int]:
     """Width and height of a raster from its header (GDAL); refuse more than
-    ``limits.raster_pixels`` pixels and files GDAL cannot open."""
+    ``limits.raster_pixels`` pixels, files GDAL cannot open, and datasets that reach files
+    outside ``roots`` (a VRT's sources are checked before GDAL opens it, and every file GDAL
+    lists for the opened dataset after). ``roots`` None (an upload): the dataset may read
+    nothing outside its own folder, and cannot be a VRT."""
+    refs = _references(path)
+    for name in refs or ():
+        _check_reference(name, path, roots)
     try:
         with rasterio.open(path) as ds:
             w, h = ds.width, ds.height
+            files = list(ds.files or [])
     except rasterio.errors.RasterioIOError as exc:
         raise RasterReadError(f"{path.name}: not a raster GDAL can read ({exc}).") from None
+    for f in files:
+        real = Path(os.path.realpath(f)) if not f.startswith("/vsi") else None
+        inside = real is not None and (real.parent == path.parent if roots is None else roots.contains(real))
+        if not inside:
+            raise AccessDeniedError(f"{path.name} reads {f!r}, outside the folders this service may read.",
+                                    hint="Open rasters whose files all lie under the --root folders.")
     if w * h > limits.raster_pixels:
         raise RequestTooLargeError(f"{path.name} has {w} x {h} pixels, more than this service's limit of "
                                    f"{limits.raster_pixels}.", hint="Start the service with a larger --max-raster-pixels.")
