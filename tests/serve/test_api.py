@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -366,3 +368,27 @@ def test_cli_registers_serve() -> None:
     assert out.exit_code == 0 and "--root" in out.output and "127.0.0.1" in out.output
     bad = CliRunner().invoke(app, ["serve", "--jobs", "0"])
     assert bad.exit_code == 2
+
+
+def test_old_finished_jobs_and_uploads_are_deleted(roots: dict[str, Path], tmp_path: Path) -> None:
+    first = TestClient(create_app([roots["root"]], state_dir=tmp_path, workers=0, model_loader=shared_loader),
+                       raise_server_exceptions=False)
+    queued = first.post("/jobs", json={"task": "segment", "source": "OSBS_029.tif", "params": {"classes": "a, b"}}).json()
+    old = first.post("/jobs", json={"task": "segment", "source": "OSBS_029.tif", "params": {"classes": "a, b"}}).json()
+    first.delete(f"/jobs/{old['id']}")  # cancelled while queued: finished now
+    upload = first.post("/uploads", files={"file": ("old.png", png_bytes(16))}).json()
+    record = tmp_path / "jobs" / old["id"] / "job.json"
+    doc = json.loads(record.read_text())
+    doc["finished"] = time.time() - 9 * 86400
+    record.write_text(json.dumps(doc))
+    (up_dir,) = (tmp_path / "uploads").iterdir()
+    os.utime(up_dir, (time.time() - 9 * 86400,) * 2)
+    kept = TestClient(create_app([roots["root"]], state_dir=tmp_path, workers=0, model_loader=shared_loader,
+                                 keep_days=None), raise_server_exceptions=False)
+    assert kept.get(f"/jobs/{old['id']}").status_code == 200 and up_dir.exists()
+    second = TestClient(create_app([roots["root"]], state_dir=tmp_path, workers=0, model_loader=shared_loader,
+                                   keep_days=7), raise_server_exceptions=False)
+    error_of(second.get(f"/jobs/{old['id']}"), 404, "job_not_found")
+    assert not (tmp_path / "jobs" / old["id"]).exists() and not up_dir.exists()
+    assert second.get(f"/jobs/{queued['id']}").json()["state"] == "queued"  # never touched
+    assert upload["id"]

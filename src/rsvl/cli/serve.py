@@ -29,6 +29,7 @@ def serve(
     max_raster_pixels: int = typer.Option(4_000_000_000, "--max-raster-pixels", help="Largest raster, in pixels."),
     cors: list[str] = typer.Option(None, "--cors", help="An origin allowed by CORS (repeat for more; default: CORS off)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    keep_days: float = typer.Option(7.0, "--keep-days", help="Delete finished jobs and uploads older than this many days (0: keep everything)."),
     allow_downloads: bool = typer.Option(False, "--allow-downloads", help="Download missing weights on first use "
                                          "(default: refuse models whose weights are not here)."),
 ) -> None:
@@ -47,7 +48,8 @@ def serve(
     limits = Limits(upload_bytes=max_upload_mb * 1024 * 1024, image_pixels=max_image_pixels,
                     raster_pixels=max_raster_pixels)
     app = create_app(root or (), token, state_dir=folder, workers=jobs, limits=limits, cors_origins=cors or (),
-                     device=device, offline=not allow_downloads)
+                     device=device, offline=not allow_downloads,
+                     keep_days=keep_days if keep_days > 0 else None)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         state.warn(f"serving on {host} without a token: anyone who reaches this port can use it (pass --token).")
     state.notice(f"rsvl serve: http://{'[' + host + ']' if ':' in host else host}:{port}/ "

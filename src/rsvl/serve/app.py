@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,7 @@ def create_app(
     device: str = "cpu",
     offline: bool = True,
     model_loader: Any = None,
+    keep_days: float | None = 7.0,
 ) -> FastAPI:
     """The service.
 
@@ -224,6 +227,8 @@ def create_app(
         device: where models run.
         offline: refuse models whose weights are not on this machine instead of downloading.
         model_loader: ``loader(name, device)`` instead of :func:`rsvl.load` (tests).
+        keep_days: finished jobs and uploads older than this are deleted (at start and on
+            every new job or upload); None keeps everything.
     """
     limits = limits or Limits()
     allowed = Roots(roots)
@@ -271,6 +276,21 @@ def create_app(
         job.outputs = outputs
 
     store = JobStore(state, execute, workers=workers)
+
+    def sweep() -> None:
+        """Delete finished jobs and uploads older than ``keep_days``."""
+        if keep_days is None:
+            return
+        store.purge(keep_days * 86400)
+        cutoff = time.time() - keep_days * 86400
+        for folder in (state / "uploads").iterdir():
+            try:
+                if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                continue
+
+    sweep()
 
     app = FastAPI(title="rsvl", version=__version__,
                   description="Remote-sensing vision-language models over HTTP: every rsvl task, raster jobs, "
@@ -377,6 +397,7 @@ def create_app(
         if item is None or isinstance(item, str):
             raise PromptError("no file in the upload.", hint="Send multipart/form-data with a field named 'file'.")
         name = safe_filename(item.filename, UPLOAD_SUFFIXES)
+        sweep()
         folder = state / "uploads" / new_id()
         folder.mkdir(parents=True)
         dest = folder / name
@@ -491,6 +512,7 @@ def create_app(
         params = runs.parse_params(req.task, req.params)
         card = card_for(req.model, req.task)
         shown = req.source if req.source is not None else layers.get(str(req.layer)).title
+        sweep()
         job = store.submit(req.task, card.name, params.model_dump(), shown, str(path))
         return _public(job)
 

@@ -19,6 +19,7 @@ import json
 import queue
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -208,6 +209,20 @@ class JobStore:
             self._save(job)
             raise exc
         return job
+
+    def purge(self, older_than_s: float) -> list[str]:
+        """Delete finished jobs (record and outputs) that finished more than ``older_than_s``
+        seconds ago; queued and running jobs are never touched. Returns the ids removed."""
+        cutoff = time.time() - older_than_s
+        with self._lock:
+            old = [j for j in self._jobs.values() if j.state in FINISHED and (j.finished or j.created) < cutoff]
+            for job in old:
+                self._jobs.pop(job.id, None)
+                self._cancel.pop(job.id, None)
+                self._saved.pop(job.id, None)
+        for job in old:
+            shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+        return [j.id for j in old]
 
     def close(self) -> None:
         for _ in self._threads:
