@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from rsvl.errors import CheckpointMismatchError
-from rsvl.models.mini.towers import Lite0Tower, MiniLMTower, map_lite0_state_dict
+from rsvl.models.checkpoint import read_file
+from rsvl.models.mini.towers import (
+    Lite0Tower,
+    MiniLMTower,
+    lite0_network,
+    lite0_weights_path,
+    map_lite0_state_dict,
+)
 
 torch.set_num_threads(2)
 
@@ -45,6 +52,22 @@ def test_pretrained_lite0_weights_map_strictly():
     assert tower.stem[0].weight.abs().sum() > 0
     with pytest.raises(CheckpointMismatchError, match="unexpected key"):
         map_lite0_state_dict({"_something_else.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("size", [(224, 224), (257, 131), (64, 96)])
+def test_lite0_network_equals_timms_tf_efficientnet_lite0(size):
+    """rsvl's own Lite0 (no timm import at load) computes what timm's network does with the
+    same weights, at odd sizes too (TF "SAME" padding), and has the same parameter names."""
+    timm = pytest.importorskip("timm")
+    ours = lite0_network(pretrained=True).eval()
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    ref.load_state_dict(map_lite0_state_dict(read_file(lite0_weights_path(), "Lite0")))
+    ref.eval()
+    assert sorted(ours.state_dict()) == sorted(k for k in ref.state_dict() if not k.startswith("classifier."))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref.bn2(ref.conv_head(ref.blocks(ref.bn1(ref.conv_stem(x)))))
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_minilm_tower_mean_pools_sentences():

