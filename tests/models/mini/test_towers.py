@@ -13,6 +13,9 @@ from rsvl.models.mini.towers import (
     lite0_network,
     lite0_weights_path,
     map_lite0_state_dict,
+    minilm_encoder,
+    minilm_path,
+    minilm_tokenizer,
 )
 
 torch.set_num_threads(2)
@@ -75,3 +78,27 @@ def test_minilm_tower_mean_pools_sentences():
     emb = tower(["a harbor with boats", "a forest"])
     assert emb.shape == (2, MiniLMTower.dim)
     assert not any(p.requires_grad for p in tower.parameters()) and not tower.train().training
+
+
+TEXTS = ["a harbor with boats", "A FOREST", "", "café naïve 123",
+         "the large storage tank next to the road, left of the white building near a crossing with cars"]
+
+
+@pytest.mark.parametrize("options", [{"padding": True, "truncation": True, "max_length": 12},
+                                     {"padding": "max_length", "truncation": True, "max_length": 20},
+                                     {"padding": True, "truncation": True, "max_length": 128}])
+def test_minilm_tokenizer_and_encoder_equal_transformers(options):
+    """rsvl's tokenizer (the ``tokenizers`` library) and BERT encoder (no transformers import
+    at load) give transformers' token ids and word states on the same files."""
+    transformers = pytest.importorskip("transformers")
+    path = str(minilm_path())
+    ref_tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ref = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    tok, enc = minilm_tokenizer(), minilm_encoder()
+    expected, got = ref_tok(TEXTS, return_tensors="pt", **options), tok(TEXTS, **options)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(got[key], expected[key]), key
+    assert tok.vocab_size == ref_tok.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(enc(**got).last_hidden_state, ref(**expected).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
