@@ -31,3 +31,11 @@ def test_loading_mini_clip_imports_no_other_family_library():
                          env={"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_a_submodule_does_not_hide_the_function_of_the_same_name():
+    import importlib
+
+    for family in ("fianet", "llava", "rsprompter", "sam"):
+        importlib.import_module(f"rsvl.models.{family}.build")
+        assert callable(registry.FAMILIES[family].build), family

@@ -15,12 +15,31 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
+
+
+class FamilyModule(ModuleType):
+    """A family package whose function ``build`` (say) lives in a sub-module ``build``.
+
+    Importing a sub-module sets it as an attribute of its package, which would hide the
+    function of the same name once anything imports ``rsvl.models.<family>.build``; the
+    package keeps the function instead (what ``from .build import build`` in an eager
+    ``__init__`` gave)."""
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        names = self.__dict__.get("lazy_names", {})
+        if isinstance(value, ModuleType) and names.get(attr) == attr and value.__name__ == f"{self.__name__}.{attr}":
+            value = getattr(value, attr)
+        super().__setattr__(attr, value)
 
 
 def lazy_names(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``package`` that imports ``names[name]`` (a sub-module
     of the package) on first access of ``name`` and keeps the value in the package."""
+    module = sys.modules[package]
+    module.lazy_names = dict(names)
+    module.__class__ = FamilyModule
 
     def __getattr__(name: str) -> Any:
         module = names.get(name)
@@ -33,4 +52,4 @@ def lazy_names(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
     return __getattr__
 
 
-__all__ = ["lazy_names"]
+__all__ = ["FamilyModule", "lazy_names"]
