@@ -73,6 +73,7 @@ def build(
     from rsvl.tasks.search import expand_sources  # lazy: torch start-up, see rsvl.cli
 
     config = IndexConfig(ivf_threshold, nlist, nprobe, index_type, hnsw_m, None, ef_search).check()
+    preflight.model_for("search", model, weights)
     check_output(out, replace=overwrite)
     expand_sources(sources)
     m = _load(model, weights, device)
