@@ -11,6 +11,10 @@ run the same way, is a process that only imports torch: no model can load faster
 so ``load / torch`` says how much rsvl adds on top of the floor. Medians of ``--repeats``.
 
 mini-fsvlm is measured when its weights ship with this checkout, and skipped otherwise.
+
+``--reference-src PATH`` also measures every model with another checkout's ``src`` (e.g. the
+main branch before a change), interleaved with this one's in the same run, and reports
+``after / before``.
 """
 
 from __future__ import annotations
@@ -54,20 +58,25 @@ times["load_s"] = time.perf_counter() - t1
 """
 
 
-def run(body: str) -> dict:
+def run(body: str, src: Path | None = None) -> dict:
     code = CHILD.format(body=body, heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    env = os.environ.copy()
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
-def shipped(name: str) -> bool:
+def shipped(name: str, src: Path | None = None) -> bool:
     """Whether ``name`` is registered and its weights are available here."""
     code = ("from rsvl.models import registry\nfrom rsvl.models.weights import resolve_weights\n"
             f"card = registry.get_card({name!r})\nresolve_weights(card)\n")
     env = {**os.environ, "RSVL_OFFLINE": "1"}  # never download to find out
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, env=env).returncode == 0
 
 
@@ -80,7 +89,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--label", default="", help="name of this run in the JSON (e.g. before / after)")
+    ap.add_argument("--label", default="", help="name of this run in the JSON")
+    ap.add_argument("--reference-src", type=Path, default=None,
+                    help="another checkout's src folder, measured the same way in the same run")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "load_time.json")
     args = ap.parse_args()
 
@@ -93,17 +104,27 @@ def main() -> None:
         if not shipped(name):
             print(json.dumps({"model": name, "skipped": "not registered or weights not shipped"}), flush=True)
             continue
-        run(LOAD.format(name=name))  # warm-up (and conversions into the cache, if any)
-        got = [run(LOAD.format(name=name)) for _ in range(args.repeats)]
-        errors = [g["error"] for g in got if "error" in g]
-        row = {"model": name, "import_rsvl_s": median(got, "import_rsvl_s"), "load_s": median(got, "load_s"),
-               "total_s": median(got, "total_s"), "runs": [round(g.get("total_s", -1), 3) for g in got],
-               "imported": got[0].get("imported"), "errors": errors}
-        row["vs_torch"] = round(row["total_s"] / torch_s, 2) if row["total_s"] and torch_s else None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        trees = [("this", None)] + ([("reference", args.reference_src)] if args.reference_src else [])
+        for _, src in trees:
+            run(LOAD.format(name=name), src)  # warm-up (and conversions into the cache, if any)
+        got: dict[str, list[dict]] = {label: [] for label, _ in trees}
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            for label, src in trees:
+                got[label].append(run(LOAD.format(name=name), src))
+        for label, _ in trees:
+            g = got[label]
+            row = {"model": name, "src": label, "import_rsvl_s": median(g, "import_rsvl_s"),
+                   "load_s": median(g, "load_s"), "total_s": median(g, "total_s"),
+                   "runs": [round(x.get("total_s", -1), 3) for x in g], "imported": g[0].get("imported"),
+                   "errors": [x["error"] for x in g if "error" in x]}
+            row["vs_torch"] = round(row["total_s"] / torch_s, 2) if row["total_s"] and torch_s else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if args.reference_src and rows[-1]["total_s"] and rows[-2]["total_s"]:
+            rows[-2]["vs_reference"] = round(rows[-2]["total_s"] / rows[-1]["total_s"], 3)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeats": args.repeats}
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeats": args.repeats,
+               "reference_src": str(args.reference_src) if args.reference_src else None}
     previous = json.loads(args.json.read_text()) if args.json.exists() else {}
     runs = [r for r in previous.get("runs", []) if r.get("label") != args.label]
     runs.append({"label": args.label, "machine": machine, "rows": rows})
