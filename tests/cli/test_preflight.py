@@ -120,3 +120,15 @@ def test_a_model_that_does_not_serve_the_task_fails_before_any_load(tmp_path, ca
 ])
 def test_bad_prompts_and_options_fail_before_any_load(tmp_path, capsys, args, expected):
     _fails([str(a).replace("IDX", str(tmp_path / "idx")) for a in args], capsys, expected)
+
+
+@pytest.mark.parametrize("command, task", [("zeroshot", "classify"), ("retrieval", "search")])
+def test_eval_refuses_a_model_of_another_task_before_loading(tmp_path, capsys, command, task):
+    data = tmp_path / "scenes"
+    for name in ("forest", "water"):
+        (data / "val" / name).mkdir(parents=True)
+        shutil.copy(SAMPLE, data / "val" / name / "a.tif")
+    if command == "retrieval":
+        data = tmp_path / "pairs.csv"
+        data.write_text(f"filepath,title\n{SAMPLE},a forest\n{SAMPLE},water\n")
+    _fails(["eval", command, data, "--model", "mini-refer"], capsys, f"mini-refer is not a {task} model")

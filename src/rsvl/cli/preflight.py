@@ -64,7 +64,7 @@ def model_for(task: str, name: str, weights: Path | None = None, *, also: tuple[
     if task not in card.tasks and not set(also) & set(card.tasks):
         default = DEFAULT_MODELS.get(task, "")
         raise UnknownModelError(
-            f"{card.name} does not serve {task} (it serves {', '.join(card.tasks) or 'no task'}).",
+            f"{card.name} is not a {task} model (it serves {', '.join(card.tasks) or 'no task'}).",
             hint=(f"Use --model {default}, or see " if default else "See ") + f"`rsvl models` for the {task} task.")
     return card
 
