@@ -389,9 +389,11 @@ class _Layer(nn.Module):
 class _Embeddings(nn.Module):
     def __init__(self, vocab: int, dim: int, positions: int, types: int, eps: float) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab, dim)
-        self.position_embeddings = nn.Embedding(positions, dim)
-        self.token_type_embeddings = nn.Embedding(types, dim)
+        # given (uninitialised) tables: the checkpoint fills them, and nn.Embedding's random
+        # normal_ on the meta device would import torch._dynamo (2+ s, bench/load_time.py)
+        self.word_embeddings = nn.Embedding(vocab, dim, _weight=torch.empty(vocab, dim))
+        self.position_embeddings = nn.Embedding(positions, dim, _weight=torch.empty(positions, dim))
+        self.token_type_embeddings = nn.Embedding(types, dim, _weight=torch.empty(types, dim))
         self.LayerNorm = nn.LayerNorm(dim, eps=eps)
 
 
