@@ -425,7 +425,7 @@ def test_crafted_faiss_header_is_refused_before_faiss_reads_it(tmp_path):
     with pytest.raises(IndexCorruptError, match="1099511627776 vectors"):
         check_faiss_header(huge, 10, 8, "rebuild")
     other = tmp_path / "other.faiss"
-    other.write_bytes(b"IHNf" + raw[4:])
+    other.write_bytes(b"IwPQ" + raw[4:])  # IVF-PQ: not a type rsvl writes
     with pytest.raises(IndexCorruptError, match="not a FAISS index rsvl writes"):
         check_faiss_header(other, 10, 8, "rebuild")
     padded = tmp_path / "padded.faiss"

@@ -84,6 +84,10 @@ class IndexCorruptError(RsvlError):
     """An index folder exists but its files are missing, unreadable or inconsistent."""
 
 
+class IndexOptionError(RsvlError):
+    """An index option (``--index-type``, IVF or HNSW settings) is not one rsvl can build."""
+
+
 class ModelMismatchError(RsvlError):
     """The model used to query or extend an index is not the one that built it."""
 

@@ -82,3 +82,53 @@ def test_index_and_search(tmp_path, folder, capsys):
     (tmp_path / "idx" / "x.txt").write_text("")
     _fails(["index", "build", folder, "-o", tmp_path / "idx"], capsys, "not an rsvl index")
     _fails(["search", tmp_path / "nothing", "a river"], capsys, "nothing")
+
+
+@pytest.mark.parametrize("args", [
+    ["segment", SAMPLE, "forest, water", "--model", "mini-klip"],
+    ["classify", SAMPLE, "-l", "forest, water", "--model", "mini-klip"],
+    ["refer", SAMPLE, "the tree", "--model", "mini-klip"],
+    ["instances", SAMPLE, "--model", "mini-klip"],
+    ["chat", SAMPLE, "What is this?", "--model", "mini-klip"],
+    ["index", "build", SAMPLE, "-o", "IDX", "--model", "mini-klip"],
+])
+def test_unknown_model_fails_before_any_load(tmp_path, capsys, args):
+    _fails([str(a).replace("IDX", str(tmp_path / "idx")) for a in args], capsys, "Unknown model 'mini-klip'",
+           "mini-clip")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["segment", SAMPLE, "forest", "--model", "mini-chat"], "mini-chat"),
+    (["classify", SAMPLE, "-l", "forest, water", "--model", "mini-refer"], "mini-refer"),
+    (["refer", SAMPLE, "the tree", "--model", "mini-clip"], "not a referring-segmentation model"),
+    (["instances", SAMPLE, "--model", "mini-clip"], "mini-clip"),
+    (["chat", SAMPLE, "What is this?", "--model", "mini-clip"], "not a chat model"),
+    (["index", "build", SAMPLE, "-o", "IDX", "--model", "mini-chat"], "mini-chat"),
+])
+def test_a_model_that_does_not_serve_the_task_fails_before_any_load(tmp_path, capsys, args, expected):
+    _fails([str(a).replace("IDX", str(tmp_path / "idx")) for a in args], capsys, expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["segment", SAMPLE, " , "], "class"),
+    (["classify", SAMPLE, "-l", " "], "class"),
+    (["refer", SAMPLE, "  "], "expression"),
+    (["chat", SAMPLE, "  "], "question"),
+    (["search", "IDX", "  "], "empty query"),
+    (["index", "build", SAMPLE, "-o", "IDX", "--index-type", "annoy"], "unknown index type 'annoy'"),
+    (["index", "build", SAMPLE, "-o", "IDX", "--index-type", "hnsw", "--hnsw-m", "1"], "hnsw m must be"),
+])
+def test_bad_prompts_and_options_fail_before_any_load(tmp_path, capsys, args, expected):
+    _fails([str(a).replace("IDX", str(tmp_path / "idx")) for a in args], capsys, expected)
+
+
+@pytest.mark.parametrize("command, task", [("zeroshot", "classify"), ("retrieval", "search")])
+def test_eval_refuses_a_model_of_another_task_before_loading(tmp_path, capsys, command, task):
+    data = tmp_path / "scenes"
+    for name in ("forest", "water"):
+        (data / "val" / name).mkdir(parents=True)
+        shutil.copy(SAMPLE, data / "val" / name / "a.tif")
+    if command == "retrieval":
+        data = tmp_path / "pairs.csv"
+        data.write_text(f"filepath,title\n{SAMPLE},a forest\n{SAMPLE},water\n")
+    _fails(["eval", command, data, "--model", "mini-refer"], capsys, f"mini-refer is not a {task} model")

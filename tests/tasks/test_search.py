@@ -287,6 +287,7 @@ def test_cli_json_is_one_document(tmp_path, scene, pngs, monkeypatch):
 
     model = FakeRGB()
     monkeypatch.setattr(rsvl.api, "load", lambda name, **kw: model if name == "fake-rgb" else FakeRGB(name))
+    monkeypatch.setattr(cmd.preflight, "model_for", lambda *a, **kw: None)  # fake-rgb has no card
     app = typer.Typer()
     cmd.register(app)
     runner = CliRunner()

@@ -229,7 +229,7 @@ def test_eval_refer_cli_modes(tmp_path, capsys, monkeypatch):
     from rsvl.cli import main
 
     make_rrsisd(tmp_path / "data")
-    monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device: LeftHalfModel())
+    monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device, *task: LeftHalfModel())
     out = tmp_path / "res.json"
     assert main(["eval", "refer", str(tmp_path / "data"), "--model", "left-half", "--size", "0",
                  "--json", "-o", str(out)]) == 0

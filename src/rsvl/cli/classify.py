@@ -54,6 +54,7 @@ def classify(
     from rsvl.tasks.classify import raster_output_paths  # lazy: torch start-up, see rsvl.cli
 
     specs = load_classes(inline=labels, file=labels_file)
+    preflight.model_for("classify", model, weights)
     georeferenced = preflight.file_or_folder(source)
     if georeferenced is not None and (tile is not None or georeferenced):
         tiles_out = raster_output_paths(source, out)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rsvl.cli import eval_chat
+from rsvl.cli import eval_chat, preflight
 from rsvl.console import emit_json, progress_bar
 from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
 from rsvl.data.classes import load_classes
@@ -39,9 +39,12 @@ _JSON = typer.Option(False, "--json", help="Print one JSON document (metrics and
 _OUT = typer.Option(None, "--out", "-o", help="Also write the JSON document to this file.")
 
 
-def _load_model(name: str, weights: Path | None, device: str) -> Any:
+def _load_model(name: str, weights: Path | None, device: str, task: str, also: tuple[str, ...] = ()) -> Any:
+    """The model, after refusing one that does not serve ``task`` (or ``also``): loading
+    takes seconds, the wrong model would fail only after it."""
     import rsvl  # lazy: see rsvl.cli
 
+    preflight.model_for(task, name, weights, also=also)
     return rsvl.load(name, weights=weights, device=device)
 
 
@@ -99,7 +102,7 @@ def zeroshot(
 
     ds, _, _ = open_scene_dataset(data, split, classes_file)  # fail on the data before loading a model
     n = len(subset_indices(len(ds), limit))
-    m = _load_model(model, weights, device)
+    m = _load_model(model, weights, device, "classify")
     with progress_bar(n, "zeroshot") as advance:
         res = run_zeroshot(m, data, split=split, classes_file=classes_file, templates=templates,
                            batch_size=batch_size, limit=limit, model_name=model, weights=weights,
@@ -131,7 +134,7 @@ def retrieval(
     prefix = FARSLIP_CAPTION_PREFIX if caption_prefix.strip().lower() == "farslip" else caption_prefix
     ds, _, _ = open_caption_dataset(data, split, caption_key)
     n = len(subset_indices(len(ds.samples), limit))
-    m = _load_model(model, weights, device)
+    m = _load_model(model, weights, device, "search")
     with progress_bar(n, "retrieval") as advance:
         res = run_retrieval(m, data, split=split, caption_prefix=prefix, caption_key=caption_key,
                             dedup_texts=not no_dedup, batch_size=batch_size, limit=limit, model_name=model,
@@ -192,7 +195,7 @@ def ovss(
                           prob_thd=prob_thd, bg_idx=bg_idx, templates=templates, cls_lambda=cls_lambda)
     ds = open_segmentation_dataset(data, preset, split, reduce_zero_label)
     n = len(subset_indices(len(ds), limit))
-    m = _load_model(model, weights, device)
+    m = _load_model(model, weights, device, "segment")
     with progress_bar(n, "ovss") as advance:
         res = run_ovss(m, data, specs, preset=preset, protocol=proto, split=split,
                        reduce_zero_label=reduce_zero_label, class_source=str(source), batch_size=batch_size,
@@ -235,7 +238,7 @@ def refer(
 
         ds = open_refer_dataset(data, split)  # fail on the data before loading a model
         n = len(subset_indices(len(ds), limit))
-        m = _load_model(model, weights, device)
+        m = _load_model(model, weights, device, "refer")
         with progress_bar(n, "refer") as advance:
             res = run_refer_model(m, data, split=split, size=size or None, batch_size=batch_size,
                                   limit=limit, model_name=model, weights=weights, progress=advance)
@@ -280,7 +283,7 @@ def coco(
         tr, va = split_ids(ds.image_ids, val_fraction, seed)
         n = len({"val": va, "train": tr}.get(split, ds.image_ids))
         n = min(n, limit) if limit else n
-        m = _load_model(model, weights, device)
+        m = _load_model(model, weights, device, "instances")
         with progress_bar(n, "coco") as advance:
             res = run_coco_model(m, ground_truth, images=images, split=split, val_fraction=val_fraction,
                                  seed=seed, limit=limit, max_dets=max_dets, model_name=model, weights=weights,
@@ -323,7 +326,7 @@ def farmland(
     from rsvl.eval.farmland import ClassProbabilityBaseline, run_farmland  # lazy: see rsvl.cli
 
     n = len(subset_indices(len(read_split(data, split)), limit))  # fail on the data before loading a model
-    m = _load_model(model, weights, device)
+    m = _load_model(model, weights, device, "farmland", ("segment",))
     name = model
     if "farmland" not in m.card.tasks:
         if "segment" not in m.card.tasks:

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rsvl.cli import preflight
 from rsvl.console import emit_json, task_progress
 from rsvl.errors import OutputError, UnknownModelError
 
@@ -19,6 +20,7 @@ def load_chat_model(name: str, weights: Path | None, device: str) -> Any:
     from rsvl.models.chat import ChatModel  # lazy: see rsvl.cli
     from rsvl.models.registry import load  # lazy: see rsvl.cli
 
+    preflight.model_for("chat", name, weights)  # before the load, which takes seconds
     model = load(name, weights=weights, device=device)
     if not isinstance(model, ChatModel):
         raise UnknownModelError(f"{name} is not a chat model.", hint="Pick a model whose task is chat (see `rsvl models`).")

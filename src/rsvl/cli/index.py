@@ -56,22 +56,30 @@ def build(
     gsd: float = typer.Option(None, "--gsd", help="Resample rasters to this GSD (metres) first."),
     bands: str = typer.Option(None, "--bands", help="Bands to use as RGB, e.g. 4,3,2."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    ivf_threshold: int = typer.Option(50_000, "--ivf-threshold", help="Above this many vectors, build an approximate IVF index."),
+    index_type: str = typer.Option("auto", "--index-type",
+                                   help="auto (exact up to --ivf-threshold vectors, IVF above), flat, ivf or hnsw."),
+    ivf_threshold: int = typer.Option(50_000, "--ivf-threshold", help="With auto: above this many vectors, build an approximate IVF index."),
+    nlist: int = typer.Option(None, "--nlist", help="IVF lists (default: 4 x sqrt(count))."),
     nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed per query (default: derived from the size)."),
+    hnsw_m: int = typer.Option(None, "--hnsw-m", help="HNSW neighbours per vector (default 32)."),
+    ef_search: int = typer.Option(None, "--ef-search", help="HNSW candidates per query (default 64)."),
     device: str = typer.Option("cpu", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Embed images, folders and raster tiles into a new index folder."""
-    from rsvl.index.store import check_output  # lazy: torch start-up, see rsvl.cli
+    from rsvl.index.store import IndexConfig, check_output  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.search import build as run_build  # lazy: torch start-up, see rsvl.cli
     from rsvl.tasks.search import expand_sources  # lazy: torch start-up, see rsvl.cli
 
+    config = IndexConfig(ivf_threshold, nlist, nprobe, index_type, hnsw_m, None, ef_search).check()
+    preflight.model_for("search", model, weights)
     check_output(out, replace=overwrite)
     expand_sources(sources)
     m = _load(model, weights, device)
     result = run_build(m, sources, out, tile=tile, overlap=overlap, gsd=gsd,
-                       bands=parse_bands(bands), batch_size=batch_size, ivf_threshold=ivf_threshold, nprobe=nprobe,
+                       bands=parse_bands(bands), batch_size=batch_size, ivf_threshold=ivf_threshold, nlist=nlist,
+                       nprobe=nprobe, index_type=config.index_type, hnsw_m=hnsw_m, ef_search=ef_search,
                        overwrite=overwrite, progress=task_progress("index", unit="images"))
     _report(result, as_json, "indexed")
 
@@ -108,6 +116,7 @@ def search(
     model: str = typer.Option(None, "--model", "-m", help="Must be the index's model (default: it)."),
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint of the index's model."),
     nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed (default: the index's)."),
+    ef_search: int = typer.Option(None, "--ef-search", help="HNSW candidates per query (default: the index's)."),
     device: str = typer.Option("cpu", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --geojson file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -127,7 +136,7 @@ def search(
         preflight.raster_file(image)
     preflight.new_outputs([geojson], overwrite)
     m = _load(idx.model, weights, device)
-    result = run_search(idx, query, k=k, image=image, model=m, nprobe=nprobe)
+    result = run_search(idx, query, k=k, image=image, model=m, nprobe=nprobe, ef_search=ef_search)
     if geojson is not None:
         result.write_geojson(geojson, overwrite=overwrite)
         missing = sum(1 for h in result.hits if h.geometry_4326 is None)

@@ -46,6 +46,7 @@ def instances(
     )
     from rsvl.tasks.instances import output_paths  # lazy: torch start-up, see rsvl.cli
 
+    preflight.model_for("instances", model, weights)
     preflight.file_or_folder(source)
     preflight.vector_format(vector_format)
     if source.is_dir() and resume:

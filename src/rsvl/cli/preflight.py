@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from rsvl.errors import InputNotFoundError, OutputError, PromptError
+from rsvl.errors import InputNotFoundError, OutputError, PromptError, UnknownModelError
 from rsvl.geo.raster import check_last_block, open_dataset
 from rsvl.io import IMAGE_SUFFIXES
 
@@ -46,6 +47,26 @@ def images(folder: Path) -> list[Path]:
     if not files:
         raise InputNotFoundError(no_images_message(folder), hint="Point at a folder of images, or at one image.")
     return files
+
+
+#: the built-in model to suggest for each task
+DEFAULT_MODELS = {"classify": "mini-clip", "search": "mini-clip", "segment": "mini-clip",
+                  "instances": "mini-instances", "refer": "mini-refer", "chat": "mini-chat"}
+
+
+def model_for(task: str, name: str, weights: Path | None = None, *, also: tuple[str, ...] = ()) -> Any:
+    """The card of model ``name`` (or an open_clip architecture with ``weights``), refusing an
+    unknown model or one that serves neither ``task`` nor any of ``also``: loading takes
+    seconds, and a model of another task would fail only after it."""
+    from rsvl.models import registry  # lazy: torch start-up, see rsvl.cli
+
+    card = registry.resolve_card(name, weights)
+    if task not in card.tasks and not set(also) & set(card.tasks):
+        default = DEFAULT_MODELS.get(task, "")
+        raise UnknownModelError(
+            f"{card.name} is not a {task} model (it serves {', '.join(card.tasks) or 'no task'}).",
+            hint=(f"Use --model {default}, or see " if default else "See ") + f"`rsvl models` for the {task} task.")
+    return card
 
 
 def vector_format(name: str) -> str:
@@ -87,4 +108,5 @@ def not_a_path(classes: str | None) -> None:
         )
 
 
-__all__ = ["file_or_folder", "images", "new_outputs", "not_a_path", "raster_file", "vector_format"]
+__all__ = ["DEFAULT_MODELS", "file_or_folder", "images", "model_for", "new_outputs", "not_a_path", "raster_file",
+           "vector_format"]

@@ -60,9 +60,8 @@ def segment(
     request instead: "This is a 1 m image of irrigated fields. Please segment the farmland."
     """
     import rsvl  # lazy: torch start-up, see rsvl.cli
-    from rsvl.models import registry  # lazy: torch start-up, see rsvl.cli
 
-    card = registry.resolve_card(model, weights)
+    card = preflight.model_for("segment", model, weights, also=("farmland",))
     if "farmland" in card.tasks and "segment" not in card.tasks:
         _segment_request(raster, classes, prompt_file, out, model, weights, bands, gsd, tile, overlap, min_pixels,
                          simplify, vector_format, to_crs, device, overwrite, resume, as_json)

@@ -6,10 +6,19 @@ Layout of an index folder::
     vectors-000001.faiss       L2-normalised float32 embeddings (inner product = cosine)
     metadata-000001.parquet    one row per vector, in the FAISS order
 
-Small indexes are exact (``IndexFlatIP``); above ``ivf_threshold`` vectors an
-``IndexIVFFlat`` trained on the data is used, with ``nlist`` and ``nprobe`` recorded in the
-manifest. Both store the full vectors, so an index can be rebuilt (e.g. on ``add``)
-without re-embedding anything.
+The FAISS index type is chosen by ``IndexConfig.index_type``:
+
+* ``auto`` (default): exact ``IndexFlatIP`` up to ``ivf_threshold`` vectors, an
+  ``IndexIVFFlat`` trained on the data above it (``bench/search_scale.py`` measures the
+  choice);
+* ``flat``: always exact;
+* ``ivf``: ``IndexIVFFlat`` with ``nlist`` lists, ``nprobe`` probed per query;
+* ``hnsw``: ``IndexHNSWFlat`` (a graph of ``hnsw_m`` neighbours per vector, built with
+  ``ef_construction`` and searched with ``ef_search`` candidates), no training.
+
+What was chosen (type, nlist/nprobe or the HNSW settings) is recorded in the manifest, and
+what was asked in ``index_config`` so that ``add`` rebuilds the same kind. Every type stores
+the full vectors, so an index can be rebuilt (e.g. on ``add``) without re-embedding anything.
 
 Writes never leave a half-written index under the final name: a new index is written to a
 temporary sibling folder and renamed into place; an existing index gets a new generation of
@@ -39,7 +48,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rsvl import __version__
-from rsvl.errors import IndexCorruptError, IndexNotFoundError, ModelMismatchError, OutputError
+from rsvl.errors import (
+    IndexCorruptError,
+    IndexNotFoundError,
+    IndexOptionError,
+    ModelMismatchError,
+    OutputError,
+)
 from rsvl.io import TMP_MARK, atomic_dir, atomic_path, write_text
 
 MANIFEST = "manifest.json"
@@ -49,12 +64,22 @@ FORMAT = "rsvl-index"
 FORMAT_VERSION = 1
 #: above this many vectors an IVF index is built instead of an exact flat one
 DEFAULT_IVF_THRESHOLD = 50_000
+#: the index types ``IndexConfig.index_type`` (and ``rsvl index build --index-type``) accepts
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+#: HNSW defaults: neighbours per vector, candidates while building and while searching
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_CONSTRUCTION = 80
+DEFAULT_EF_SEARCH = 64
 
 _GEN_FILE = re.compile(r"^(vectors|metadata)-(\d{6})\.(faiss|parquet)(\.tmp)?$")
 
 
 __all__ = [
+    "DEFAULT_EF_CONSTRUCTION",
+    "DEFAULT_EF_SEARCH",
+    "DEFAULT_HNSW_M",
     "DEFAULT_IVF_THRESHOLD",
+    "INDEX_TYPES",
     "EmbeddingIndex",
     "IndexConfig",
     "check_output",
@@ -95,11 +120,49 @@ def metadata_schema() -> pa.Schema:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How the FAISS index is chosen. ``nlist``/``nprobe`` None: derived from the count."""
+    """How the FAISS index is chosen (see the module doc). None: derived from the count or
+    the defaults. :meth:`check` raises :class:`IndexOptionError` for values rsvl cannot build."""
 
     ivf_threshold: int = DEFAULT_IVF_THRESHOLD
     nlist: int | None = None
     nprobe: int | None = None
+    index_type: str = "auto"
+    hnsw_m: int | None = None
+    ef_construction: int | None = None
+    ef_search: int | None = None
+
+    def check(self) -> IndexConfig:
+        """This config, its index type lower-cased; raises on values rsvl cannot build."""
+        kind = str(self.index_type).lower()
+        if kind not in INDEX_TYPES:
+            raise IndexOptionError(f"unknown index type {self.index_type!r}.",
+                                   hint=f"Use one of: {', '.join(INDEX_TYPES)}.")
+        for name, low, high in (("ivf_threshold", 0, None), ("nlist", 1, None), ("nprobe", 1, None),
+                                ("hnsw_m", 2, 256), ("ef_construction", 1, None), ("ef_search", 1, None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if int(value) < low or (high is not None and int(value) > high):
+                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise IndexOptionError(f"{name.replace('_', ' ')} must be {bound}, got {value}.",
+                                       hint="Leave it out to use the default.")
+        return IndexConfig(self.ivf_threshold, self.nlist, self.nprobe, kind, self.hnsw_m,
+                           self.ef_construction, self.ef_search)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """What was asked, as recorded under ``index_config`` in the manifest."""
+        return {"type": self.index_type, "threshold": int(self.ivf_threshold), "nlist": self.nlist,
+                "nprobe": self.nprobe, "hnsw_m": self.hnsw_m, "ef_construction": self.ef_construction,
+                "ef_search": self.ef_search}
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> IndexConfig:
+        """The config an index was asked with (indexes written before ``index_config``
+        recorded only the IVF settings, under ``ivf_config``)."""
+        asked = manifest.get("index_config") or manifest.get("ivf_config") or {}
+        threshold = asked.get("threshold", manifest.get("ivf_threshold", DEFAULT_IVF_THRESHOLD))
+        return cls(int(threshold), asked.get("nlist"), asked.get("nprobe"), str(asked.get("type") or "auto"),
+                   asked.get("hnsw_m"), asked.get("ef_construction"), asked.get("ef_search"))
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
@@ -111,36 +174,51 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def make_faiss_index(vectors: np.ndarray, config: IndexConfig = IndexConfig()) -> tuple[Any, dict[str, Any]]:
-    """An exact or IVF inner-product index holding ``vectors``, and what was chosen."""
+    """An inner-product index of the configured type holding ``vectors``, and what was chosen."""
+    config = config.check()
     n, d = vectors.shape
-    if n <= config.ivf_threshold:
+    kind = config.index_type
+    if kind == "auto":
+        kind = "flat" if n <= config.ivf_threshold else "ivf"
+    chosen: dict[str, Any] = {"index_type": "", "exact": False, "nlist": None, "nprobe": None,
+                              "hnsw_m": None, "ef_construction": None, "ef_search": None}
+    if kind == "flat" or n == 0:
         index = faiss.IndexFlatIP(d)
         index.add(vectors)
-        return index, {"index_type": "flat-ip", "exact": True, "nlist": None, "nprobe": None}
+        return index, {**chosen, "index_type": "flat-ip", "exact": True}
+    if kind == "hnsw":
+        m = int(config.hnsw_m or DEFAULT_HNSW_M)
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(config.ef_construction or DEFAULT_EF_CONSTRUCTION)
+        index.hnsw.efSearch = int(config.ef_search or DEFAULT_EF_SEARCH)
+        index.add(vectors)
+        return index, {**chosen, "index_type": "hnsw-flat", "hnsw_m": m,
+                       "ef_construction": int(index.hnsw.efConstruction), "ef_search": int(index.hnsw.efSearch)}
     # FAISS wants >= 39 training points per list; sqrt-scaled lists otherwise.
     nlist = config.nlist or int(round(4 * math.sqrt(n)))
     nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))
-    nprobe = config.nprobe or max(1, min(nlist, int(math.ceil(nlist / 16))))
+    nprobe = min(config.nprobe or max(1, int(math.ceil(nlist / 16))), nlist)
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234
     index.train(vectors)
     index.add(vectors)
     index.nprobe = nprobe
-    return index, {"index_type": "ivf-flat", "exact": False, "nlist": nlist, "nprobe": nprobe}
+    return index, {**chosen, "index_type": "ivf-flat", "nlist": nlist, "nprobe": nprobe}
 
 
-#: the FAISS index types ``rsvl index build`` writes (flat and IVF-flat, inner product)
-FAISS_FOURCCS = (b"IxFI", b"IwFl")
+#: the FAISS index types ``rsvl index build`` writes (flat, IVF-flat and HNSW-flat, inner product)
+FAISS_FOURCCS = (b"IxFI", b"IwFl", b"IHNf")
 
 
-def check_faiss_header(path: Path, count: int, dim: int, rebuild: str) -> None:
+def check_faiss_header(path: Path, count: int, dim: int, rebuild: str, *, hnsw_m: int | None = None) -> None:
     """Refuse a vectors file that is not what the manifest describes before FAISS parses it.
 
     FAISS trusts the sizes in a file: a crafted header asks it for terabytes (or makes it read
     past the data). The file must be an index type rsvl writes, with the manifest's dimension
     and count, and no larger than such an index can be (float32 vectors, an IVF quantizer of
-    at most ``count`` centroids, ids, and a few KB of headers)."""
+    at most ``count`` centroids, ids, an HNSW graph of ``hnsw_m`` neighbours per vector per
+    level, and a few KB of headers)."""
     head = b""
     try:
         size = path.stat().st_size
@@ -154,10 +232,41 @@ def check_faiss_header(path: Path, count: int, dim: int, rebuild: str) -> None:
     if d != dim or ntotal != count:
         raise IndexCorruptError(
             f"{path}: the file says {ntotal} vectors of dim {d}, the manifest {count} of dim {dim}.", hint=rebuild)
-    limit = 3 * 4 * dim * max(count, 1) + 16 * max(count, 1) + (1 << 20)
+    graph = 16 * max(int(hnsw_m or 0), 0)  # level 0 holds 2M ids, the upper levels ~M/(M-1) more
+    limit = 3 * 4 * dim * max(count, 1) + (16 + graph) * max(count, 1) + (1 << 20)
     if size > limit:
         raise IndexCorruptError(f"{path}: {size} bytes, more than an index of {count} x {dim} vectors can be.",
                                 hint=rebuild)
+
+
+def _array(vector: Any) -> np.ndarray:
+    """A zero-copy numpy view of a FAISS std::vector."""
+    n = int(vector.size())
+    return faiss.rev_swig_ptr(vector.data(), n) if n else np.zeros(0, np.int64)
+
+
+def check_hnsw_graph(index: Any, path: Path, count: int, rebuild: str) -> None:
+    """Refuse an HNSW graph FAISS would walk out of bounds: a crafted file's neighbour ids,
+    offsets, levels or entry point are used by ``search`` without any check."""
+    h = index.hnsw
+    levels, offsets, neighbors = _array(h.levels), _array(h.offsets), _array(h.neighbors)
+    cum = _array(h.cum_nneighbor_per_level).astype(np.int64)
+    problem = None
+    if index.storage is None or index.storage.ntotal != count or index.storage.d != index.d:
+        problem = "its vector storage does not hold the index's vectors"
+    elif len(levels) != count or len(offsets) != count + 1:
+        problem = f"{len(levels)} levels and {len(offsets)} offsets for {count} vectors"
+    elif count and (levels.min() < 1 or levels.max() >= len(cum)):
+        problem = "a vector's level is out of range"
+    elif count and (offsets[0] != 0 or int(offsets[-1]) != len(neighbors)
+                    or not np.array_equal(np.diff(offsets.astype(np.int64)), cum[levels])):
+        problem = "the neighbour lists do not match the levels"
+    elif len(neighbors) and (neighbors.min() < -1 or neighbors.max() >= count):
+        problem = "a neighbour id is out of range"
+    elif count and not (0 <= h.entry_point < count and h.max_level == int(levels.max()) - 1):
+        problem = "the entry point or top level is out of range"
+    if problem:
+        raise IndexCorruptError(f"{path}: not a valid HNSW graph ({problem}).", hint=rebuild)
 
 
 class EmbeddingIndex:
@@ -204,11 +313,16 @@ class EmbeddingIndex:
         for f in (vpath, mdpath):
             if not f.exists():
                 raise IndexCorruptError(f"{p}: {f.name} is missing.", hint=rebuild)
-        check_faiss_header(vpath, count, dim, rebuild)
+        hnsw_m = manifest.get("hnsw_m")
+        if hnsw_m is not None and not (isinstance(hnsw_m, int) and 2 <= hnsw_m <= 256):
+            raise IndexCorruptError(f"{mpath}: hnsw_m {hnsw_m!r} is not a valid HNSW setting.", hint=rebuild)
+        check_faiss_header(vpath, count, dim, rebuild, hnsw_m=hnsw_m)
         try:
             index = faiss.read_index(str(vpath))
         except Exception as exc:  # faiss raises RuntimeError with a C++ message
             raise IndexCorruptError(f"{vpath}: FAISS cannot read it ({str(exc).strip().splitlines()[0]}).", hint=rebuild) from exc
+        if isinstance(index, faiss.IndexHNSW):
+            check_hnsw_graph(index, vpath, count, rebuild)
         try:
             meta = pq.read_table(mdpath)
         except Exception as exc:
@@ -224,6 +338,8 @@ class EmbeddingIndex:
             raise IndexCorruptError(f"{mdpath} lacks columns {sorted(missing)}.", hint=rebuild)
         if manifest.get("nprobe") and hasattr(index, "nprobe"):
             index.nprobe = int(manifest["nprobe"])
+        if manifest.get("ef_search") and hasattr(index, "hnsw"):
+            index.hnsw.efSearch = max(1, int(manifest["ef_search"]))
         return cls(p, manifest, meta, index)
 
     # -- properties ----------------------------------------------------------------------------
@@ -267,9 +383,12 @@ class EmbeddingIndex:
             ivf.make_direct_map()
         return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores (Q, k') and row positions (Q, k'), best first; k' = min(k, count).
 
+        ``nprobe`` (IVF) and ``ef_search`` (HNSW, raised to at least k') override the
+        index's settings for this and later searches; other index types ignore them.
         Positions of missing results (IVF with too few probed lists) are -1.
         """
         q = _normalise(np.atleast_2d(queries))
@@ -277,7 +396,11 @@ class EmbeddingIndex:
             raise ModelMismatchError(f"query embedding has dim {q.shape[1]}, index {self.path} has dim {self.dim}.")
         k = max(1, min(int(k), self.count))
         if nprobe is not None and hasattr(self._faiss, "nprobe"):
-            self._faiss.nprobe = int(nprobe)
+            self._faiss.nprobe = max(1, int(nprobe))
+        if hasattr(self._faiss, "hnsw"):
+            if ef_search is not None:
+                self._faiss.hnsw.efSearch = max(1, int(ef_search))
+            self._faiss.hnsw.efSearch = max(self._faiss.hnsw.efSearch, k)
         scores, rows = self._faiss.search(q, k)
         return scores, rows
 
@@ -362,6 +485,7 @@ def write_index(
         **chosen,
         "ivf_threshold": int(config.ivf_threshold),
         "ivf_config": {"threshold": int(config.ivf_threshold), "nlist": config.nlist, "nprobe": config.nprobe},
+        "index_config": config.check().to_manifest(),
         "updated": now,
     }
     man.setdefault("created", now)

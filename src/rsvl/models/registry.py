@@ -9,8 +9,11 @@ exposes the same three names:
 * ``load(card, weights=None, device="cpu", **options)``: the network with a checkpoint as
   published (``weights`` is a local file; else the card's file from rsvl's cache or a download).
 
-The families are imported here at module level: an import error in a family is a bug and
-surfaces at once, never as a silently shorter model list.
+The family packages are imported here at module level, so the card list is never silently
+shorter; each package imports the modules behind ``build`` and ``load`` (open_clip,
+transformers, torchvision) on first use (:mod:`rsvl.models.lazy`), so that loading one model
+does not pay for the other families' libraries. An import error in a family then surfaces at
+its first use, and ``tests/models/test_families.py`` imports every name of every family.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from rsvl.data.classes import ClassSpec, expand_synonyms
 from rsvl.errors import PromptError
@@ -33,6 +32,10 @@ FARSLIP_LOGIT_SCALE = 100.0
 
 def imagenet_templates() -> tuple[str, ...]:
     """The 80 OpenAI ImageNet templates (used by the RS-OVSS protocol), from open_clip."""
+    # lazy: importing open_clip costs seconds (see rsvl.models.clip); every task imports
+    # this module, and only the RS-OVSS protocol wants these templates
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 

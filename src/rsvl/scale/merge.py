@@ -283,7 +283,8 @@ def merge_index(parts: Sequence[tuple[str, str]], out: str | os.PathLike[str], o
                 "bands": options.get("bands") or None, "min_valid": float(options.get("min_valid", 0.5)),
                 "image_size": image_size}
     config = IndexConfig(int(options.get("ivf_threshold") or DEFAULT_IVF_THRESHOLD), options.get("nlist"),
-                         options.get("nprobe"))
+                         options.get("nprobe"), str(options.get("index_type") or "auto"), options.get("hnsw_m"),
+                         options.get("ef_construction"), options.get("ef_search"))
     manifest = {"model": model, "dim": dim, "settings": settings, "next_id": n,
                 "sources": len(set(table.column("source").to_pylist()))}
     write_index(out, vectors, table, manifest, config=config, replace=True)

@@ -210,7 +210,8 @@ def run_index(model: Any, source: str, prefix: Path, options: dict[str, Any]) ->
 def _index_options(model: Any = None, sources: Any = None, out: Any = None, *, tile: int | None = None,
                    overlap: int = 0, gsd: float | None = None, bands: Any = None, min_valid: float = 0.5,
                    batch_size: int = 16, ivf_threshold: int | None = None, nlist: int | None = None,
-                   nprobe: int | None = None) -> None:
+                   nprobe: int | None = None, index_type: str = "auto", hnsw_m: int | None = None,
+                   ef_construction: int | None = None, ef_search: int | None = None) -> None:
     """The options of ``index build`` under ``rsvl run`` (those of :func:`rsvl.tasks.search.build`)."""
 
 

@@ -309,16 +309,23 @@ def build(
     ivf_threshold: int = DEFAULT_IVF_THRESHOLD,
     nlist: int | None = None,
     nprobe: int | None = None,
+    index_type: str = "auto",
+    hnsw_m: int | None = None,
+    ef_construction: int | None = None,
+    ef_search: int | None = None,
     overwrite: bool = False,
     progress: TaskProgress | None = None,
 ) -> BuildResult:
     """Embed ``sources`` (images, folders, rasters) into a new index folder ``out``.
 
-    ``tile`` defaults to the model's input size. ``progress``
+    ``index_type`` is ``auto`` (exact up to ``ivf_threshold`` vectors, IVF above), ``flat``,
+    ``ivf`` or ``hnsw`` (:class:`rsvl.index.store.IndexConfig`). ``tile`` defaults to the
+    model's input size. ``progress``
     (:class:`rsvl.console.TaskProgress`) is told the number of images and tiles
     (skipped ones included).
     """
     out = Path(out)
+    config = IndexConfig(ivf_threshold, nlist, nprobe, index_type, hnsw_m, ef_construction, ef_search).check()
     check_output(out, replace=overwrite)
     gsd = check_gsd(gsd) or None  # 0: the native resolution
     tile = int(tile) if tile is not None else int(getattr(model, "image_size", 224))
@@ -337,7 +344,7 @@ def build(
     meta = _metadata_table(rows, range(len(rows)), name, dim)
     idx = write_index(out, vectors, meta, {"model": name, "dim": dim, "settings": settings,
                                            "next_id": len(rows), "sources": len(planned)},
-                      config=IndexConfig(ivf_threshold, nlist, nprobe), replace=overwrite)
+                      config=config, replace=overwrite)
     skipped = sum(p.items for p in planned) - len(rows)
     return BuildResult(str(out), name, idx.count, len(rows), [p.path for p in planned],
                        tiles_skipped_nodata=skipped, index_type=idx.manifest["index_type"],
@@ -395,9 +402,7 @@ def add(
     all_vectors = np.concatenate([old_vectors, vectors]) if rows else old_vectors
     all_meta = pa.concat_tables([old_meta.cast(new_meta.schema), new_meta])
     m = idx.manifest
-    asked = m.get("ivf_config") or {}
-    config = IndexConfig(int(asked.get("threshold", m.get("ivf_threshold", DEFAULT_IVF_THRESHOLD))),
-                         asked.get("nlist"), asked.get("nprobe"))
+    config = IndexConfig.from_manifest(m)
     manifest = {k: v for k, v in m.items() if k not in ("files",)}
     manifest.update(next_id=next_id + len(rows), sources=len(set(all_meta.column("source").to_pylist())))
     new = write_index(idx.path, all_vectors, all_meta, manifest, config=config, replace=True)
@@ -474,6 +479,7 @@ def search(
     weights: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     nprobe: int | None = None,
+    ef_search: int | None = None,
 ) -> SearchResult:
     """The ``k`` entries of the index closest to a text ``query`` or an ``image`` (path).
 
@@ -500,7 +506,7 @@ def search(
         else:
             q = model.encode_text([text])
     qv = q.float().cpu().numpy() if hasattr(q, "cpu") else np.asarray(q, np.float32)
-    scores, positions = idx.search(qv, k, nprobe=nprobe)
+    scores, positions = idx.search(qv, k, nprobe=nprobe, ef_search=ef_search)
     pos = [int(p) for p in positions[0] if p >= 0]
     hits = []
     for rank, (sc, r) in enumerate(zip(scores[0], idx.rows(pos), strict=False), start=1):

@@ -15,27 +15,30 @@ Modules, one concern each:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsvl.models.cards import ModelCard
 from rsvl.models.clip.cards import CARDS
-from rsvl.models.clip.dense import DENSE_ATTENTIONS, last_block_attention
-from rsvl.models.clip.factory import architecture_card, build, card_for, load_clip
-from rsvl.models.clip.layout import (
-    LONG_CLIP_KEEP,
-    describe_state_dict,
-    long_clip_positional_tables,
-    read_checkpoint,
-    to_long_text_state_dict,
-)
-from rsvl.models.clip.model import ClipModel, from_open_clip
-from rsvl.models.clip.network import build_clip
+from rsvl.models.lazy import lazy_names
+
+if TYPE_CHECKING:
+    from rsvl.models.clip.model import ClipModel
+
+#: the family's names and the module of each: they import open_clip (and with it torchvision,
+#: torch._dynamo and transformers), so they are imported on first use (rsvl.models.lazy)
+__getattr__ = lazy_names(__name__, {
+    "DENSE_ATTENTIONS": "dense", "last_block_attention": "dense",
+    "architecture_card": "factory", "build": "factory", "card_for": "factory", "load_clip": "factory",
+    "LONG_CLIP_KEEP": "layout", "describe_state_dict": "layout", "long_clip_positional_tables": "layout",
+    "read_checkpoint": "layout", "to_long_text_state_dict": "layout",
+    "ClipModel": "model", "from_open_clip": "model", "build_clip": "network",
+})
 
 
 def load(card: ModelCard, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> ClipModel:
     """A published (or user-trained) open_clip checkpoint as a :class:`ClipModel`
     (``options``: ``dtype``, ``quick_gelu``, ``model_cfg``; see :func:`load_clip`)."""
-    return load_clip(card, weights, device, **options)
+    return __getattr__("load_clip")(card, weights, device, **options)
 
 
 __all__ = [

@@ -9,18 +9,23 @@ initialisation) and :mod:`~rsvl.models.fianet.build` (``build`` / ``load``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsvl.models.cards import ModelCard
-from rsvl.models.fianet.build import build, load_fianet
 from rsvl.models.fianet.cards import CARDS
-from rsvl.models.fianet.config import FianetConfig
-from rsvl.models.fianet.model import FianetModel
+from rsvl.models.lazy import lazy_names
+
+if TYPE_CHECKING:
+    from rsvl.models.fianet.model import FianetModel
+
+#: the family's names and the module of each, imported on first use (rsvl.models.lazy)
+__getattr__ = lazy_names(__name__, {"build": "build", "load_fianet": "build", "FianetConfig": "config",
+                                    "FianetModel": "model"})
 
 
 def load(card: ModelCard | str, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> FianetModel:
     """A FIANet checkpoint as upstream's ``train.py`` writes it (see :func:`load_fianet`)."""
-    return load_fianet(card, weights, device, **options)
+    return __getattr__("load_fianet")(card, weights, device, **options)
 
 
 __all__ = ["CARDS", "FianetConfig", "FianetModel", "build", "load"]

@@ -13,13 +13,21 @@ package), :mod:`.prompt` (vicuna_v1 template, task tags, chunked tokenisation),
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsvl.models.cards import ModelCard
-from rsvl.models.llava.build import build, fetch_folder, load_llava, memory_estimate
+from rsvl.models.lazy import lazy_names
 from rsvl.models.llava.cards import CARDS
-from rsvl.models.llava.model import LlavaChat
-from rsvl.models.llava.tokenizer import SentencePieceBPE
+
+if TYPE_CHECKING:
+    from rsvl.models.llava.model import LlavaChat
+
+#: the family's names and the module of each: ``build`` imports transformers, so they are
+#: imported on first use (rsvl.models.lazy)
+__getattr__ = lazy_names(__name__, {
+    "build": "build", "fetch_folder": "build", "load_llava": "build", "memory_estimate": "build",
+    "LlavaChat": "model", "SentencePieceBPE": "tokenizer",
+})
 
 
 def load(
@@ -30,10 +38,13 @@ def load(
 ) -> LlavaChat:
     """A published VHM / GeoChat folder as a :class:`LlavaChat` (see :func:`load_llava` for
     the options: ``vision_tower``, ``dtype``, ``load_in_8bit``, ``load_in_4bit``)."""
-    return load_llava(card, weights, device, **options)
+    return __getattr__("load_llava")(card, weights, device, **options)
 
 
-#: ``rsvl fetch`` for this family: a folder of files, not one checkpoint
-fetch = fetch_folder
+def fetch(card: ModelCard | str, *, force: bool = False) -> Path:
+    """``rsvl fetch`` for this family: a folder of files, not one checkpoint
+    (:func:`~rsvl.models.llava.build.fetch_folder`)."""
+    return __getattr__("fetch_folder")(card, force=force)
+
 
 __all__ = ["CARDS", "LlavaChat", "SentencePieceBPE", "build", "fetch", "fetch_folder", "load", "memory_estimate"]

@@ -10,23 +10,31 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from rsvl.models.cards import ModelCard, pick_card
+from rsvl.models.lazy import lazy_names
 from rsvl.models.mini.cards import CARDS
-from rsvl.models.mini.chat import MiniChat, MiniChatConfig, build_mini_chat, load_mini_chat
-from rsvl.models.mini.clip import HeadsConfig, MiniClip, MiniClipHeads, load_mini_clip
-from rsvl.models.mini.fsvlm import MiniFSVLMConfig, build_mini_fsvlm, load_mini_fsvlm
-from rsvl.models.mini.instances import (
-    MiniInstances,
-    MiniInstancesConfig,
-    build_mini_instances,
-    load_mini_instances,
-)
-from rsvl.models.mini.refer import MiniRefer, MiniReferConfig, build_mini_refer, load_mini_refer
 from rsvl.models.weights import resolve_weights
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from rsvl.models.mini.chat import MiniChat
+    from rsvl.models.mini.clip import MiniClip, MiniClipHeads
+    from rsvl.models.mini.instances import MiniInstances
+    from rsvl.models.mini.refer import MiniRefer
+
+#: each model's module, imported when that model is built or loaded (rsvl.models.lazy):
+#: mini-chat and mini-fsvlm bring the LLaVA code, the others need only torch and the towers
+__getattr__ = lazy_names(__name__, {
+    "MiniChat": "chat", "MiniChatConfig": "chat", "build_mini_chat": "chat", "load_mini_chat": "chat",
+    "HeadsConfig": "clip", "MiniClip": "clip", "MiniClipHeads": "clip", "load_mini_clip": "clip",
+    "MiniFSVLMConfig": "fsvlm", "build_mini_fsvlm": "fsvlm", "load_mini_fsvlm": "fsvlm",
+    "MiniInstances": "instances", "MiniInstancesConfig": "instances", "build_mini_instances": "instances",
+    "load_mini_instances": "instances",
+    "MiniRefer": "refer", "MiniReferConfig": "refer", "build_mini_refer": "refer", "load_mini_refer": "refer",
+})
 
 
 def _config(cls: type, name: str, overrides: dict[str, Any]) -> Any:
@@ -40,13 +48,14 @@ def _config(cls: type, name: str, overrides: dict[str, Any]) -> Any:
 def build_clip_heads(**overrides: Any) -> MiniClipHeads:
     """mini-clip's trained part, fresh: :class:`MiniClipHeads` of ``HeadsConfig(**overrides)``
     (the towers are frozen and come from PyPI; the trainer caches their outputs)."""
-    return MiniClipHeads(_config(HeadsConfig, "mini-clip", overrides))
+    return __getattr__("MiniClipHeads")(_config(__getattr__("HeadsConfig"), "mini-clip", overrides))
 
 
 def build_refer(*, pretrained: bool = True, **overrides: Any) -> MiniRefer:
     """mini-refer with a fresh decoder of ``MiniReferConfig(**overrides)`` on the frozen towers
     (ImageNet / MiniLM weights when ``pretrained``)."""
-    return build_mini_refer(_config(MiniReferConfig, "mini-refer", overrides), pretrained=pretrained)
+    config = _config(__getattr__("MiniReferConfig"), "mini-refer", overrides)
+    return __getattr__("build_mini_refer")(config, pretrained=pretrained)
 
 
 def build_instances(*, num_classes: int | None = None, pretrained: bool = True, **overrides: Any) -> MiniInstances:
@@ -60,31 +69,32 @@ def build_instances(*, num_classes: int | None = None, pretrained: bool = True, 
         classes = [f"class{i + 1}" for i in range(int(num_classes))]
     elif num_classes is not None and int(num_classes) != len(classes):
         raise ValueError(f"build('mini-instances'): num_classes={num_classes} but {len(classes)} class names")
-    config = _config(MiniInstancesConfig, "mini-instances", {**overrides, "classes": list(classes)})
-    return build_mini_instances(config, pretrained=pretrained and config.backbone == "lite0")
+    config = _config(__getattr__("MiniInstancesConfig"), "mini-instances", {**overrides, "classes": list(classes)})
+    return __getattr__("build_mini_instances")(config, pretrained=pretrained and config.backbone == "lite0")
 
 
 def build_chat(*, pretrained: bool = True, **overrides: Any) -> MiniChat:
     """mini-chat with a fresh projector and LoRA adapters on SmolLM2; overrides are
     :class:`MiniChatConfig` fields (``lora_r``, ``image_size`` ...)."""
-    return build_mini_chat(_config(MiniChatConfig, "mini-chat", overrides), pretrained=pretrained)
+    config = _config(__getattr__("MiniChatConfig"), "mini-chat", overrides)
+    return __getattr__("build_mini_chat")(config, pretrained=pretrained)
 
 
 def build_fsvlm(**overrides: Any) -> nn.Module:
     """mini-fsvlm with fresh trained parts on the shipped mini-chat (the decoder starts from
     mini-refer's weights); overrides are :class:`MiniFSVLMConfig` fields."""
-    return build_mini_fsvlm(_config(MiniFSVLMConfig, "mini-fsvlm", overrides))
+    return __getattr__("build_mini_fsvlm")(_config(__getattr__("MiniFSVLMConfig"), "mini-fsvlm", overrides))
 
 
 def load_fsvlm(weights: str | Path | None = None, device: str = "cpu", **options: Any) -> nn.Module:
     """mini-fsvlm as shipped (or from ``weights``)."""
-    return load_mini_fsvlm(weights, device, **options)
+    return __getattr__("load_mini_fsvlm")(weights, device, **options)
 
 
 _BUILDERS = {"mini-clip": build_clip_heads, "mini-refer": build_refer, "mini-instances": build_instances,
              "mini-chat": build_chat, "mini-fsvlm": build_fsvlm}
-_LOADERS = {"mini-clip": load_mini_clip, "mini-refer": load_mini_refer, "mini-instances": load_mini_instances,
-            "mini-chat": load_mini_chat, "mini-fsvlm": load_fsvlm}
+_LOADERS = {"mini-clip": "load_mini_clip", "mini-refer": "load_mini_refer", "mini-instances": "load_mini_instances",
+            "mini-chat": "load_mini_chat", "mini-fsvlm": "load_mini_fsvlm"}
 
 
 def build(name: str | ModelCard, **overrides: Any) -> nn.Module:
@@ -109,7 +119,7 @@ def load(card: ModelCard | str, weights: str | Path | None = None, device: str =
     """A built-in model with its shipped weights (or ``weights``: a file in the same layout),
     resolved by :func:`rsvl.models.weights.resolve_weights`."""
     card = pick_card(CARDS, card, "mini")
-    return _LOADERS[card.name](resolve_weights(card, weights), device, **options)
+    return __getattr__(_LOADERS[card.name])(resolve_weights(card, weights), device, **options)
 
 
 __all__ = ["CARDS", "build", "build_chat", "build_clip_heads", "build_instances", "build_refer", "load"]

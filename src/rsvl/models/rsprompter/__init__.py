@@ -34,7 +34,12 @@ Checkpoints are MMDetection's ``{'state_dict', 'meta'}`` layout with RSPrompter'
 
 from __future__ import annotations
 
-from rsvl.models.rsprompter.build import INSTANCE_MODELS, build, card_name, load
+from rsvl.models.lazy import lazy_names
 from rsvl.models.rsprompter.cards import CARDS
+
+#: the family's names and the module of each: they import torchvision's detection models,
+#: so they are imported on first use (rsvl.models.lazy)
+__getattr__ = lazy_names(__name__, {"INSTANCE_MODELS": "build", "build": "build", "card_name": "build",
+                                    "load": "build"})
 
 __all__ = ["CARDS", "INSTANCE_MODELS", "build", "card_name", "load"]

@@ -10,10 +10,11 @@ Modules, one component each (segment-anything's ``modeling/`` layout): :mod:`.co
 
 from __future__ import annotations
 
-from rsvl.models.sam.build import build, build_sam, load, load_sam
+from rsvl.models.lazy import lazy_names
 from rsvl.models.sam.cards import CARDS
-from rsvl.models.sam.config import SamConfig
-from rsvl.models.sam.predictor import SamPredictor
-from rsvl.models.sam.sam import Sam
+
+#: the family's names and the module of each, imported on first use (rsvl.models.lazy)
+__getattr__ = lazy_names(__name__, {"build": "build", "build_sam": "build", "load": "build", "load_sam": "build",
+                                    "SamConfig": "config", "SamPredictor": "predictor", "Sam": "sam"})
 
 __all__ = ["CARDS", "Sam", "SamConfig", "SamPredictor", "build", "build_sam", "load", "load_sam"]
