@@ -23,12 +23,12 @@ def test_every_exported_name_imports(family):
 
 
 def test_loading_mini_clip_imports_no_other_family_library():
-    """Nor timm, torchvision, transformers or torch._dynamo: each costs seconds at start-up
-    (bench/load_time.py)."""
+    """open_clip and the other families' builders each cost seconds at start-up
+    (bench/load_time.py); mini-clip's towers come from timm and transformers."""
     code = ("import sys, rsvl\nrsvl.load('mini-clip')\n"
             "print(sorted(m for m in ('open_clip', 'rsvl.models.clip.model', 'rsvl.models.llava.build', "
-            "'rsvl.models.rsprompter.build', 'rsvl.models.fianet.build', 'rsvl.models.mini.chat', "
-            "'transformers', 'timm', 'torchvision', 'torch._dynamo') if m in sys.modules))")
+            "'rsvl.models.rsprompter.build', 'rsvl.models.fianet.build', 'rsvl.models.mini.chat',) "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr

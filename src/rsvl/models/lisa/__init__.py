@@ -13,19 +13,26 @@ unmerged LoRA layouts), :mod:`.model` (:class:`LisaSeg`, the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsvl.models.cards import ModelCard
-from rsvl.models.lisa.build import build, fetch, load_lisa
+from rsvl.models.lazy import lazy_names
 from rsvl.models.lisa.cards import CARDS
-from rsvl.models.lisa.model import LisaSeg
-from rsvl.models.lisa.network import LisaNet
+
+if TYPE_CHECKING:
+    from rsvl.models.lisa.model import LisaSeg
+
+#: the family's names and the module of each: ``build`` imports transformers and the LLaVA
+#: family, so they are imported on first use (rsvl.models.lazy)
+__getattr__ = lazy_names(__name__, {
+    "build": "build", "fetch": "build", "load_lisa": "build", "LisaSeg": "model", "LisaNet": "network",
+})
 
 
 def load(card: ModelCard | str, weights: str | Path | None = None, device: str = "cpu", **options: Any) -> LisaSeg:
     """A LISA / FSVLM folder as a :class:`LisaSeg` (see :func:`load_lisa` for the options:
     ``vision_tower``, ``dtype``, ``lora_alpha``)."""
-    return load_lisa(card, weights, device, **options)
+    return __getattr__("load_lisa")(card, weights, device, **options)
 
 
 __all__ = ["CARDS", "LisaNet", "LisaSeg", "build", "fetch", "load", "load_lisa"]

