@@ -50,6 +50,7 @@ def train_fsvlm_command(
     seed: int = typer.Option(None, "--seed", help="Random seed (mini-fsvlm 0; LISA cards 42)."),
     limit_train: int = typer.Option(None, "--limit-train", min=1, help="A random N train requests only (smoke runs)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    cache: Path = typer.Option(None, "--cache", help="mini-fsvlm: folder that keeps the frozen parts' outputs, so a second run with the same data starts training at once."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or auto (mini-fsvlm: cpu; LISA cards: auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
@@ -93,7 +94,7 @@ def train_fsvlm_command(
     cfg_mini = FsvlmTrainConfig(steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                                 eval_every=eval_every, chat_negatives=chat_negatives, seed=seed,
                                 limit_train=limit_train, threads=threads, device=check_device(device or "cpu"))
-    summary = train_fsvlm(data, out, cfg_mini, ucm=ucm, log=log)
+    summary = train_fsvlm(data, out, cfg_mini, ucm=ucm, log=log, cache_dir=cache)
     if as_json:
         emit_json(summary)
     elif not quiet:
