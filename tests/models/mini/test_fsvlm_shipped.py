@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
+import geopandas as gpd
 import numpy as np
 import pytest
-import geopandas as gpd
 import rasterio
 from conftest import shared_data, write_raster
 from PIL import Image
