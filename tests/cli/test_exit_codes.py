@@ -71,6 +71,7 @@ def test_segment_refuses_a_second_raster_as_the_class_list(tmp_path, monkeypatch
 _INTERRUPTING = textwrap.dedent(
     """
     import os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started with SIGINT ignored
     from rsvl.tasks import segment as task
     original = task.DensePredictor.__call__
     calls = [0]

@@ -223,11 +223,21 @@ def test_sync_errors(client: TestClient) -> None:
 
 
 def test_missing_weights_is_a_clear_error(client: TestClient) -> None:
-    err = error_of(client.post("/v1/farmland", json={"image": png_b64(), "request": "Please segment the farmland."}),
-                   503, "weights_not_found")
-    assert "mini-fsvlm" in err["message"] and "rsvl fetch" in err["hint"]
+    err = error_of(client.post("/v1/farmland", json={"image": png_b64(), "request": "Please segment the farmland.",
+                                                     "model": "fsvlm-7b"}), 503, "weights_not_found")
+    assert "fsvlm-7b" in err["message"] and "rsvl fetch" in err["hint"]
     error_of(client.post("/jobs", json={"task": "refer", "model": "fianet-rrsisd", "source": "OSBS_029.tif",
                                         "params": {"expression": "the tree"}}), 503, "weights_not_found")
+
+
+def test_farmland_sync_with_the_built_in_model(client: TestClient) -> None:
+    doc = client.post("/v1/farmland", json={"image": png_b64(), "request": "Please segment the farmland."}).json()
+    assert doc["state"] == "done" and doc["model"] == "mini-fsvlm"
+    assert "[SEG]" in doc["result"]["answer"] and doc["result"]["target"] == "farmland"
+    assert doc["layers"]["classes"]["legend"][1]["name"] == "farmland"
+    tif = client.get(f"/jobs/{doc['id']}/files/{doc['outputs']['classes']}")
+    assert tif.status_code == 200 and tif.content[:2] in (b"II", b"MM")
+    error_of(client.post("/v1/farmland", json={"image": png_b64(), "request": "  "}), 400)
 
 
 def test_segment_image_sync_files(client: TestClient) -> None:
