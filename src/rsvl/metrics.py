@@ -419,6 +419,15 @@ def segmentation_report(
 # ----------------------------------------------------------------------------------------
 
 
+def _intersection_union(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Boolean masks of a prediction and its ground truth (same shape), |P ∧ G| and |P ∨ G|."""
+    p = _np(pred).astype(bool)
+    g = _np(gt).astype(bool)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
+    return p, g, int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
+
+
 class ReferringAccumulator:
     """Streaming referring-segmentation metrics, exactly as LAVT's ``test.py`` (FIANet, RMSIN).
 
@@ -439,12 +448,7 @@ class ReferringAccumulator:
 
     def update(self, pred: Any, gt: Any) -> float:
         """Add one sample; returns its IoU."""
-        p = _np(pred).astype(bool)
-        g = _np(gt).astype(bool)
-        if p.shape != g.shape:
-            raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
-        i = int(np.count_nonzero(p & g))
-        u = int(np.count_nonzero(p | g))
+        _, _, i, u = _intersection_union(pred, gt)
         iou = i / u if u > 0 else 0.0
         self.ious.append(iou)
         self.cum_i += i
@@ -509,12 +513,7 @@ class BinarySegAccumulator:
 
     def update(self, pred: Any, gt: Any) -> float:
         """Add one sample (boolean masks, anything non-zero is the target); returns its IoU."""
-        p = _np(pred).astype(bool)
-        g = _np(gt).astype(bool)
-        if p.shape != g.shape:
-            raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
-        i = int(np.count_nonzero(p & g))
-        u = int(np.count_nonzero(p | g))
+        p, g, i, u = _intersection_union(pred, gt)
         gp = int(np.count_nonzero(g))
         pp = int(np.count_nonzero(p))
         self.confusion += np.array([[p.size - u, pp - i], [gp - i, i]], dtype=np.int64)

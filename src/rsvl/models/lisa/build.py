@@ -45,6 +45,7 @@ from rsvl.models.lisa.tokenizer import SEG_TOKEN, LisaTokenizer
 from rsvl.models.llava.build import (
     CLIP_L14_336,
     fetch_folder,
+    meta_as,
     params_on_meta,
     pick_dtype,
     read_vision,
@@ -91,11 +92,7 @@ def _net(text: LlamaConfig, sam: SamConfig, vision_width: int, projector: str, o
         return LisaNet(text, sam, vision_width=vision_width, projector=projector, out_dim=out_dim)
     with params_on_meta():
         net = LisaNet(text, sam, vision_width=vision_width, projector=projector, out_dim=out_dim)
-    for module in net.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_floating_point():
-                module._parameters[name] = nn.Parameter(param.to(dtype), requires_grad=False)
-    return net
+    return meta_as(net, dtype)
 
 
 def build(

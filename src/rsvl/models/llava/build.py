@@ -140,15 +140,21 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def empty_network(config: Any, dtype: torch.dtype) -> nn.Module:
-    """A ``LlavaForConditionalGeneration`` whose parameters are meta tensors of ``dtype``."""
-    with params_on_meta():
-        net = LlavaForConditionalGeneration(config)
+def meta_as(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net`` (built under :func:`params_on_meta`) with its floating-point meta parameters
+    given ``dtype`` and frozen, ready for a checkpoint to be assigned."""
     for module in net.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_floating_point():
                 module._parameters[name] = nn.Parameter(param.to(dtype), requires_grad=False)
     return net
+
+
+def empty_network(config: Any, dtype: torch.dtype) -> nn.Module:
+    """A ``LlavaForConditionalGeneration`` whose parameters are meta tensors of ``dtype``."""
+    with params_on_meta():
+        net = LlavaForConditionalGeneration(config)
+    return meta_as(net, dtype)
 
 
 def build(
