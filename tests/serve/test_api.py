@@ -238,6 +238,8 @@ def test_farmland_sync_with_the_built_in_model(client: TestClient) -> None:
     tif = client.get(f"/jobs/{doc['id']}/files/{doc['outputs']['classes']}")
     assert tif.status_code == 200 and tif.content[:2] in (b"II", b"MM")
     error_of(client.post("/v1/farmland", json={"image": png_b64(), "request": "  "}), 400)
+    # found by the schema fuzz: a model that is not a name is a clear 400, not a server error
+    error_of(client.post("/v1/instances", json={"image": png_b64(), "model": {"<": []}}), 400)
 
 
 def test_segment_image_sync_files(client: TestClient) -> None:

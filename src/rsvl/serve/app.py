@@ -444,6 +444,8 @@ def create_app(
 
     def sync_task(task: str, fields: dict[str, Any], upload: bytes | None) -> dict[str, Any]:
         model = fields.pop("model", None) or None
+        if model is not None and not isinstance(model, str):
+            raise PromptError("'model' must be a model name.", hint="See GET /v1/models, e.g. \"model\": \"mini-clip\".")
         image, path, layer = fields.pop("image", None), fields.pop("path", None), fields.pop("layer", None)
         given = sum(v is not None for v in (image, path, layer, upload))
         if given != 1:
