@@ -121,6 +121,7 @@ EXPECTED_CLASS_FILES = {
     "vdd": "background|facade|road|vegetation|vehicle|roof|water",
     "uavid": "background|building|road|car|tree|vegetation|human",
     "isaid": "background|ship|store tank|baseball diamond|tennis court|basketball court|ground track field|bridge|large vehicle|small vehicle|helicopter|swimming pool|roundabout|soccer ball field|plane|harbor",
+    "whu_building": "background|building,roof,house",  # rsvl's own (WHU building preset)
 }
 
 

@@ -8,6 +8,10 @@ RRSIS-D's layout (what ``rsvl train refer`` and ``rsvl eval refer`` read); see
 the real pixel labels (UCM mosaics for farmland, NWPU VHR-10 and WHU "segment the X"
 requests, LoveDA tiles as the test split); see :mod:`rsvl.data.farmland`.
 
+``rsvl data semseg-split`` cuts the shared pixel-labelled crops (LoveDA, Potsdam, Vaihingen,
+WHU building) into train and val crops, keeping at least one crop of each out for val; see
+:mod:`rsvl.data.semseg_split`.
+
 ``rsvl data chat`` writes instruction data (VHM's training layout, plus the val items in the
 VHM_Eval layout that ``rsvl eval chat`` scores) from UCM, RSIVQA, NWPU VHR-10 and AID; see
 :mod:`rsvl.data.chat` for the tasks and answer formats.
@@ -24,6 +28,7 @@ from rsvl.console import emit_json, state
 from rsvl.data.chat import DEFAULT_MAX_PER_TASK, build_chat_data
 from rsvl.data.chat import format_stats as format_chat_stats
 from rsvl.data.refgen import default_image_dir, format_stats, generate, load_coco, write_rrsisd
+from rsvl.data.semseg_split import build_semseg_split
 
 data_app = typer.Typer(
     help="Build training and evaluation data (referring expressions, chat instructions).",
@@ -42,6 +47,7 @@ def register(app: typer.Typer) -> None:
     data_app.command("refgen")(refgen)
     data_app.command("chat")(chat)
     data_app.command("farmland")(farmland)
+    data_app.command("semseg-split")(semseg_split)
     app.add_typer(data_app, name="data")
 
 
@@ -124,4 +130,20 @@ def farmland(
         typer.echo(f"{split:>6}: {n} samples")
     for key, n in stats["by_source"].items():
         typer.echo(f"  {key}: {n}")
+    state.notice(f"wrote {out}")
+
+
+def semseg_split(
+    semseg: Path = typer.Argument(..., help="Folder with loveda/, potsdam/, vaihingen/, whu_building/ (e.g. ../shared/data/semseg)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (train/<name>/, val/<name>/, split.json)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing OUT."),
+    as_json: bool = typer.Option(False, "--json", help="Print what went where as one JSON document."),
+) -> None:
+    """Cut the pixel-labelled crops into train and val crops (at least one val crop per dataset)."""
+    stats = build_semseg_split(semseg, out, overwrite=overwrite)
+    if as_json:
+        emit_json({"out": str(out), **stats})
+        return
+    for name, splits in stats["crops"].items():
+        typer.echo(f"{name}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     state.notice(f"wrote {out}")

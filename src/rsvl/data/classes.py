@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 #: OVSS benchmark class files shipped under ``rsvl/assets/classes/<name>.txt``; the content
-#: is SegEarth-OV's / RS-OVSS's ``configs/cls_<name>.txt`` (iSAID's is ``cls_iSAID.txt``).
+#: is SegEarth-OV's / RS-OVSS's ``configs/cls_<name>.txt`` (iSAID's is ``cls_iSAID.txt``);
+#: ``whu_building`` (background, building) is rsvl's own, for the WHU building preset.
 BUILTIN_CLASS_FILES: tuple[str, ...] = (
     "loveda",
     "openearthmap",
@@ -56,6 +57,7 @@ BUILTIN_CLASS_FILES: tuple[str, ...] = (
     "vdd",
     "uavid",
     "isaid",
+    "whu_building",
 )
 
 _INLINE_EXAMPLE = '"farmland|cropland, forest|trees, river, residential"'

@@ -90,6 +90,7 @@ SEG_PRESETS: dict[str, SegPreset] = {
     "whu_building": SegPreset(
         ("background", "building"),
         binary=True,
+        class_file="whu_building",
         label_values="0 background, >0 building",
     ),
 }
