@@ -251,6 +251,25 @@ def test_ovss_simple_layout(tmp_path, shift):
     assert s["prompts"] == [["red"], ["green", "lime"], ["blue"]] and s["logit_scale"] == 50.0
 
 
+def test_ovss_learned_other_joins_the_background_class(tmp_path):
+    class OtherModel(ColourModel):
+        def other_threshold(self):
+            return 0.99  # above the cosine of the green-blue mix (0, 200, 50) with "green": all "other"
+
+    write_seg(tmp_path / "seg")
+    proto = ovss_protocol("farslip", resize=(0, 0), crop=16, stride=8, templates="none")
+    # "blue|background": the other channel is a synonym of blue; red (200, 0, 0) stays red
+    res = run_ovss(OtherModel(), tmp_path / "seg", parse_class_list("red, green, blue|background"), protocol=proto)
+    assert res.settings["learned_other"] == "blue"
+    # (the 4 px patches at the red/green boundary are mixes: below 0.99 too)
+    assert res.metrics["IoU"]["red"] > 0.9 and res.metrics["IoU"]["green"] == 0.0
+    assert 0.45 < res.metrics["IoU"]["blue"] < 16 / 31  # all of the right half predicted blue
+    # --no-other, or no background class to join: scored as before
+    for classes, other in (("red, green, blue|background", False), ("red, green, blue", None)):
+        res = run_ovss(OtherModel(), tmp_path / "seg", parse_class_list(classes), protocol=proto, other=other)
+        assert res.settings["learned_other"] is None and res.metrics["mIoU"] == pytest.approx(EXPECTED_MIOU)
+
+
 def test_ovss_resize_and_threshold(tmp_path):
     write_seg(tmp_path / "seg")
     classes = parse_class_list("red, green, blue")

@@ -221,3 +221,67 @@ def test_threshold_must_be_a_probability(tmp_path):
     src = write_raster(tmp_path / "scene.tif", scene(), nodata=0)
     with pytest.raises(PromptError, match="not a probability"):
         segment(ColourModel(), src, parse_class_list("red, green"), tmp_path / "out", threshold=1.5)
+
+
+class OtherColourModel(ColourModel):
+    """ColourModel with a learned "other" cosine of 0.9: a pure colour has cosine 1 with its
+    word, grey (equal R, G, B) 0.58 with each, so grey is "other"."""
+
+    def other_threshold(self):
+        return 0.9
+
+    def encode_text(self, texts):
+        # words outside WORDS ("background", "clutter") point nowhere: only the "other" channel counts
+        out = torch.zeros(len(texts), 3)
+        for i, t in enumerate(texts):
+            if t in WORDS:
+                out[i, WORDS[t]] = 1.0
+        return out
+
+
+def test_learned_other_takes_the_pixels_of_none_of_the_classes(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", grey_scene(), nodata=0)
+    res = segment(OtherColourModel(), src, parse_class_list("red, green, blue"), tmp_path / "out", tile=64, overlap=16)
+    assert res.classes == ["red", "green", "blue", "background"]
+    assert res.settings["learned_other"] == "background"
+    with rasterio.open(res.outputs["classes"]) as ds:
+        labels = ds.read(1)
+        assert json.loads(ds.tags()["classes"])["3"] == "background"
+    assert (labels[160:, 10:290] == 3).all()  # grey: below the "other" cosine for every colour
+    assert (labels[10:140, 10:90] == 0).all() and (labels[60:140, 110:190] == 1).all()
+    # --no-other: the same grey pixels are forced into a colour
+    off = segment(OtherColourModel(), src, parse_class_list("red, green, blue"), tmp_path / "off", tile=64,
+                  overlap=16, other=False)
+    assert off.classes == ["red", "green", "blue"] and off.settings["learned_other"] is None
+    with rasterio.open(off.outputs["classes"]) as ds:
+        assert (ds.read(1)[160:, 10:290] < 3).all()
+
+
+def test_learned_other_joins_the_lists_background_class(tmp_path):
+    from rsvl.tasks.segment import DensePredictor
+
+    src = write_raster(tmp_path / "scene.tif", grey_scene(), nodata=0)
+    classes = parse_class_list("red, green|background, blue")
+    res = segment(OtherColourModel(), src, classes, tmp_path / "out", tile=64, overlap=16, threshold=0.4)
+    assert res.classes == ["red", "green", "blue"]  # nothing appended: it merged into green
+    assert res.settings["learned_other"] == "green" and res.settings["background"] == "green"
+    with rasterio.open(res.outputs["classes"]) as ds:
+        assert (ds.read(1)[160:, 10:290] == 1).all()
+    # the eval protocol's form: no class to join -> the query is not used, the list is unchanged
+    p = DensePredictor(OtherColourModel(), parse_class_list("red, green, blue"), other=None, append_other=False)
+    assert p.other_class is None and len(p.index) == 3 and len(p.classes) == 3
+    p = DensePredictor(OtherColourModel(), parse_class_list("red, clutter|green, blue"), other=None, append_other=False)
+    assert p.other_class == 1 and len(p.index) == 5 and p.index[-1] == 1  # 4 prompts + other
+    logits = p.dense_logits(np.zeros((1, 3, 8, 8), np.uint8))
+    assert logits.shape == (1, 5, 2, 2) and bool((logits[:, 4] == 0.9).all())
+
+
+def test_learned_other_required_from_a_model_without_one(tmp_path):
+    src = write_raster(tmp_path / "scene.tif", scene(), nodata=0)
+    with pytest.raises(PromptError, match="no learned 'other' class") as e:
+        segment(ColourModel(), src, parse_class_list("red, green, blue"), tmp_path / "out", other=True)
+    assert "--no-other" in e.value.hint
+    assert not (tmp_path / "out_classes.tif").exists()
+    # default (None): a model without one runs as before
+    res = segment(ColourModel(), src, parse_class_list("red, green, blue"), tmp_path / "out", tile=64, overlap=16)
+    assert res.classes == ["red", "green", "blue"] and res.settings["learned_other"] is None

@@ -162,6 +162,8 @@ def ovss(
     cls_lambda: float = typer.Option(None, "--cls-lambda", help="CLS-token correction weight (segearth: -0.3; others: 0)."),
     templates: str = typer.Option(None, "--templates", help="'imagenet' (protocol default), 'farslip', 'none', or one template with {}."),
     reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="Without a preset: label 0 ignored, others -1."),
+    other: bool = typer.Option(None, "--other/--no-other", help="The model's learned 'other' query joins the background class "
+                               "(background, other or clutter); default: when the model has one."),
     model: str = _MODEL,
     weights: Path = _WEIGHTS,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
@@ -199,7 +201,7 @@ def ovss(
     with progress_bar(n, "ovss") as advance:
         res = run_ovss(m, data, specs, preset=preset, protocol=proto, split=split,
                        reduce_zero_label=reduce_zero_label, class_source=str(source), batch_size=batch_size,
-                       limit=limit, model_name=model, weights=weights, progress=advance)
+                       limit=limit, model_name=model, weights=weights, progress=advance, other=other)
     r = res.metrics
     rows = [("mIoU", r["mIoU"]), ("mAcc", r["mAcc"]), ("aAcc", r["aAcc"])]
     rows += [(f"  IoU {k}", v) for k, v in r["IoU"].items()]

@@ -45,6 +45,10 @@ def segment(
     background: str = typer.Option(
         "background", "--background", help="Class for low-confidence pixels: a class of the list, else added as an extra class."
     ),
+    other: bool = typer.Option(
+        None, "--other/--no-other", help="The model's learned 'other' class for pixels of none of the classes "
+        "(default: on when the model has one): it joins --background if listed, else is added as that class."
+    ),
     min_pixels: int = typer.Option(16, "--min-pixels", help="Drop polygons smaller than this many pixels."),
     simplify: float = typer.Option(0.0, "--simplify", help="Simplify polygons (tolerance in pixels)."),
     vector_format: str = typer.Option("gpkg", "--vector-format", help="gpkg, geojson or parquet."),
@@ -87,6 +91,7 @@ def segment(
         overlap=overlap, batch_size=batch_size, probabilities=probabilities, min_pixels=min_pixels,
         simplify=simplify, vector_format=vector_format, to_crs=to_crs, overwrite=overwrite, resume=resume,
         progress=progress, model_name=model, cls_lambda=cls_lambda, threshold=threshold, background=background,
+        other=other,
     )
     if as_json:
         emit_json(result.to_dict())

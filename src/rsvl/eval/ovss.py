@@ -173,7 +173,7 @@ def ovss_predict(
     if (h, w) != (h0, w0):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     img = x.round().clamp(0, 255).to(torch.uint8)
-    n_q = predictor.queries.shape[0]
+    n_q = len(predictor.index)  # the queries, and the learned "other" channel when used
     logits = torch.zeros((n_q, h, w), dtype=torch.float32)
     count = torch.zeros((1, h, w), dtype=torch.float32)
     wins = sliding_windows(h, w, proto.crop, proto.stride)
@@ -217,8 +217,13 @@ def run_ovss(
     model_name: str | None = None,
     weights: str | Path | None = None,
     progress: Progress = None,
+    other: bool | None = None,
 ) -> EvalResult:
-    """Open-vocabulary semantic segmentation, RS-OVSS / SegEarth-OV protocol; see module doc."""
+    """Open-vocabulary semantic segmentation, RS-OVSS / SegEarth-OV protocol; see module doc.
+
+    ``other`` (default: when the model has one): the model's learned "other" channel joins the
+    dataset's background class ("background", "other" or "clutter"); datasets without one
+    are scored without it."""
     t0 = time.perf_counter()
     proto = ovss_protocol(protocol, preset) if isinstance(protocol, str) else protocol
     ds = open_segmentation_dataset(dataset_path, preset, split, reduce_zero_label)
@@ -240,7 +245,8 @@ def run_ovss(
 
             state.warn(f"{e.message} The protocol's cls_lambda={cls_lambda} is not applied.")
             cls_lambda = 0.0
-    predictor = DensePredictor(model, specs, proto.templates, logit_scale=proto.logit_scale, cls_lambda=cls_lambda)
+    predictor = DensePredictor(model, specs, proto.templates, logit_scale=proto.logit_scale, cls_lambda=cls_lambda,
+                               other=other, append_other=False)
     idx = subset_indices(len(ds), limit)
     conf = ConfusionMatrix(len(specs), ignore_index=ds.ignore_index)
     for i in idx:
@@ -258,6 +264,7 @@ def run_ovss(
     settings.update(proto.to_dict())
     settings["logit_scale"] = predictor.scale
     settings["cls_lambda"] = predictor.cls_lambda
+    settings["learned_other"] = names[predictor.other_class] if predictor.other_class is not None else None
     settings.update(
         {
             "preset": preset,

@@ -70,6 +70,14 @@ class DensePredictor:
     ``dense_features`` can return the CLS embedding (ViT CLIPs). ``extra_background`` appends
     one class channel with probability 0: the class that the low-confidence threshold assigns
     when the class list has no background class of its own.
+
+    ``other``: use the model's learned "other" cosine (``model.other_threshold()``, mini-clip
+    heads trained on real pixel labels) for the pixels that are none of the classes: one more
+    query channel, constant at every location, of the class named ``background`` (or
+    "other", "clutter", "background" when no class has that name or synonym), so it merges
+    into that class; with no such class and ``append_other`` an extra class named
+    ``background`` is appended to :attr:`classes`, otherwise it is not used. ``None``: when
+    the model has one; ``True``: required (an error for models without one); ``False``: never.
     """
 
     def __init__(
@@ -81,11 +89,30 @@ class DensePredictor:
         device: str | None = None,
         cls_lambda: float = 0.0,
         extra_background: bool = False,
+        other: bool | None = False,
+        background: str = "background",
+        append_other: bool = True,
     ) -> None:
         self.model = model
         self.classes = list(classes)
         self.templates = resolve_templates(templates, model)
         self.queries, self.index = text_classifier(model, self.classes, self.templates)
+        #: index of the class the learned "other" channel belongs to, and its cosine (None: not used)
+        self.other_class: int | None = None
+        self.other_cos: float | None = None
+        cos = learned_other(model, other)
+        if cos is not None:
+            idx = find_background(self.classes, background)
+            for name in OTHER_NAMES:
+                idx = find_background(self.classes, name) if idx is None else idx
+            if idx is None and append_other:
+                if not background.strip():
+                    raise PromptError("--background needs a class name.", hint='E.g. --background "background".')
+                idx = len(self.classes)
+                self.classes.append(ClassSpec(background.strip(), (background.strip(),)))
+            if idx is not None:
+                self.other_class, self.other_cos = idx, float(cos)
+                self.index = [*self.index, idx]
         self.scale = float(
             logit_scale if logit_scale is not None else getattr(model, "dense_logit_scale", model.logit_scale)
         )
@@ -97,16 +124,21 @@ class DensePredictor:
 
     def dense_logits(self, images: np.ndarray) -> Any:
         """(B, P, h, w) cosine similarities of every location with every query, plus the
-        CLS correction when ``cls_lambda`` is set (before the logit scale, as SegEarth-OV)."""
+        CLS correction when ``cls_lambda`` is set (before the logit scale, as SegEarth-OV), then
+        the learned "other" cosine as one more constant channel when it is used."""
         torch = self.torch
         q = self.queries
         if self.cls_lambda:
             feats, cls = self.model.dense_features(images, return_cls=True)
             feats, cls, q = feats.float(), cls.float(), q.to(feats.device)
             logits = torch.einsum("bdhw,pd->bphw", feats, q)
-            return logits + self.cls_lambda * (cls @ q.T)[:, :, None, None]
-        feats = self.model.dense_features(images).float()  # (B, D, h, w)
-        return torch.einsum("bdhw,pd->bphw", feats, q.to(feats.device))
+            logits = logits + self.cls_lambda * (cls @ q.T)[:, :, None, None]
+        else:
+            feats = self.model.dense_features(images).float()  # (B, D, h, w)
+            logits = torch.einsum("bdhw,pd->bphw", feats, q.to(feats.device))
+        if self.other_cos is not None:
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], 1, *logits.shape[2:]), self.other_cos)], 1)
+        return logits
 
     def __call__(self, batch: TileBatch | np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -123,6 +155,24 @@ class DensePredictor:
             if self.extra_background:
                 probs = torch.cat([probs, probs.new_zeros((probs.shape[0], 1, *probs.shape[2:]))], dim=1)
         return probs.cpu().numpy()
+
+
+#: class names that the learned "other" channel joins when no class has the ``background`` name
+OTHER_NAMES = ("other", "background", "clutter")
+
+
+def learned_other(model: Any, other: bool | None) -> Any:
+    """The model's learned "other" cosine as ``other`` asks (see :class:`DensePredictor`)."""
+    if other is False:
+        return None
+    get = getattr(model, "other_threshold", None)
+    query = get() if callable(get) else None
+    if query is None and other:
+        name = getattr(model, "name", type(model).__name__)
+        raise PromptError(f"{name} has no learned 'other' class.",
+                          hint="Use --no-other with this model (mini-clip heads trained by "
+                          "`rsvl train mini-clip-dense` have one), or add a background class to the list.")
+    return query
 
 
 def check_cls_support(model: Any) -> None:
@@ -225,8 +275,14 @@ def segment(
     cls_lambda: float = 0.0,
     threshold: float = 0.0,
     background: str = "background",
+    other: bool | None = None,
 ) -> SegmentResult:
     """Segment ``source`` (any raster or image GDAL reads) into ``classes``; see module doc.
+
+    ``other`` (default: when the model has one): the model's learned "other" query takes the
+    pixels that are none of the classes; they go to the class named ``background`` (or
+    "other"/"clutter"), else to an extra class ``background`` appended to the list (see
+    :class:`DensePredictor`). With a ``threshold`` the low-confidence pixels go there too.
 
     SegEarth-OV's variant: ``cls_lambda=-0.3`` subtracts the CLS-token bias from every
     location; ``threshold`` > 0 gives pixels whose best class probability is below it the
@@ -257,10 +313,13 @@ def segment(
         raise PromptError(f"threshold {threshold} is not a probability in [0, 1).",
                           hint="SegEarth-OV uses 0.1-0.4 depending on the dataset; 0 turns it off.")
     prompt = format_class_list(classes)
-    bg_idx = find_background(classes, background) if threshold > 0 else None
+    predictor = DensePredictor(model, classes, templates, cls_lambda=cls_lambda, other=other, background=background)
+    names = [c.name for c in predictor.classes]
+    bg_idx = None
+    if threshold > 0:
+        bg_idx = predictor.other_class if predictor.other_class is not None else find_background(classes, background)
     extra_background = threshold > 0 and bg_idx is None
-    predictor = DensePredictor(model, classes, templates, cls_lambda=cls_lambda, extra_background=extra_background)
-    names = [c.name for c in classes]
+    predictor.extra_background = extra_background
     if extra_background:
         if not background.strip():
             raise PromptError("--background needs a class name.", hint='E.g. --background "background".')
@@ -277,6 +336,7 @@ def segment(
         "cls_lambda": predictor.cls_lambda,
         "threshold": threshold,
         "background": names[bg_idx] if bg_idx is not None else None,
+        "learned_other": names[predictor.other_class] if predictor.other_class is not None else None,
     }
     class_tags = {
         "classes": json.dumps({str(i): n for i, n in enumerate(names)}),

@@ -17,7 +17,9 @@ UCM-Captions train split, shipped in ``rsvl/assets/mini-clip/heads.safetensors``
 * a dense head that fuses the stride 8/16/32 maps into a stride-8 map in the same joint
   space. It is trained with its own pixel-level signal (synthetic mosaics of train images
   whose per-pixel class is known, pixel-to-class-text contrastive), because the pooled
-  projection applied per location does not transfer to pixels.
+  projection applied per location does not transfer to pixels. Heads with ``other=True``
+  (``rsvl train mini-clip-dense``) were trained LSeg-style on the real pixel labels too and
+  carry a learned "other" cosine threshold for the pixels of none of the classes asked for.
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ class HeadsConfig:
     #: views averaged by ``encode_image`` by default (see :data:`IMAGE_VIEWS`): "none" or
     #: "flips" (identity, horizontal and vertical flip: the views the heads were trained on)
     views: str = "none"
+    #: a learned "other" cosine threshold of the dense head (``other_threshold``): a pixel whose
+    #: cosine with every class asked for is below it is none of them; False for heads saved
+    #: before it existed
+    other: bool = False
 
 
 class Standardize(nn.Module):
@@ -177,6 +183,12 @@ class MiniClipHeads(nn.Module):
         # log of the multiplier of cosine similarities (CLIP's init: 1/0.07)
         self.log_scale = nn.Parameter(torch.tensor(2.659))
         self.dense_log_scale = nn.Parameter(torch.tensor(2.659))
+        if c.other:
+            self.other_cos = nn.Parameter(torch.tensor(0.2))
+
+    def other_threshold(self) -> torch.Tensor | None:
+        """The learned "other" cosine (a 0-d tensor, trainable); None for heads without."""
+        return self.other_cos if self.config.other else None
 
     def image(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_head(pooled), dim=-1)
@@ -302,6 +314,14 @@ class MiniClip(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What ``heads.safetensors`` holds (the towers come from PyPI)."""
         return self.heads.state_dict()
+
+    def other_threshold(self) -> float | None:
+        """The dense head's learned "other" cosine, or None when the heads have none: a location
+        whose cosine with every class query is below it is none of the classes asked for. Not
+        a query: it does not depend on the image, so what "other" is never has to be learned
+        from what the training labels happened to leave unnamed."""
+        t = self.heads.other_threshold()
+        return None if t is None else float(t.detach())
 
     @torch.inference_mode()
     def dense_features(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
