@@ -9,37 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_ucm import tiny_ucm
 
 from rsvl.cli import main
 
 pytest.importorskip("PIL")
 
 
-def _tiny_ucm(root: Path, classes: tuple[str, ...] = ("beach", "forest", "parkinglot"),
-              n_train: int = 4, n_val: int = 2) -> Path:
-    """A ucm.json with a few 256x256 images per class (a distinct colour and texture each)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    samples = []
-    for ci, c in enumerate(classes):
-        (root / "images" / c).mkdir(parents=True, exist_ok=True)
-        for k in range(n_train + n_val):
-            base = np.zeros((256, 256, 3), np.uint8)
-            base[..., ci] = 180
-            img = np.clip(base + rng.integers(0, 60, (256, 256, 3)), 0, 255).astype(np.uint8)
-            rel = f"images/{c}/{c}{k:02d}.jpg"
-            Image.fromarray(img).save(root / rel, quality=90)
-            caps = [f"There is a {c} here .", f"It is a {c} with {k} things .", f"A {c} .",
-                    f"Some {c} in the scene .", f"There is a {c} here ."]
-            samples.append({"image": rel, "label": c, "split": "train" if k < n_train else "val", "captions": caps})
-    (root / "ucm.json").write_text(json.dumps({"classes": list(classes), "samples": samples}))
-    return root
-
-
 def test_cli_trains_tiny_ucm_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.set_num_threads(1)
-    data = _tiny_ucm(tmp_path / "ucm")
+    data = tiny_ucm(tmp_path / "ucm")
     out = tmp_path / "run" / "heads.safetensors"
     code = main(["train", "mini-clip", "--data", str(data), "--out", str(out), "--cache", str(tmp_path / "cache"),
                  "--epochs", "1", "--dense-epochs", "1", "--mosaics", "4", "--val-mosaics", "2",
@@ -67,3 +46,31 @@ def test_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFix
     code = main(["train", "mini-clip", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "h.safetensors")])
     assert code != 0
     assert "ucm.json" in capsys.readouterr().err
+
+
+def test_cli_trains_with_aid_and_reports_held_out_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    data = tiny_ucm(tmp_path / "ucm")
+    rng = np.random.default_rng(1)
+    for ci, folder in enumerate(("Forest", "Desert", "Beach", "Pond")):  # Pond: held out
+        (tmp_path / "aid" / folder).mkdir(parents=True)
+        for i in range(5):
+            img = np.full((40, 40, 3), 60, np.uint8)
+            img[..., ci % 3] = 200
+            Image.fromarray(np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)).save(
+                tmp_path / "aid" / folder / f"{i}.jpg")
+    out = tmp_path / "run" / "heads.safetensors"
+    code = main(["train", "mini-clip", "--data", str(data), "--aid", str(tmp_path / "aid"), "--out", str(out),
+                 "--cache", str(tmp_path / "cache"), "--epochs", "1", "--dense-epochs", "1", "--mosaics", "4",
+                 "--val-mosaics", "2", "--threads", "1", "--json"])
+    assert code == 0
+    val = json.loads(capsys.readouterr().out)["val"]
+    for key in ("aid_val_top1", "aid_heldout_top1", "aid_heldout_top1_among_heldout"):
+        assert 0.0 <= val[key] <= 100.0
+    assert val["aid_heldout_top1_among_heldout"] == 100.0  # one held-out class: nothing to confuse it with
+    card = json.loads((out.parent / "card.json").read_text())
+    aid = card["training"]["data"]["aid"]
+    assert (aid["train_images"], aid["val_images"], aid["heldout_images"]) == (12, 3, 5)
+    assert aid["heldout_classes"] == ["Pond"] and " --aid " in card["training"]["command"]

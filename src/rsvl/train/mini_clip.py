@@ -63,13 +63,14 @@ from rsvl.models.mini.towers import MiniLMTower
 from rsvl.train.mini_clip_data import (
     CAPTION_CONCEPTS,
     UcmData,
+    aid_readable,
     cache_image_features,
     cache_mosaic_features,
     cache_text_features,
     default_cache_dir,
+    load_aid,
     load_ucm,
     progress,
-    readable,
 )
 
 # --------------------------------------------------------------------------------------
@@ -141,6 +142,9 @@ class TrainConfig:
     #: global heads trained with seeds seed .. seed + n_seeds - 1 to report the spread of
     #: the val numbers; the heads of ``seed`` are the ones saved
     n_seeds: int = 1
+    #: AID train images per trained class used in stage 1 (with ``--aid``; at most 192 exist
+    #: in the train split of :func:`rsvl.train.mini_clip_data.load_aid`)
+    aid_per_class: int = 192
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -375,12 +379,66 @@ def evaluate_semseg(model: Any, semseg_root: str | Path, datasets: Sequence[str]
 
 def _class_prompts(classes: Sequence[str], raw: bool = False) -> list[str]:
 
-    return [t.format(c if raw else readable(c)) for c in classes for t in TEMPLATES]
+    return [t.format(c if raw else aid_readable(c)) for c in classes for t in TEMPLATES]
+
+
+def _caption_table(data: UcmData) -> tuple[list[str], list[int]]:
+    caps, owner = [], []
+    for i, s in enumerate(data.samples):
+        caps += list(s["captions"])
+        owner += [i] * len(s["captions"])
+    return caps, owner
+
+
+def prepare_aid_features(aid_root: str | Path, cache: Path, tower: Any, text: Any, quiet: bool = False
+                         ) -> dict[str, Any]:
+    """AID's tower outputs (:func:`rsvl.train.mini_clip_data.load_aid`): pooled image features
+    under the training views, templated captions, and the prompts of every AID class key."""
+    aid = load_aid(aid_root)
+    caps, owner = _caption_table(aid)
+    strings = {c: k for k, c in enumerate(dict.fromkeys(caps))}
+    keys = sorted({s["label"] for s in aid.samples})
+    cls = cache_text_features(_class_prompts(keys), cache, text, "aid-classes").view(len(keys), len(TEMPLATES), -1)
+    return {"data": aid, "img": cache_image_features(aid, cache, tower, quiet=quiet),
+            "cap_feats": cache_text_features(caps, cache, text, "aid-captions"), "cap_owner": torch.tensor(owner),
+            "cap_string": torch.tensor([strings[c] for c in caps]), "keys": keys, "cls_feats": cls}
+
+
+@torch.inference_mode()
+def evaluate_aid(heads: Any, aid: dict[str, Any]) -> dict[str, float]:
+    """Zero-shot top-1 (%) on AID with the class prompts of its 15 classes (view-averaged image
+    embeddings): ``aid_val_top1`` on the val images of the trained classes, ``aid_heldout_top1``
+    on the classes never trained on (among all 15), ``aid_heldout_top1_among_heldout`` (among
+    the held-out classes only)."""
+    heads.eval()
+    data: UcmData = aid["data"]
+    img = F.normalize(torch.stack([heads.image(v) for v in aid["img"][..., : pooled_dim(heads.config.pooling)]]).mean(0),
+                      dim=-1)
+    cf = aid["cls_feats"]
+    cls = F.normalize(torch.stack([heads.text(cf[:, t]) for t in range(cf.shape[1])]).mean(0), dim=-1)
+    keys = aid["keys"]
+    labels = torch.tensor([keys.index(s["label"]) for s in data.samples])
+    scores = img @ cls.t()
+    out: dict[str, float] = {}
+    for name, split in (("aid_val_top1", "val"), ("aid_heldout_top1", "heldout")):
+        idx = torch.tensor(data.split(split), dtype=torch.long)
+        if len(idx):
+            out[name] = _topk_accuracy(scores[idx], labels[idx], (1,))[1]
+    held = data.split("heldout")
+    if held:
+        hk = sorted({int(labels[i]) for i in held})
+        remap = {k: j for j, k in enumerate(hk)}
+        idx = torch.tensor(held)
+        out["aid_heldout_top1_among_heldout"] = _topk_accuracy(
+            scores[idx][:, hk], torch.tensor([remap[int(labels[i])] for i in held]), (1,))[1]
+    return out
 
 
 def prepare_features(data_root: str | Path, cache_dir: str | Path | None = None, n_mosaics: int = 1600,
-                     n_val_mosaics: int = 200, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
-    """Compute (or load from the cache) every tower output the heads are trained on."""
+                     n_val_mosaics: int = 200, seed: int = 0, quiet: bool = False,
+                     aid_root: str | Path | None = None) -> dict[str, Any]:
+    """Compute (or load from the cache) every tower output the heads are trained on (with
+    ``aid_root``, AID's too: :func:`prepare_aid_features`)."""
 
     data = load_ucm(data_root)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -408,7 +466,9 @@ def prepare_features(data_root: str | Path, cache_dir: str | Path | None = None,
         words = set(re.findall(r"[a-z]+", " ".join(smp["captions"]).lower()))
         for j, c in enumerate(concepts):
             presence[i, j] = bool(words & set(CAPTION_CONCEPTS[c]))
+    aid = prepare_aid_features(aid_root, cache, tower, text, quiet) if aid_root is not None else None
     return {
+        "aid": aid,
         "con_feats": con_feats, "presence": presence,
         "data": data, "img": img, "cap_feats": cap_feats, "cap_owner": torch.tensor(owner),
         "cap_string": torch.tensor([strings[c] for c in caps]), "cls_feats": cls_feats,
@@ -429,15 +489,17 @@ def _seed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: TrainConfig | None = None,
                     cache_dir: str | Path | None = None, quiet: bool = False,
-                    features: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the mini-clip heads on the UCM train split; report val numbers; save to ``out_path``.
+                    features: dict[str, Any] | None = None, aid_root: str | Path | None = None) -> dict[str, Any]:
+    """Train the mini-clip heads on the UCM train split (and, with ``aid_root``, the AID train
+    images of the trained AID classes); report val numbers; save to ``out_path``.
 
     Returns a dict with the val metrics, the losses and the config.
     """
 
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
-    feats = features or prepare_features(data_root, cache_dir, cfg.n_mosaics, cfg.n_val_mosaics, cfg.seed, quiet)
+    feats = features or prepare_features(data_root, cache_dir, cfg.n_mosaics, cfg.n_val_mosaics, cfg.seed, quiet,
+                                         aid_root=aid_root)
     data: UcmData = feats["data"]
     cidx = {c: i for i, c in enumerate(data.classes)}
     labels = torch.tensor([cidx[s["label"]] for s in data.samples])
@@ -458,14 +520,39 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
                 **cfg.extra.get("heads", {})}
     img_feats = feats["img"][..., : pooled_dim(head_cfg["pooling"])]
     val_texts = [c for i in va.tolist() for c in data.samples[i]["captions"]]
+    # what stage 1 trains on: the UCM train images, then the AID train images
+    tr_img, tr_labels = img_feats[:, tr], labels[tr]
+    tr_caps, tr_own, tr_string = feats["cap_feats"][keep_tr], own_tr, feats["cap_string"][keep_tr]
+    tr_cls = feats["cls_feats"]
+    aid = feats.get("aid")
+    if aid is not None:
+        adata: UcmData = aid["data"]
+        per: dict[str, int] = {}
+        atr_list = []
+        for i in adata.split("train"):
+            lab = adata.samples[i]["folder"]
+            if per.get(lab, 0) < cfg.aid_per_class:
+                per[lab] = per.get(lab, 0) + 1
+                atr_list.append(i)
+        atr = torch.tensor(atr_list)
+        new_keys = sorted({adata.samples[i]["label"] for i in atr.tolist()} - set(data.classes))
+        joint = {c: i for i, c in enumerate(list(data.classes) + new_keys)}
+        tr_cls = torch.cat([tr_cls, aid["cls_feats"][[aid["keys"].index(k) for k in new_keys]]])
+        remap = torch.full((len(adata.samples),), -1, dtype=torch.long)
+        remap[atr] = torch.arange(len(atr))
+        keep_a = remap[aid["cap_owner"]] >= 0
+        tr_img = torch.cat([tr_img, aid["img"][..., : pooled_dim(head_cfg["pooling"])][:, atr]], dim=1)
+        tr_labels = torch.cat([tr_labels, torch.tensor([joint[adata.samples[i]["label"]] for i in atr.tolist()])])
+        tr_caps = torch.cat([tr_caps, aid["cap_feats"][keep_a]])
+        tr_own = torch.cat([tr_own, remap[aid["cap_owner"][keep_a]] + len(tr)])
+        tr_string = torch.cat([tr_string, aid["cap_string"][keep_a] + int(feats["cap_string"].max()) + 1])
 
     def fit_global(seed: int, log: Callable[[int, float], None] | None) -> tuple[Any, list[float]]:
         torch.manual_seed(seed)
         h = registry.build("mini-clip", **head_cfg)
-        fit_standardize(h.image_head.norm, img_feats[:, tr].flatten(0, 1))
-        fit_standardize(h.text_head.norm, torch.cat([feats["cap_feats"][keep_tr], feats["cls_feats"].flatten(0, 1)]))
-        losses = train_global(h, img_feats[:, tr], labels[tr], feats["cap_feats"][keep_tr], own_tr,
-                              feats["cap_string"][keep_tr], feats["cls_feats"], replace(cfg, seed=seed), log=log)
+        fit_standardize(h.image_head.norm, tr_img.flatten(0, 1))
+        fit_standardize(h.text_head.norm, torch.cat([tr_caps, tr_cls.flatten(0, 1)]))
+        losses = train_global(h, tr_img, tr_labels, tr_caps, tr_own, tr_string, tr_cls, replace(cfg, seed=seed), log=log)
         return h, losses
 
     def val_of(h: Any, tta: bool = True) -> dict[str, float]:
@@ -476,11 +563,14 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
     heads, g_losses = fit_global(cfg.seed, None if quiet else
                                  lambda e, v: progress(f"  global epoch {e}: loss {v:.4f}", quiet))
     val = val_of(heads)
+    if aid is not None:
+        val.update(evaluate_aid(heads, aid))
     val_no_tta = val_of(heads, tta=False)
     seed_runs = [{"seed": cfg.seed, **val}]
     for k in range(1, cfg.n_seeds):
         progress(f"  global heads, seed {cfg.seed + k} (reported only)", quiet)
-        seed_runs.append({"seed": cfg.seed + k, **val_of(fit_global(cfg.seed + k, None)[0])})
+        h = fit_global(cfg.seed + k, None)[0]
+        seed_runs.append({"seed": cfg.seed + k, **val_of(h), **(evaluate_aid(h, aid) if aid is not None else {})})
     t_global = time.time() - t0
     mt = feats["mos_train"]
     fit_standardize(heads.dense_head.n8, mt["f8"][:256].float())
@@ -505,6 +595,12 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
         "data": {"root": str(data_root), "ucm_json_sha256_16": data.digest,
                  "train_images": len(tr), "val_images": len(va)},
     }
+    if aid is not None:
+        adata = aid["data"]
+        result["data"]["aid"] = {"root": str(aid_root), "split_sha256_16": adata.digest,
+                                 "trained_images": len(atr),
+                                 **{f"{k}_images": len(adata.split(k)) for k in ("train", "val", "heldout")},
+                                 "heldout_classes": sorted({s["folder"] for s in adata.samples if s["split"] == "heldout"})}
     if out_path is not None:
         save_heads(heads, out_path, metadata={"train_config": asdict(cfg), "val": val})
     result["heads"] = heads
@@ -512,7 +608,8 @@ def train_mini_clip(data_root: str | Path, out_path: str | Path | None, config: 
 
 
 #: option order of the recorded command (``rsvl train mini-clip``)
-_COMMAND_OPTIONS = ("data", "out", "semseg", "cache", "card", "seed", "seeds", "epochs", "dense_epochs",
+_COMMAND_OPTIONS = ("data", "aid", "aid_per_class", "out", "semseg", "cache", "card", "seed", "seeds", "epochs",
+                    "dense_epochs",
                     "mosaics", "val_mosaics", "threads")
 
 
@@ -529,7 +626,7 @@ def format_command(options: dict[str, Any]) -> str:
 def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfig | None = None, *,
                  cache_dir: str | Path | None = None, semseg: str | Path | None = None,
                  card: str | Path | None = None, threads: int | None = None, quiet: bool = False,
-                 command: str | None = None) -> dict[str, Any]:
+                 command: str | None = None, aid: str | Path | None = None) -> dict[str, Any]:
     """What ``rsvl train mini-clip`` does: train, save the heads to ``out_path``, optionally
     measure dense quality on ``semseg``, and write ``card.json`` (next to the heads unless
     ``card`` is given) with the val numbers, the settings and ``command``."""
@@ -537,7 +634,7 @@ def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfi
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    res = train_mini_clip(data_root, out_path, cfg, cache_dir=cache_dir, quiet=quiet)
+    res = train_mini_clip(data_root, out_path, cfg, cache_dir=cache_dir, quiet=quiet, aid_root=aid)
     heads = res.pop("heads")
     if semseg:
 

@@ -112,6 +112,83 @@ def load_ucm(data_root: str | Path) -> UcmData:
     return UcmData(root, classes, samples, hashlib.sha256(raw).hexdigest()[:16])
 
 
+# --------------------------------------------------------------------------------------
+# AID: the landscapes UCM lacks
+# --------------------------------------------------------------------------------------
+
+#: AID classes (folder names) -> readable name and caption phrasings (templated captions)
+AID_PHRASES: dict[str, tuple[str, ...]] = {
+    "BareLand": ("bare land", "bare soil", "an empty field of bare ground"),
+    "Beach": ("a beach", "a sandy beach by the sea", "a coastline with waves"),
+    "Center": ("a city center", "a dense city center"),
+    "Commercial": ("a commercial area", "shops and commercial buildings", "a business district"),
+    "Desert": ("a desert", "sand dunes", "dry sandy land"),
+    "Forest": ("a forest", "dense trees", "a woodland with many trees"),
+    "Meadow": ("a meadow", "grassland", "a green grass field"),
+    "Mountain": ("mountains", "a mountain ridge", "rocky hills"),
+    "Parking": ("a parking lot", "many cars parked in a parking lot"),
+    "Pond": ("a pond", "a small lake"),
+    "RailwayStation": ("a railway station", "a train station with railway tracks"),
+    "River": ("a river", "a river flowing through the land"),
+    "SparseResidential": ("a sparse residential area", "scattered houses with gardens"),
+    "Stadium": ("a stadium", "a sports stadium"),
+    "Viaduct": ("a viaduct", "an elevated road on pillars"),
+}
+#: AID classes that are UCM classes (trained as the UCM class, same prompts)
+AID_TO_UCM: dict[str, str] = {"Beach": "beach", "River": "river", "Parking": "parkinglot",
+                              "SparseResidential": "sparseresidential"}
+#: AID classes never trained on (neither scene nor pixel level): the zero-shot val of unseen
+#: classes. Chosen among the classes UCM does not have, keeping the landscapes (forest,
+#: meadow, desert, mountain, bare land) in training, since those are what rasters are full of.
+AID_HELDOUT: tuple[str, ...] = ("Center", "Pond", "Stadium", "Viaduct")
+#: caption templates of the AID images (filled with one of the class's phrasings)
+AID_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{}.", "this is {}.", "an aerial view of {}.", "{} seen from above.", "the image shows {}.",
+)
+
+
+def aid_key(folder: str) -> str:
+    """Class key of an AID folder in the joint class list: the UCM class it is, else its own."""
+    return AID_TO_UCM.get(folder, "aid:" + folder)
+
+
+def aid_readable(key: str) -> str:
+    """Prompt name of a class key (``aid:Forest`` -> ``a forest``; UCM keys via :func:`readable`)."""
+    return AID_PHRASES[key[4:]][0] if key.startswith("aid:") else readable(key)
+
+
+def load_aid(root: str | Path, per_class: int = 240, val_fraction: float = 0.2, seed: int = 0,
+             heldout: Sequence[str] = AID_HELDOUT, heldout_per_class: int = 60) -> UcmData:
+    """AID as :class:`UcmData`: up to ``per_class`` images of each trained class (a seeded
+    choice, ``val_fraction`` of them val), ``heldout_per_class`` images of each held-out class
+    (split ``heldout``); ``label`` is the class key (:func:`aid_key`); five templated
+    captions per image from the class's phrasings."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DatasetError(f"AID folder not found: {base}.", hint="Pass --aid ../shared/data/aid (one sub-folder per class).")
+    folders = sorted(d.name for d in base.iterdir() if d.is_dir() and d.name in AID_PHRASES)
+    if not folders:
+        raise DatasetError(f"{base} has no AID class folders ({', '.join(sorted(AID_PHRASES))}).")
+    samples: list[dict[str, Any]] = []
+    for folder in folders:
+        files = sorted(p.name for p in (base / folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif"))
+        rng = np.random.default_rng([seed, sum(map(ord, folder))])
+        files = [files[i] for i in rng.permutation(len(files))]
+        held = folder in heldout
+        files = files[: heldout_per_class if held else per_class]
+        n_val = int(round(len(files) * val_fraction))
+        for k, f in enumerate(files):
+            split = "heldout" if held else ("val" if k < n_val else "train")
+            caps = [AID_CAPTION_TEMPLATES[j].format(AID_PHRASES[folder][int(rng.integers(len(AID_PHRASES[folder])))])
+                    for j in range(len(AID_CAPTION_TEMPLATES))]
+            caps = [c[0].upper() + c[1:] for c in caps]
+            samples.append({"image": f"{folder}/{f}", "label": aid_key(folder), "split": split,
+                            "captions": caps, "folder": folder})
+    digest = hashlib.sha256(json.dumps([(s["image"], s["split"]) for s in samples]).encode()).hexdigest()[:16]
+    classes = sorted({s["label"] for s in samples})
+    return UcmData(base, classes, samples, digest)
+
+
 def read_ucm_image(path: Path, size: int | None = 256) -> np.ndarray:
     """(H, W, 3) uint8 (:func:`rsvl.io.read_rgb`); resized bilinearly to ``size`` x ``size``
     when it differs (a few UCM images are not exactly 256 px)."""
@@ -153,12 +230,12 @@ def progress(msg: str, quiet: bool) -> None:
 
 @torch.inference_mode()
 def cache_image_features(data: UcmData, cache: Path, tower: Any, batch_size: int = 4,
-                         quiet: bool = False) -> torch.Tensor:
+                         quiet: bool = False, views: Sequence[str] = VIEWS) -> torch.Tensor:
     """(n_views, n_images, 2864) pooled features ("mean+max": global averages then global
     maxima of the stride 8/16/32 maps; "mean" heads use the first 1432), computed once and
-    kept on disk."""
+    kept on disk. Every image is resized to 256 px (mini-clip's input size)."""
     out = []
-    for view in VIEWS:
+    for view in views:
         f = cache / f"image-{data.digest}-{view}-meanmax-v{IMAGE_CACHE_VERSION}.pt"
         if f.is_file():
             out.append(read_file(f, "Feature cache"))
