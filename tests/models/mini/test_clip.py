@@ -57,7 +57,35 @@ def test_shipped_heads_are_small_and_documented() -> None:
     assert DEFAULT_WEIGHTS.stat().st_size < 8 * 2**20
     card = json.loads((DEFAULT_WEIGHTS.parent / "card.json").read_text())
     assert card["training"]["command"].startswith("rsvl train mini-clip ")
+    assert card["dense_training"]["command"].startswith("rsvl train mini-clip-dense ")
     assert card["val"]["zero_shot_top1"] >= 85.0
+    assert "/work/" not in json.dumps(card)  # no machine paths
+    heads = load_heads(DEFAULT_WEIGHTS)
+    assert heads.config.other and 0.0 < heads.other_threshold().item() < 1.0
+
+
+@pytest.mark.realdata
+def test_shipped_dense_head_beats_the_majority_guess_on_a_held_out_loveda_crop(model: MiniClip, tmp_path: Path) -> None:
+    """The LoveDA crop that `rsvl data semseg-split` keeps for val (never trained on): mIoU and
+    pixel accuracy both above predicting the crop's own majority class, as `rsvl eval ovss`
+    scores them; with --no-other (every pixel forced into a name) pixel accuracy is not."""
+    from conftest import shared_data
+
+    from rsvl.data.classes import load_classes
+    from rsvl.data.semseg_split import build_semseg_split
+    from rsvl.eval import run_ovss
+    from rsvl.train.mini_clip import majority_miou
+
+    build_semseg_split(shared_data("semseg"), tmp_path / "px")
+    folder = tmp_path / "px" / "val" / "loveda"
+    specs = load_classes(file="loveda")
+    base = majority_miou(folder, "loveda")
+    res = run_ovss(model, folder, specs, preset="loveda", protocol="rsvl")
+    assert res.settings["learned_other"] == "background"
+    assert 100 * res.metrics["mIoU"] > base["miou"] + 3
+    assert 100 * res.metrics["aAcc"] > base["pixel_acc"] + 2
+    forced = run_ovss(model, folder, specs, preset="loveda", protocol="rsvl", other=False)
+    assert forced.settings["learned_other"] is None and forced.metrics["aAcc"] < res.metrics["aAcc"]
 
 
 def test_shapes_and_normalisation(model: MiniClip) -> None:

@@ -46,8 +46,11 @@ def _metadata(name: str, default_command: str) -> dict[str, Any]:
 
 
 _CLIP_COMMAND = (
-    "rsvl train mini-clip --data ../shared/data/ucm --out src/rsvl/assets/mini-clip/heads.safetensors "
-    "--semseg ../shared/data/semseg --seeds 5 --threads 1"
+    "rsvl train mini-clip --data ../shared/data/ucm --aid ../shared/data/aid --aid-per-class 60 "
+    "--out mini-clip-global.safetensors && rsvl data semseg-split ../shared/data/semseg -o semseg-split && "
+    "rsvl train mini-clip-dense --heads mini-clip-global.safetensors --ucm ../shared/data/ucm "
+    "--aid ../shared/data/aid --nwpu ../shared/data/nwpu_vhr10/instances_train.json --pixels semseg-split "
+    "--out src/rsvl/assets/mini-clip/heads.safetensors"
 )
 _REFER_COMMAND = (
     "rsvl data refgen --coco ../shared/data/nwpu_vhr10/instances_train.json --out DATA "
@@ -67,14 +70,17 @@ MINI_CLIP = ModelCard(
     licence="Apache-2.0",
     description="rsvl's built-in image-text model: runs offline on a CPU. "
     + _TOWERS
-    + "; heads trained by rsvl on the UCM-Captions train split.",
+    + "; heads trained by rsvl on the UCM-Captions and AID train splits, the dense head on "
+    "every pixel label of the shared data (NWPU VHR-10 masks, LoveDA / Potsdam / WHU building "
+    "train crops, UCM and AID mosaics) with a learned 'other' threshold.",
     mean=LITE0_MEAN,
     std=LITE0_STD,
     image_size=256,
     context_length=128,
     tasks=("classify", "search", "segment"),
-    notes="Dense features come from a separately trained stride-8 head (synthetic UCM "
-    "mosaics); open-vocabulary segmentation quality is modest, see card.json.",
+    notes="Dense features come from a separately trained stride-8 head; pixels below its "
+    "learned 'other' cosine for every class go to a background class (--no-other turns it "
+    "off). Open-vocabulary segmentation quality is modest, see card.json.",
     metadata=_metadata("mini-clip", _CLIP_COMMAND),
 )
 
