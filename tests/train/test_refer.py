@@ -282,3 +282,31 @@ def test_resume_from_a_pickled_payload_is_refused_without_running_it(tmp_path):
         train_refer("mini-refer", tmp_path / "data", tmp_path / "run", cfg, model=tiny_mini_refer(32),
                     cache_dir=tmp_path / "cache", resume=True, quiet=True)
     assert not marker.exists() and "weights_only=False" not in str(err.value)
+
+
+def test_eval_refer_model_reports_by_expression_type(tmp_path):
+    """Generated data records each sentence's template: mIoU per type, from the same samples."""
+    import pickle
+
+    from rsvl.eval import run_refer_model
+
+    make_rrsisd(tmp_path / "data", n_images=6, size=32)
+    refs_path = tmp_path / "data" / "rrsisd" / "refs(unc).p"
+    refs = pickle.loads(refs_path.read_bytes())
+    kinds = {}
+    for k, r in enumerate(refs):
+        for s in r["sentences"]:
+            s["template"] = ("class", "position")[k % 2]
+            kinds[f"{r['ref_id']}:{s['sent_id']}"] = s["template"]
+    refs_path.write_bytes(pickle.dumps(refs, protocol=4))
+    res = run_refer_model(LeftHalfModel(), tmp_path / "data", split="val", size=None)
+    by_type = res.metrics["by_type"]
+    assert set(by_type) <= {"class", "position"} and sum(t["n"] for t in by_type.values()) == res.metrics["n"]
+    for kind, t in by_type.items():
+        ious = [v for key, v in res.metrics["per_sample"].items() if kinds[key] == kind]
+        assert t["n"] == len(ious) and t["mIoU"] == pytest.approx(np.mean(ious))
+    # data without types (human-written, RefSegRS...) reports none
+    refs_plain = [{**r, "sentences": [{k: v for k, v in s.items() if k != "template"} for s in r["sentences"]]}
+                  for r in refs]
+    refs_path.write_bytes(pickle.dumps(refs_plain, protocol=4))
+    assert run_refer_model(LeftHalfModel(), tmp_path / "data", split="val", size=None).metrics["by_type"] == {}

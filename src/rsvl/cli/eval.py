@@ -250,6 +250,8 @@ def refer(
     rows = [("mIoU", r["mIoU"]), ("oIoU", r["oIoU"])] + [(k, v) for k, v in r.items() if k.startswith("Pr@")]
     if "missing_predictions" in r:
         rows.append(("missing predictions", str(r["missing_predictions"])))
+    for kind, t in (r.get("by_type") or {}).items():
+        rows.append((f"mIoU, {kind} ({t['n']})", t["mIoU"]))
     _finish(res, as_json, out, _table(title, rows))
 
 

@@ -65,6 +65,9 @@ class ReferSample:
     split: str
     ann_id: int | None = None
     category_id: int | None = None
+    #: the expression's type when the data says it (``rsvl data refgen`` writes ``template``:
+    #: class, size, position, relation...); None for human-written data
+    expression_type: str | None = None
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int,
@@ -181,6 +184,7 @@ class RRSISD:
             split=str(ref.get("split")),
             ann_id=int(ref["ann_id"]),
             category_id=None if cat is None else int(cat),
+            expression_type=sent.get("template") if isinstance(sent.get("template"), str) else None,
         )
 
     def __iter__(self) -> Iterator[ReferSample]:

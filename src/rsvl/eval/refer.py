@@ -155,6 +155,7 @@ def run_refer_model(
     except (AttributeError, StopIteration):
         device = torch.device("cpu")
     acc = ReferringAccumulator(thresholds)
+    by_type: dict[str, ReferringAccumulator] = {}
     per_sample: dict[str, float] = {}
     if hasattr(model, "eval"):
         model.eval()
@@ -184,9 +185,13 @@ def run_refer_model(
                 lg = F.interpolate(lg[None], size=target, mode="bilinear", align_corners=False)[0]
             pred = lg.argmax(0).numpy().astype(bool)
             per_sample[f"{s.ref_id}:{s.sent_id}"] = acc.update(pred, gt)
+            if s.expression_type is not None:
+                by_type.setdefault(s.expression_type, ReferringAccumulator(thresholds)).update(pred, gt)
         if progress is not None:
             progress(len(samples))
     metrics: dict[str, Any] = dict(acc.compute())
+    # per expression type, when the data records it (generated expressions do)
+    metrics["by_type"] = {t: a.compute() for t, a in sorted(by_type.items())}
     metrics["per_sample"] = per_sample
     settings = base_settings("refer", data)
     settings.update(model_settings(model, model_name, weights))
