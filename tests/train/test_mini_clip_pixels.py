@@ -200,3 +200,19 @@ def test_dense_cli_trains_and_scores_tiny_data_end_to_end(tmp_path: Path, capsys
     card = json.loads((out.parent / "card.json").read_text())
     assert card["dense_training"]["command"].startswith("rsvl train mini-clip-dense --heads ")
     assert card["dense_training"]["train_crops"]["loveda"] > 0 and "semseg_val" in card
+
+
+def test_dense_cli_refuses_bad_inputs_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rsvl.cli import main
+    from rsvl.models.mini.clip import DEFAULT_WEIGHTS
+
+    base = ["train", "mini-clip-dense", "--heads", str(DEFAULT_WEIGHTS), "--ucm", str(tmp_path / "ucm"),
+            "--out", str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "cache")]
+    assert main(base + ["--nwpu", str(tmp_path / "nope.json")]) == 2
+    assert "NWPU VHR-10 COCO file not found" in capsys.readouterr().err
+    assert main(base + ["--pixels", str(tmp_path)]) == 2
+    assert "semseg-split" in capsys.readouterr().err
+    assert main(["train", "mini-clip-dense", "--heads", str(tmp_path / "none.safetensors"), "--ucm", str(tmp_path),
+                 "--out", str(tmp_path / "h.safetensors")]) == 2
+    assert "weights not found" in capsys.readouterr().err
+    assert not (tmp_path / "h.safetensors").exists() and not (tmp_path / "cache").exists()

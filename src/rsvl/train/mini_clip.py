@@ -221,6 +221,12 @@ def train_global(heads: Any, img_feats: torch.Tensor, labels: torch.Tensor, cap_
     return losses
 
 
+def dihedral(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """``t`` rotated by k quarter turns over its last two axes, then flipped horizontally."""
+    t = torch.rot90(t, k, (-2, -1))
+    return t.flip(-1) if flip else t
+
+
 def train_dense(heads: Any, mos: dict[str, torch.Tensor], cls_emb: torch.Tensor, cfg: TrainConfig,
                 log: Callable[[int, float], None] | None = None, concept_emb: torch.Tensor | None = None,
                 presence: torch.Tensor | None = None) -> list[float]:
@@ -250,18 +256,13 @@ def train_dense(heads: Any, mos: dict[str, torch.Tensor], cls_emb: torch.Tensor,
             # random dihedral augmentation applied to all maps (and labels) alike
             k = int(torch.randint(4, (1,), generator=g))
             flip = bool(torch.randint(2, (1,), generator=g))
-
-            def aug(t: torch.Tensor, k: int = k, flip: bool = flip) -> torch.Tensor:
-                t = torch.rot90(t, k, (-2, -1))
-                return t.flip(-1) if flip else t
-
-            d = heads.dense(aug(f8), aug(f16), aug(f32))
-            lab = aug(mos["label"][b])
+            d = heads.dense(dihedral(f8, k, flip), dihedral(f16, k, flip), dihedral(f32, k, flip))
+            lab = dihedral(mos["label"][b], k, flip)
             scale = heads.dense_log_scale.exp().clamp(max=100)
             logits = scale * torch.einsum("bdhw,kd->bkhw", d, cls_emb)
             loss = F.cross_entropy(logits, lab)
             if use_mil:
-                src = aug(mos["source"][b]).flatten()
+                src = dihedral(mos["source"][b], k, flip).flatten()
                 uniq, inv = torch.unique(src, return_inverse=True)
                 onehot = F.one_hot(inv, len(uniq)).float()  # (B*h*w, U)
                 flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
@@ -631,6 +632,8 @@ def run_training(data_root: str | Path, out_path: str | Path, config: TrainConfi
     measure dense quality on ``semseg``, and write ``card.json`` (next to the heads unless
     ``card`` is given) with the val numbers, the settings and ``command``."""
     cfg = config or TrainConfig()
+    if aid is not None:
+        load_aid(aid)  # a bad --aid fails here, not after minutes of UCM feature caching
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()

@@ -51,7 +51,7 @@ from rsvl.models.mini.clip import (
     save_heads,
 )
 from rsvl.models.mini.towers import MiniLMTower
-from rsvl.train.mini_clip import evaluate_semseg
+from rsvl.train.mini_clip import dihedral, evaluate_semseg
 from rsvl.train.mini_clip_data import (
     UcmData,
     aid_readable,
@@ -324,11 +324,6 @@ class PixelTrainConfig:
     seed: int = 0
 
 
-def _aug(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    t = torch.rot90(t, k, (-2, -1))
-    return t.flip(-1) if flip else t
-
-
 def pixel_logits(heads: Any, d: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """(B, K + 1, h, w): scaled cosine of every location with the K queries, then the learned
     "other" cosine (the same at every location)."""
@@ -369,7 +364,7 @@ def train_pixels(heads: Any, sources: Sequence[dict[str, Any]], bank: PixelBank,
             f8, f16, f32, lab = (torch.stack([sources[si][name][r] for si, r in rows]).float() if name != "label"
                                  else torch.stack([sources[si][name][r] for si, r in rows]).long()
                                  for name in ("f8", "f16", "f32", "label"))
-            f8, f16, f32, lab = (_aug(t, k, flip) for t in (f8, f16, f32, lab))
+            f8, f16, f32, lab = (dihedral(t, k, flip) for t in (f8, f16, f32, lab))
             # one random prompt per class for this step
             q = torch.stack([e[int(torch.randint(e.shape[0], (1,), generator=g))] for e in prompt_emb])
             d = heads.dense(f8, f16, f32)
@@ -528,6 +523,13 @@ def train_dense_other(heads_path: str | Path, out_path: str | Path, *, ucm: str 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     heads = with_other(load_heads(heads_path))
+    # bad inputs fail here, before minutes of feature caching
+    if nwpu is not None and not Path(nwpu).is_file():
+        raise DatasetError(f"NWPU VHR-10 COCO file not found: {nwpu}.",
+                           hint="Pass --nwpu ../shared/data/nwpu_vhr10/instances_train.json.")
+    if pixels is not None and not (Path(pixels) / "train").is_dir():
+        raise DatasetError(f"{pixels} has no train/ folder.",
+                           hint="Pass a folder written by `rsvl data semseg-split ../shared/data/semseg -o OUT`.")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     scenes = [load_ucm(ucm)] + ([load_aid(aid)] if aid is not None else [])

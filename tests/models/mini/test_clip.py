@@ -59,7 +59,7 @@ def test_shipped_heads_are_small_and_documented() -> None:
     assert card["training"]["command"].startswith("rsvl train mini-clip ")
     assert card["dense_training"]["command"].startswith("rsvl train mini-clip-dense ")
     assert card["val"]["zero_shot_top1"] >= 85.0
-    assert "/work/" not in json.dumps(card)  # no machine paths
+    assert '": "/' not in json.dumps(card)  # no absolute paths of the training machine
     heads = load_heads(DEFAULT_WEIGHTS)
     assert heads.config.other and 0.0 < heads.other_threshold().item() < 1.0
 
