@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rsvl.cli import preflight
-from rsvl.cli.options import parse_bands
+from rsvl.cli.options import fast_option, parse_bands
 from rsvl.console import emit_json, task_progress
 from rsvl.data.classes import load_classes
 from rsvl.errors import OutputError
@@ -38,6 +38,7 @@ def classify(
     out: Path = typer.Option(None, "--out", "-o", help="Raster mode: output prefix for _tiles.gpkg and _tiles.tif."),
     csv_path: Path = typer.Option(None, "--csv", help="Also write the table as CSV."),
     device: str = typer.Option("cpu", "--device"),
+    fast: bool = fast_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Raster tiles: continue an interrupted run (same input and options)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -62,7 +63,7 @@ def classify(
         if not resume:
             preflight.new_outputs(tiles_out, overwrite)
     preflight.new_outputs([csv_path], overwrite)
-    m = rsvl.load(model, weights=weights, device=device)
+    m = rsvl.load(model, weights=weights, device=device, fast=fast)
     result = run_classify(m, source, specs, templates=templates, top_k=top_k, batch_size=batch_size,
                           bands=parse_bands(bands), tile=tile, gsd=gsd, out=out, overwrite=overwrite,
                           resume=resume, progress=task_progress("classify", unit="images" if source.is_dir() else "tiles"))

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rsvl.cli import eval_chat, preflight
+from rsvl.cli.options import fast_option
 from rsvl.console import emit_json, progress_bar
 from rsvl.data.captions import FARSLIP_CAPTION_PREFIX
 from rsvl.data.classes import load_classes
@@ -39,13 +40,14 @@ _JSON = typer.Option(False, "--json", help="Print one JSON document (metrics and
 _OUT = typer.Option(None, "--out", "-o", help="Also write the JSON document to this file.")
 
 
-def _load_model(name: str, weights: Path | None, device: str, task: str, also: tuple[str, ...] = ()) -> Any:
+def _load_model(name: str, weights: Path | None, device: str, task: str, also: tuple[str, ...] = (),
+                fast: bool = False) -> Any:
     """The model, after refusing one that does not serve ``task`` (or ``also``): loading
     takes seconds, the wrong model would fail only after it."""
     import rsvl  # lazy: see rsvl.cli
 
     preflight.model_for(task, name, weights, also=also)
-    return rsvl.load(name, weights=weights, device=device)
+    return rsvl.load(name, weights=weights, device=device, fast=fast)
 
 
 def _finish(result: Any, as_json: bool, out: Path | None, table: Any) -> None:
@@ -94,6 +96,7 @@ def zeroshot(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     limit: int = _LIMIT,
     device: str = _DEVICE,
+    fast: bool = fast_option(),
     as_json: bool = _JSON,
     out: Path = _OUT,
 ) -> None:
@@ -102,11 +105,12 @@ def zeroshot(
 
     ds, _, _ = open_scene_dataset(data, split, classes_file)  # fail on the data before loading a model
     n = len(subset_indices(len(ds), limit))
-    m = _load_model(model, weights, device, "classify")
+    m = _load_model(model, weights, device, "classify", fast=fast)
     with progress_bar(n, "zeroshot") as advance:
         res = run_zeroshot(m, data, split=split, classes_file=classes_file, templates=templates,
                            batch_size=batch_size, limit=limit, model_name=model, weights=weights,
                            progress=advance)
+    res.settings["fast"] = bool(getattr(getattr(m, "module", m), "fast", False))  # int8 path ran
     r = res.metrics
     rows = [("top-1", r["top1"]), ("top-5", r["top5"]), ("mean per-class", r["mean_per_class"])]
     rows += [(f"  {k}", v) for k, v in r["per_class"].items()]
@@ -125,6 +129,7 @@ def retrieval(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     limit: int = _LIMIT,
     device: str = _DEVICE,
+    fast: bool = fast_option(),
     as_json: bool = _JSON,
     out: Path = _OUT,
 ) -> None:
@@ -134,11 +139,12 @@ def retrieval(
     prefix = FARSLIP_CAPTION_PREFIX if caption_prefix.strip().lower() == "farslip" else caption_prefix
     ds, _, _ = open_caption_dataset(data, split, caption_key)
     n = len(subset_indices(len(ds.samples), limit))
-    m = _load_model(model, weights, device, "search")
+    m = _load_model(model, weights, device, "search", fast=fast)
     with progress_bar(n, "retrieval") as advance:
         res = run_retrieval(m, data, split=split, caption_prefix=prefix, caption_key=caption_key,
                             dedup_texts=not no_dedup, batch_size=batch_size, limit=limit, model_name=model,
                             weights=weights, progress=advance)
+    res.settings["fast"] = bool(getattr(getattr(m, "module", m), "fast", False))  # int8 path ran
     r = res.metrics
     rows = [(f"{d} R@{k}", r[f"{d}_R@{k}"]) for d in ("img2text", "text2img") for k in (1, 5, 10)]
     rows += [("img2text mean", r["img2text_mean"]), ("text2img mean", r["text2img_mean"]),
@@ -169,6 +175,7 @@ def ovss(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
     limit: int = _LIMIT,
     device: str = _DEVICE,
+    fast: bool = fast_option(),
     as_json: bool = _JSON,
     out: Path = _OUT,
 ) -> None:
@@ -197,11 +204,12 @@ def ovss(
                           prob_thd=prob_thd, bg_idx=bg_idx, templates=templates, cls_lambda=cls_lambda)
     ds = open_segmentation_dataset(data, preset, split, reduce_zero_label)
     n = len(subset_indices(len(ds), limit))
-    m = _load_model(model, weights, device, "segment")
+    m = _load_model(model, weights, device, "segment", fast=fast)
     with progress_bar(n, "ovss") as advance:
         res = run_ovss(m, data, specs, preset=preset, protocol=proto, split=split,
                        reduce_zero_label=reduce_zero_label, class_source=str(source), batch_size=batch_size,
                        limit=limit, model_name=model, weights=weights, progress=advance, other=other)
+    res.settings["fast"] = bool(getattr(getattr(m, "module", m), "fast", False))  # int8 path ran
     r = res.metrics
     rows = [("mIoU", r["mIoU"]), ("mAcc", r["mAcc"]), ("aAcc", r["aAcc"])]
     rows += [(f"  IoU {k}", v) for k, v in r["IoU"].items()]

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rsvl.cli import preflight
-from rsvl.cli.options import parse_bands
+from rsvl.cli.options import fast_option, parse_bands
 from rsvl.console import emit_json, state, task_progress
 from rsvl.errors import PromptError
 
@@ -23,10 +23,10 @@ def register(app: typer.Typer) -> None:
     app.command("search")(search)
 
 
-def _load(name: str, weights: Path | None, device: str):
+def _load(name: str, weights: Path | None, device: str, fast: bool = False):
     from rsvl.api import load  # lazy: torch start-up, see rsvl.cli
 
-    return load(name, weights=weights, device=device)
+    return load(name, weights=weights, device=device, fast=fast)
 
 
 def _report(result, as_json: bool, verb: str) -> None:
@@ -64,6 +64,7 @@ def build(
     hnsw_m: int = typer.Option(None, "--hnsw-m", help="HNSW neighbours per vector (default 32)."),
     ef_search: int = typer.Option(None, "--ef-search", help="HNSW candidates per query (default 64)."),
     device: str = typer.Option("cpu", "--device"),
+    fast: bool = fast_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -76,7 +77,7 @@ def build(
     preflight.model_for("search", model, weights)
     check_output(out, replace=overwrite)
     expand_sources(sources)
-    m = _load(model, weights, device)
+    m = _load(model, weights, device, fast)
     result = run_build(m, sources, out, tile=tile, overlap=overlap, gsd=gsd,
                        bands=parse_bands(bands), batch_size=batch_size, ivf_threshold=ivf_threshold, nlist=nlist,
                        nprobe=nprobe, index_type=config.index_type, hnsw_m=hnsw_m, ef_search=ef_search,
@@ -91,6 +92,7 @@ def add(
     weights: Path = typer.Option(None, "--weights", help="Local checkpoint of the index's model."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
+    fast: bool = fast_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Add sources to an index; sources already indexed and unchanged are not re-embedded."""
@@ -102,7 +104,7 @@ def add(
     expand_sources(sources)
     if model is not None:
         idx.check_model(model, what="extend")
-    m = _load(idx.model, weights, device)
+    m = _load(idx.model, weights, device, fast)
     result = run_add(m, index, sources, batch_size=batch_size, progress=task_progress("index", unit="images"))
     _report(result, as_json, "added")
 
@@ -118,6 +120,7 @@ def search(
     nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed (default: the index's)."),
     ef_search: int = typer.Option(None, "--ef-search", help="HNSW candidates per query (default: the index's)."),
     device: str = typer.Option("cpu", "--device"),
+    fast: bool = fast_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --geojson file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -135,7 +138,7 @@ def search(
     if image is not None:
         preflight.raster_file(image)
     preflight.new_outputs([geojson], overwrite)
-    m = _load(idx.model, weights, device)
+    m = _load(idx.model, weights, device, fast)
     result = run_search(idx, query, k=k, image=image, model=m, nprobe=nprobe, ef_search=ef_search)
     if geojson is not None:
         result.write_geojson(geojson, overwrite=overwrite)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rsvl.cli import preflight
-from rsvl.cli.options import parse_bands
+from rsvl.cli.options import fast_option, parse_bands
 from rsvl.console import emit_json, state, task_progress
 from rsvl.data.classes import load_classes
 
@@ -54,6 +54,7 @@ def segment(
     vector_format: str = typer.Option("gpkg", "--vector-format", help="gpkg, geojson or parquet."),
     to_crs: str = typer.Option(None, "--to-crs", help="Reproject polygons, e.g. EPSG:4326."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    fast: bool = fast_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -84,7 +85,7 @@ def segment(
         paths = output_paths(prefix, probabilities, preflight.vector_format(vector_format))
         preflight.new_outputs(paths.values(), overwrite)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    m = rsvl.load(model, weights=weights, device=device)
+    m = rsvl.load(model, weights=weights, device=device, fast=fast)
     progress = task_progress("segment")
     result = run_segment(
         m, raster, specs, prefix, templates=templates, bands=parse_bands(bands), gsd=gsd, tile=tile,

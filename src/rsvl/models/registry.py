@@ -19,6 +19,7 @@ its first use, and ``tests/models/test_families.py`` imports every name of every
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +29,11 @@ from rsvl.models import clip, fianet, lisa, llava, mini, rsprompter, sam
 from rsvl.models.cards import ModelCard, normalise_name
 from rsvl.models.device import check_device
 from rsvl.models.weights import fetch as weights_fetch
+
+log = logging.getLogger(__name__)
+
+#: families whose ``load`` takes ``fast=True``
+FAST_FAMILIES = ("clip",)
 
 #: family name -> package, in the order `rsvl models` lists them
 FAMILIES: dict[str, ModuleType] = {
@@ -116,11 +122,24 @@ def load(
     name: str | ModelCard,
     weights: str | Path | None = None,
     device: str = "cpu",
+    *,
+    fast: bool = False,
     **options: Any,
 ) -> Any:
-    """The network of ``name`` with its published checkpoint (or ``weights``), on ``device``."""
+    """The network of ``name`` with its published checkpoint (or ``weights``), on ``device``.
+
+    ``fast`` (``--fast``): the family's faster CPU path that trades a stated accuracy for
+    speed, where it has one (CLIP: int8 linear layers, :mod:`rsvl.models.clip.fast`). The
+    built-in models already run their exact fast path (BatchNorms folded, channels-last);
+    other families run as usual, with a log message saying so.
+    """
     device = check_device(device)
     card = resolve_card(name, weights)
+    if fast and card.family in FAST_FAMILIES:
+        options["fast"] = True
+    elif fast:
+        log.warning("--fast: %s has no separate fast path; it runs as usual%s.", card.name,
+                    " (the built-in models always run their exact fast path)" if card.family == "mini" else "")
     net = FAMILIES[card.family].load(card, weights=weights, device=device, **options)
     if not getattr(net, "name", None):
         net.name = card.name
@@ -129,6 +148,7 @@ def load(
 
 __all__ = [
     "FAMILIES",
+    "FAST_FAMILIES",
     "REGISTRY",
     "build",
     "family_of",

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsvl.models.clip.fast import in_projection
+
 #: attention used in the last block by ``dense_features``
 DenseAttention = Literal["segearth", "sclip", "clearclip", "maskclip", "vanilla"]
 DENSE_ATTENTIONS: tuple[str, ...] = ("segearth", "sclip", "clearclip", "maskclip", "vanilla")
@@ -32,7 +34,7 @@ def last_block_attention(attn_mod: nn.Module, x: torch.Tensor, kind: str) -> tor
     heads = int(attn_mod.num_heads)
     hd = c // heads
     scale = hd**-0.5
-    q, k, v = F.linear(x, attn_mod.in_proj_weight, attn_mod.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = in_projection(attn_mod, x).chunk(3, dim=-1)
     q, k, v = (t.reshape(b, n, heads, hd).transpose(1, 2) for t in (q, k, v))
 
     def sm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

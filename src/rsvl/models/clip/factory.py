@@ -137,6 +137,7 @@ def load_clip(
     *,
     quick_gelu: bool | None = None,
     model_cfg: Mapping[str, Any] | None = None,
+    fast: bool = False,
 ) -> ClipModel:
     """Load a registered RS CLIP (or any open_clip-format card) ready for the tasks.
 
@@ -144,12 +145,14 @@ def load_clip(
     :func:`rsvl.models.weights.resolve_weights`). ``dtype`` defaults to bfloat16 on CUDA and
     float32 elsewhere. ``quick_gelu`` overrides the card's activation; ``model_cfg`` overrides
     the open_clip architecture config (an ``{embed_dim, vision_cfg, text_cfg}`` dict).
+    ``fast`` (``--fast``) runs every linear layer in int8 on the CPU
+    (:mod:`rsvl.models.clip.fast`; speed and accuracy in BENCHMARKS.md).
     """
     card = card_for(name_or_card)
     path = resolve_weights(card, weights)
     sd = read_checkpoint(path)
     model = build_clip(card, sd, quick_gelu=quick_gelu, model_cfg=model_cfg, source=path)
-    return ClipModel(model, card, device=device, dtype=dtype)
+    return ClipModel(model, card, device=device, dtype=dtype, fast=fast)
 
 
 __all__ = ["architecture_card", "build", "card_for", "load_clip"]

@@ -22,6 +22,7 @@ from rsvl.errors import PromptError
 from rsvl.models.cards import ModelCard, pick_card
 from rsvl.models.clip.cards import CARDS
 from rsvl.models.clip.dense import DENSE_ATTENTIONS, DenseAttention, resnet_dense, vit_dense
+from rsvl.models.clip.fast import accelerate_cpu
 
 
 def resolve_dtype(device: torch.device, dtype: Any) -> torch.dtype:
@@ -65,12 +66,19 @@ class ClipModel:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
+        fast: bool = False,
     ) -> None:
         self.card = card
         self.name = card.name
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.device, dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        #: int8 linear layers (``--fast`` on the CPU, :mod:`rsvl.models.clip.fast`)
+        self.fast = bool(fast) and self.device.type == "cpu"
+        if self.fast:
+            if self.dtype != torch.float32:
+                raise ValueError(f"--fast on the CPU quantises a float32 model; got dtype {self.dtype}")
+            self.model = accelerate_cpu(self.model)
         visual = self.model.visual
         size = getattr(visual, "image_size", card.image_size)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -93,7 +101,7 @@ class ClipModel:
     def __repr__(self) -> str:
         return (
             f"ClipModel({self.name!r}, {self.card.architecture}, image {self.image_size}px, "
-            f"text {self.context_length} tokens, {self.device}, {self.dtype})"
+            f"text {self.context_length} tokens, {self.device}, {'int8 linear' if self.fast else self.dtype})"
         )
 
     # ---------------------------------------------------------------- properties
@@ -236,12 +244,14 @@ def from_open_clip(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    fast: bool = False,
 ) -> ClipModel:
     """Wrap an already built open_clip ``CLIP`` (tests, notebooks, fine-tuned models).
 
-    The module is moved to ``device``/``dtype`` in place and put in eval mode.
+    The module is moved to ``device``/``dtype`` in place and put in eval mode (with ``fast``
+    on the CPU its linear layers become int8 in place).
     """
-    return ClipModel(model, pick_card(CARDS, card, "clip"), device=device, dtype=dtype)
+    return ClipModel(model, pick_card(CARDS, card, "clip"), device=device, dtype=dtype, fast=fast)
 
 
 __all__ = ["ClipModel", "from_open_clip", "resolve_dtype"]
