@@ -535,7 +535,7 @@ def train_dense_other(heads_path: str | Path, out_path: str | Path, *, ucm: str 
     scenes = [load_ucm(ucm)] + ([load_aid(aid)] if aid is not None else [])
     scene_keys = sorted({d.samples[i]["label"] for d in scenes for i in d.split("train")})
     bank = make_bank(scene_keys, aid_readable)
-    tower = image_tower_for_clip()
+    tower = image_tower_for_clip().fuse_for_inference()  # frozen: same features, faster
     text_feats = cache_text_features(bank_prompts(bank), cache, MiniLMTower(), "pixel-bank")
     prompt_emb = prompt_embeddings(heads, text_feats, bank)
     sources = prepare_pixel_sources(bank, cache, tower, scenes=scenes, nwpu=nwpu, pixels=pixels,

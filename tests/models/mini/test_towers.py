@@ -52,3 +52,24 @@ def test_minilm_tower_mean_pools_sentences():
     emb = tower(["a harbor with boats", "a forest"])
     assert emb.shape == (2, MiniLMTower.dim)
     assert not any(p.requires_grad for p in tower.parameters()) and not tower.train().training
+
+
+def test_fused_lite0_gives_the_same_maps():
+    """BatchNorms folded into the convolutions, channels-last: the same three maps (ImageNet
+    statistics, so the folding really rescales every channel), no BatchNorm left."""
+    torch.manual_seed(0)
+    ref = Lite0Tower(True, last_block=6, head=True)
+    fused = Lite0Tower(True, last_block=6, head=True).fuse_for_inference()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())
+    assert n_bn > 40 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert fused.fuse_for_inference() is fused  # idempotent
+    x = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        for a, b in zip(ref(x), fused(x), strict=True):
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-4 * max(1.0, float(a.abs().max()))
+
+
+def test_fusing_a_training_tower_is_refused():
+    with pytest.raises(ValueError, match="frozen tower"):
+        Lite0Tower(False, last_block=5, train_from=3).fuse_for_inference()

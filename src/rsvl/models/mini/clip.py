@@ -335,4 +335,5 @@ def load_mini_clip(weights: str | Path | None = None, device: str | torch.device
     shipped ``rsvl/assets/mini-clip/heads.safetensors``). Needs no network."""
     heads = load_heads(weights if weights is not None else DEFAULT_WEIGHTS)
     model = MiniClip(heads)
+    model.image_tower.fuse_for_inference()  # same outputs, ~1.7x faster (BENCHMARKS.md)
     return model.to(device).eval()
