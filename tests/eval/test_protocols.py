@@ -382,7 +382,7 @@ def test_bad_dataset_paths_name_the_expected_layout(tmp_path):
 def cli(monkeypatch):
     from rsvl.cli import eval as eval_cmd
 
-    monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device, *task: ColourModel())
+    monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device, *task, **kw: ColourModel())
     app = typer.Typer()
 
     @app.callback()

