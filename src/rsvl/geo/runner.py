@@ -58,7 +58,14 @@ import rasterio
 from rsvl import __version__
 from rsvl.errors import OutputError, PredictorError, ResumeError
 from rsvl.geo.raster import RasterSource, source_files
-from rsvl.geo.stream import Predictor, TileBatch, TileStream, drain, subset_batch
+from rsvl.geo.stream import (
+    Predictor,
+    TileBatch,
+    TileStream,
+    drain,
+    release_freed_memory,
+    subset_batch,
+)
 from rsvl.geo.tiles import TileGrid, blend_weights, check_tiling
 from rsvl.geo.writer import Scratch, write_geotiff_from_array
 from rsvl.io import OutputLock, atomic_path, refuse_inputs_as_outputs
@@ -470,6 +477,7 @@ class TiledRunner:
         t0 = time.perf_counter()
         result = self.predict(sub)
         self.stats["predict"] += time.perf_counter() - t0
+        release_freed_memory()  # the predictor's freed activations: back to the OS
         arr = _as_array(result)
         T = self.grid.tile
         if arr.ndim == 3:
