@@ -28,13 +28,10 @@ from rsvl.data.classes import ClassSpec, parse_class_list
 from rsvl.errors import PromptError, UnknownModelError
 from rsvl.io import read_rgb
 from rsvl.models import registry
-from rsvl.tasks import classify as task
-from rsvl.tasks.chat import chat
-from rsvl.tasks.farmland import segment_request
-from rsvl.tasks.instances import instances
-from rsvl.tasks.refer import refer
-from rsvl.tasks.search import build, search
-from rsvl.tasks.segment import segment
+
+# Each method imports its task module on first use. Importing them all here
+# (geopandas, pandas, scipy, FAISS...) added 1.2-1.3 s to every rsvl.load() on this machine
+# (bench/load_time.py), and a chip classification needs none of them.
 
 DEFAULT_MODEL = "mini-clip"
 
@@ -110,6 +107,7 @@ class Model:
         """
 
         self._require("classify")
+        from rsvl.tasks import classify as task  # lazy: 1.2 s of task imports (note at top)
         specs = _classes(classes)
         if isinstance(images, (str, os.PathLike)):
             return task.classify(self.module, images, specs, templates=templates, top_k=top_k, **kwargs)
@@ -129,9 +127,12 @@ class Model:
 
         if "farmland" in self.card.tasks and "segment" not in self.card.tasks:
             # a language-guided model (FSVLM, LISA, mini-fsvlm): ``classes`` is the request
+            from rsvl.tasks.farmland import segment_request  # lazy: task imports (note at top)
+
             kwargs.setdefault("model_name", self.card.name)
             return segment_request(self.module, source, str(classes), out, **kwargs)
         self._require("segment")
+        from rsvl.tasks.segment import segment  # lazy: 1.2 s of task imports (note at top)
         kwargs.setdefault("model_name", self.card.name)
         return segment(self.module, source, _classes(classes), out, **kwargs)
 
@@ -151,6 +152,8 @@ class Model:
         (:func:`rsvl.tasks.search.build`: ``tile``, ``gsd``, ``overwrite``...)."""
 
         self._require("search")
+        from rsvl.tasks.search import build  # lazy: 1.2 s of task imports (note at top)
+
         return build(self.module, sources, out, **kwargs)
 
     def search(self, index: str | os.PathLike[str], text: str | None = None, *,
@@ -159,6 +162,8 @@ class Model:
         ``image`` file (:func:`rsvl.tasks.search.search`)."""
 
         self._require("search")
+        from rsvl.tasks.search import search  # lazy: 1.2 s of task imports (note at top)
+
         return search(index, text, image=image, k=k, model=self.module, **kwargs)
 
 
@@ -168,6 +173,7 @@ class Model:
         writes its mask, polygon and overlay (:func:`rsvl.tasks.refer.refer`)."""
 
         self._require("refer")
+        from rsvl.tasks.refer import refer  # lazy: 1.2 s of task imports (note at top)
         kwargs.setdefault("model_name", self.card.name)
         return refer(self.module, source, expression, out, **kwargs)
 
@@ -179,6 +185,7 @@ class Model:
         ``tile``, ``instance_tif``...)."""
 
         self._require("instances")
+        from rsvl.tasks.instances import instances  # lazy: 1.2 s of task imports (note at top)
         kwargs.setdefault("model_name", self.card.name)
         return instances(self.module, source, out, **kwargs)
 
@@ -191,6 +198,7 @@ class Model:
         ``temperature``...)."""
 
         self._require("chat")
+        from rsvl.tasks.chat import chat  # lazy: 1.2 s of task imports (note at top)
         kwargs.setdefault("model_name", self.card.name)
         return chat(self.module, image, question, history=history or (), **kwargs)
 

@@ -18,14 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
 import numpy as np
 import rasterio
 import shapely
 from affine import Affine
 from rasterio.features import shapes
 from rasterio.windows import Window
-from scipy import ndimage
 from shapely.geometry import shape
 
 from rsvl.errors import NoCRSError, OutputError
@@ -58,6 +56,8 @@ def _shapes_for_strip(
     confidence: np.ndarray | None,
 ) -> list[tuple[Any, int, int, float]]:
     """Polygons of one strip: (geometry, class value, pixel count, confidence sum)."""
+    from scipy import ndimage  # lazy: 0.3 s at import; only polygonising needs it
+
     out: list[tuple[Any, int, int, float]] = []
     values = np.unique(labels[valid])
     for v in values.tolist():
@@ -209,6 +209,8 @@ def _polygonize(
             rec.update(attributes)
         records.append(rec)
     columns = ["class_id", "class", "pixels", "area", "score", *(attributes or {}).keys(), "geometry"]
+    import geopandas as gpd  # lazy: geopandas + pandas cost 0.8 s at import; chips need neither
+
     gdf = gpd.GeoDataFrame(records, columns=columns, geometry="geometry", crs=crs)
     if len(gdf):
         gdf = gdf.sort_values(["class_id", "pixels"], ascending=[True, False], kind="stable").reset_index(drop=True)

@@ -82,9 +82,11 @@ def test_the_cache_can_be_turned_off(monkeypatch):
 
 
 def _heavy_imports_after(load: str, root) -> str:
-    """Which of timm, transformers, torchvision a fresh process has imported after ``load``
-    (Python code), with ``RSVL_CACHE`` at ``root``."""
-    code = f"import sys, rsvl; {load}; print(sorted(k for k in ('timm', 'transformers', 'torchvision') if k in sys.modules))"
+    """Which of the libraries a load should not need (timm, transformers, torchvision; and
+    geopandas, scipy, FAISS, which only tasks writing vectors or indexes import) a fresh
+    process has imported after ``load`` (Python code), with ``RSVL_CACHE`` at ``root``."""
+    heavy = ("timm", "transformers", "torchvision", "geopandas", "scipy", "faiss")
+    code = f"import sys, rsvl, numpy as np; {load}; print(sorted(k for k in {heavy!r} if k in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "RSVL_CACHE": str(root)})
     assert out.returncode == 0, out.stderr
@@ -92,8 +94,10 @@ def _heavy_imports_after(load: str, root) -> str:
 
 
 def test_loading_from_the_cache_imports_neither_timm_nor_transformers(warm_cache):
-    """mini-clip, then mini-refer (whose image tower is compiled by its first load)."""
+    """mini-clip (loaded, then classifying a chip), then mini-refer (whose image tower is
+    compiled by its first load)."""
     root, _ = warm_cache
-    assert _heavy_imports_after("m = rsvl.load('mini-clip'); m.encode_text(['farmland'])", root) == "[]"
+    chip = "m.classify(np.zeros((64, 64, 3), np.uint8), 'forest, water')"
+    assert _heavy_imports_after(f"m = rsvl.load('mini-clip'); m.encode_text(['farmland']); {chip}", root) == "[]"
     _heavy_imports_after("rsvl.load('mini-refer')", root)  # compiles lite0-block6
     assert _heavy_imports_after("rsvl.load('mini-refer')", root) == "[]"
