@@ -1,5 +1,5 @@
 """``--fast`` reaches the model loader from every command that has it, and the registry
-gives it to the families that have a fast path (CLIP) and logs for the others."""
+gives it to the families that have a fast path (CLIP, SAM, RSPrompter) and logs for the others."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def calls(monkeypatch):
     ["classify", SAMPLE, "-l", "forest, water", "--fast", "-o", "{tmp}/c"],
     ["segment", SAMPLE, "forest, water", "--fast", "-o", "{tmp}/s"],
     ["index", "build", SAMPLE, "-o", "{tmp}/idx", "--fast"],
+    ["instances", SAMPLE, "-o", "{tmp}/i", "--fast"],
     ["eval", "zeroshot", "{ucm}", "--fast"],
     ["eval", "retrieval", "{ucm}", "--fast"],
 ])
@@ -47,7 +48,7 @@ def test_fast_reaches_the_loader(args, calls, tmp_path):
     assert len(calls) == 2 and calls[1].get("fast") is False
 
 
-def test_registry_passes_fast_to_clip_only(monkeypatch, caplog):
+def test_registry_passes_fast_to_clip_and_sam_only(monkeypatch, caplog):
     seen = {}
 
     def fake_load(family):
@@ -58,10 +59,13 @@ def test_registry_passes_fast_to_clip_only(monkeypatch, caplog):
 
     monkeypatch.setattr(registry.FAMILIES["clip"], "load", fake_load("clip"))
     monkeypatch.setattr(registry.FAMILIES["sam"], "load", fake_load("sam"))
+    monkeypatch.setattr(registry.FAMILIES["fianet"], "load", fake_load("fianet"))
     registry.load("openai-vit-b16", fast=True)
     assert seen["clip"] == {"fast": True}
+    registry.load("sam-vit-b", fast=True)
+    assert seen["sam"] == {"fast": True}
     with caplog.at_level(logging.WARNING, logger="rsvl.models.registry"):
-        registry.load("sam-vit-b", fast=True)
-    assert seen["sam"] == {} and "no separate fast path" in caplog.text
+        registry.load("fianet-rrsisd", fast=True)
+    assert seen["fianet"] == {} and "no separate fast path" in caplog.text
     registry.load("openai-vit-b16")
     assert seen["clip"] == {}

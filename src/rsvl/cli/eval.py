@@ -278,6 +278,7 @@ def coco(
     save_detections: Path = typer.Option(None, "--save-detections", help="Model mode: also write the detections (COCO results JSON)."),
     limit: int = _LIMIT,
     device: str = _DEVICE,
+    fast: bool = fast_option(),
     as_json: bool = _JSON,
     out: Path = _OUT,
 ) -> None:
@@ -295,11 +296,12 @@ def coco(
         tr, va = split_ids(ds.image_ids, val_fraction, seed)
         n = len({"val": va, "train": tr}.get(split, ds.image_ids))
         n = min(n, limit) if limit else n
-        m = _load_model(model, weights, device, "instances")
+        m = _load_model(model, weights, device, "instances", fast=fast)
         with progress_bar(n, "coco") as advance:
             res = run_coco_model(m, ground_truth, images=images, split=split, val_fraction=val_fraction,
                                  seed=seed, limit=limit, max_dets=max_dets, model_name=model, weights=weights,
                                  detections_out=save_detections, progress=advance)
+        res.settings["fast"] = bool(getattr(getattr(m, "module", m), "fast", False))  # int8 path ran
         rows = []
         for kind in ("bbox", "segm"):
             r = res.metrics[kind]

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from rsvl.cli import preflight
-from rsvl.cli.options import parse_bands
+from rsvl.cli.options import fast_option, parse_bands
 from rsvl.console import emit_json, state, task_progress
 from rsvl.errors import ResumeError
 from rsvl.geo.journal import refuse_stale_journal
@@ -34,6 +34,7 @@ def instances(
     vector_format: str = typer.Option("gpkg", "--vector-format", help="gpkg, geojson or parquet (rasters)."),
     to_crs: str = typer.Option(None, "--to-crs", help="Reproject polygons, e.g. EPSG:4326."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    fast: bool = fast_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run on a raster (same input and options)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -65,7 +66,7 @@ def instances(
         refuse_stale_journal(paths["instances"], resume, overwrite)
         if not resume:
             preflight.new_outputs(paths.values(), overwrite)
-    m = rsvl.load(model, weights=weights, device=device)
+    m = rsvl.load(model, weights=weights, device=device, fast=fast)
     progress = task_progress("instances", unit="images" if source.is_dir() else "tiles")
     result = run_instances(
         m, source, out, classes=classes, score=score, tile=tile, overlap=overlap,

@@ -7,12 +7,12 @@ import typer
 from rsvl.errors import BandSelectionError
 
 #: ``--fast``: the model's faster CPU path (CLIP: int8 linear layers; see BENCHMARKS.md)
-FAST_HELP = ("CLIP models on the CPU: int8 linear layers, ~2x faster, embeddings within ~1e-3 cosine "
-             "(BENCHMARKS.md). Built-in models always run their exact fast path.")
+FAST_HELP = ("CLIP, SAM and RSPrompter models on the CPU: int8 linear layers, ~2x faster, embeddings "
+             "within ~1e-3 cosine (BENCHMARKS.md). Built-in models always run their exact fast path.")
 
 
 def fast_option() -> bool:
-    """The ``--fast`` option, the same on every command that loads an image-text model."""
+    """The ``--fast`` option, the same on every command that loads a CLIP or SAM-based model."""
     return typer.Option(False, "--fast", help=FAST_HELP)
 
 

@@ -33,7 +33,7 @@ from rsvl.models.weights import fetch as weights_fetch
 log = logging.getLogger(__name__)
 
 #: families whose ``load`` takes ``fast=True``
-FAST_FAMILIES = ("clip",)
+FAST_FAMILIES = ("clip", "sam", "rsprompter")
 
 #: family name -> package, in the order `rsvl models` lists them
 FAMILIES: dict[str, ModuleType] = {

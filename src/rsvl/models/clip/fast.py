@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsvl.errors import DeviceError
+from rsvl.models.int8 import quantize_linear
 
 
 class ProjAttention(nn.Module):
@@ -93,29 +93,6 @@ def split_attention(net: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, ProjAttention(child))
     return len(swaps)
-
-
-def quantize_linear(net: nn.Module) -> nn.Module:
-    """``net`` (float32, eval) with every ``nn.Linear`` as a dynamic int8 linear layer
-    (per-channel weight scales), in place."""
-    engines = torch.backends.quantized.supported_engines
-    # oneDNN was the fastest of the three x86 engines on the AVX2 CPU this was measured on
-    # (ViT-B-16 image tower, same accuracy); QNNPACK on ARM
-    engine = next((e for e in ("onednn", "x86", "fbgemm", "qnnpack") if e in engines), None)
-    if engine is None:
-        raise DeviceError(
-            "--fast needs PyTorch's int8 kernels (FBGEMM or QNNPACK), and this PyTorch build has none.",
-            hint="Run without --fast, or install the PyTorch wheel from pytorch.org for this CPU.",
-        )
-    torch.backends.quantized.engine = engine
-    net = torch.ao.quantization.quantize_dynamic(
-        net, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
-    )
-    for mod in net.modules():
-        if isinstance(mod, torch.ao.nn.quantized.dynamic.Linear):
-            # open_clip asks a block's first MLP layer for the activation dtype (its int8 hook)
-            mod.int8_original_dtype = torch.float32
-    return net
 
 
 def accelerate_cpu(net: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ from rsvl.models.rsprompter.convert import load_prompter_checkpoint
 from rsvl.models.rsprompter.query import RSPrompterQuery
 from rsvl.models.rsprompter.sam_det import SamDet
 from rsvl.models.rsprompter.sam_seg import SamSeg
-from rsvl.models.sam.build import build_sam, load_sam
+from rsvl.models.sam.build import build_sam, load_sam, make_fast
 from rsvl.models.sam.config import SamConfig
 from rsvl.models.sam.sam import Sam
 from rsvl.models.weights import resolve_weights
@@ -136,11 +136,13 @@ def card_name(variant: str, dataset: str) -> str:
 
 def load(
     card: ModelCard | str, weights: str | Path | None = None, device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None, **overrides: Any,
+    dtype: torch.dtype | None = None, fast: bool = False, **overrides: Any,
 ) -> nn.Module:
     """Build a registered RSPrompter card's model and load the user's trained checkpoint
     (MMDetection layout, strictly). ``overrides`` go to :func:`build` (tests shrink SAM and
-    the heads this way; key names stay those of the card's architecture)."""
+    the heads this way; key names stay those of the card's architecture). ``fast``
+    (``--fast``, float32 on the CPU): SAM's image encoder with LoRA merged and int8 linear
+    layers (:mod:`rsvl.models.sam.fast`)."""
     card = pick_card(CARDS, card, "rsprompter")
     if card.family != "rsprompter":
         raise UnknownModelError(f"{card.name} is a {card.family} model, not an RSPrompter one.")
@@ -156,4 +158,7 @@ def load(
     model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)
-    return model.eval()
+    model = model.eval()
+    if fast:
+        model.fast = make_fast(model.sam).fast  # every variant holds its SAM as ``.sam``
+    return model

@@ -28,6 +28,7 @@ from rsvl.models.sam.convert import (
     load_sam_state_dict,
     read_sam_checkpoint,
 )
+from rsvl.models.sam.fast import accelerate_encoder
 from rsvl.models.sam.sam import Sam
 from rsvl.models.weights import resolve_weights
 
@@ -112,6 +113,7 @@ def load_sam(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    fast: bool = False,
     **overrides: Any,
 ) -> Sam:
     """Build a SAM and load a checkpoint in either published layout.
@@ -119,7 +121,9 @@ def load_sam(
     ``source`` is a path (see :func:`~rsvl.models.sam.convert.read_sam_checkpoint`) or an
     in-memory state dict. ``config`` is a :class:`SamConfig`, a name (``vit_b``/``vit_l``/
     ``vit_h``, ``overrides`` replacing its fields), or None to take it from a transformers
-    ``config.json`` next to the weights, else from the tensor shapes.
+    ``config.json`` next to the weights, else from the tensor shapes. ``fast`` (``--fast``,
+    float32 on the CPU only) runs the image encoder's linear layers in int8
+    (:mod:`rsvl.models.sam.fast`).
     """
     hf_config = None
     if isinstance(source, Mapping):
@@ -142,7 +146,18 @@ def load_sam(
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)
-    return model.eval()
+    return make_fast(model.eval()) if fast else model.eval()
+
+
+def make_fast(model: Sam) -> Sam:
+    """``model`` with :func:`~rsvl.models.sam.fast.accelerate_encoder` applied when it runs
+    float32 on the CPU (``model.fast`` says whether it was); elsewhere unchanged (bfloat16 is
+    the fast path on CUDA)."""
+    p = next(model.image_encoder.parameters())
+    model.fast = p.device.type == "cpu" and p.dtype == torch.float32
+    if model.fast:
+        accelerate_encoder(model.image_encoder)
+    return model
 
 
 def build(name: str, **overrides: Any) -> Sam:
@@ -157,6 +172,7 @@ def load(
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    fast: bool = False,
     **overrides: Any,
 ) -> Sam:
     """A published SAM checkpoint (``sam-vit-b``, ``sam-vit-base-hf`` ...) ready for use.
@@ -172,4 +188,4 @@ def load(
             hint="Run `rsvl models` to list the SAM cards (family sam).",
         )
     path = resolve_weights(card, weights)
-    return load_sam(path, card.architecture, device=device, dtype=dtype, **overrides)
+    return load_sam(path, card.architecture, device=device, dtype=dtype, fast=fast, **overrides)
