@@ -7,9 +7,25 @@ not in the torch-free ``rsvl.io`` / ``rsvl.geo``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def expand_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
+    """``image`` (H, W, 3) centred on a square of colour ``fill`` (LLaVA's expand2square:
+    the offset is ``(long - short) // 2``)."""
+    h, w = image.shape[:2]
+    if h == w:
+        return image
+    side = max(h, w)
+    out = np.empty((side, side, 3), dtype=image.dtype)
+    out[:] = np.asarray(fill, dtype=image.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = image
+    return out
 
 
 def square_image(rgb: np.ndarray, size: int) -> np.ndarray:

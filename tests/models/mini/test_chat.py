@@ -173,3 +173,26 @@ def test_shipped_model_answers_unseen_val_questions_better_than_the_majority():
             right += answer.strip().lower().rstrip(".") == t
         accuracy = right / len(val)
         assert accuracy >= majority + 0.2, (kind, accuracy, majority)
+
+
+def test_inference_load_folds_the_adapters_as_peft_does(tiny, tmp_path):
+    """``load_mini_chat(merge=True)`` builds SmolLM2 without peft and adds ``B @ A * alpha / r``
+    itself: the same language-model weights as peft's ``merge_and_unload``."""
+    with torch.no_grad():
+        for name, p in tiny.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    path = save_mini_chat(tiny, tmp_path / "adapter.safetensors")
+    lean = load_mini_chat(path, language_model=tiny_language_model(), pretrained=False, merge=True)
+    via_peft = load_mini_chat(path, language_model=tiny_language_model(), pretrained=False, merge=False)
+    assert hasattr(via_peft.llm, "get_base_model") and not hasattr(lean.llm, "get_base_model")
+    via_peft.merge_adapters()
+    want = via_peft.causal_lm.state_dict()
+    got = lean.causal_lm.state_dict()
+    assert set(got) == set(want)
+    changed = [k for k in want if not torch.equal(want[k], tiny_language_model()[0].state_dict()[k])]
+    assert changed  # the adapters did change the weights
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="no adapters merged yet"):
+        lean.merge_lora(lean.merged)  # twice would add them twice

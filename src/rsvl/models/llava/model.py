@@ -35,20 +35,7 @@ from rsvl.models.llava.convert import layout_of
 from rsvl.models.llava.parse import parse_boxes
 from rsvl.models.llava.prompt import build_prompt, tokenize_prompt
 from rsvl.models.llava.tokenizer import SentencePieceBPE
-
-
-def expand_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
-    """``image`` (H, W, 3) centred on a square of colour ``fill`` (LLaVA's expand2square:
-    the offset is ``(long - short) // 2``)."""
-    h, w = image.shape[:2]
-    if h == w:
-        return image
-    side = max(h, w)
-    out = np.empty((side, side, 3), dtype=image.dtype)
-    out[:] = np.asarray(fill, dtype=image.dtype)
-    top, left = (side - h) // 2, (side - w) // 2
-    out[top : top + h, left : left + w] = image
-    return out
+from rsvl.models.preprocess import expand_to_square
 
 
 def preprocess_image(

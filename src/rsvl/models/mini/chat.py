@@ -37,12 +37,13 @@ from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, PromptError
 from rsvl.models.chat import ChatAnswer
-from rsvl.models.llava.model import expand_to_square
 from rsvl.models.llava.parse import parse_vhm_boxes
 from rsvl.models.mini import smollm
 from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
+from rsvl.models.mini.compiled import compiled_image_tower
 from rsvl.models.mini.files import read_weights, write_weights
 from rsvl.models.mini.towers import LITE0_BLOCK_CHANNELS, Lite0Tower
+from rsvl.models.preprocess import expand_to_square
 
 #: the metadata ``format`` of mini-chat weight files
 FORMAT = "rsvl-mini-chat-v1"
@@ -107,9 +108,10 @@ class Projector(nn.Module):
 class ImageFeatures(nn.Module):
     """The frozen Lite0 tower: normalised (B, 3, S, S) -> (B, 64, feature_dim) image tokens."""
 
-    def __init__(self, pretrained: bool = True) -> None:
+    def __init__(self, pretrained: bool = True, tower: nn.Module | None = None) -> None:
         super().__init__()
-        self.tower = Lite0Tower(pretrained, last_block=6)
+        #: Lite0 up to block 6 (``tower``: the same compiled, see :func:`load_mini_chat`)
+        self.tower = tower if tower is not None else Lite0Tower(pretrained, last_block=6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f8, f16, f32 = self.tower(x)
@@ -141,12 +143,12 @@ class MiniChat(nn.Module):
     name = "mini-chat"
 
     def __init__(self, config: MiniChatConfig, language_model: nn.Module, tokenizer: Any, *,
-                 pretrained: bool = True, lora: bool = True) -> None:
+                 pretrained: bool = True, lora: bool = True, image_tower: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.image_size = config.image_size
         self.tokenizer = tokenizer
-        self.features = ImageFeatures(pretrained)
+        self.features = ImageFeatures(pretrained, image_tower)
         hidden = int(language_model.config.hidden_size)
         self.projector = Projector(config.feature_dim, hidden)
         for p in language_model.parameters():
@@ -190,8 +192,40 @@ class MiniChat(nn.Module):
             out.update(self.merged)
         return out
 
+    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The adapter tensors of this model's config, as peft names them in its state dict
+        (``lora.base_model.model.<module>.lora_A.weight``, (r, in) and (out, r))."""
+        targets = set(self.config.lora_targets)
+        r = int(self.config.lora_r)
+        out: dict[str, tuple[int, ...]] = {}
+        for name, mod in self.causal_lm.named_modules():
+            if name.rsplit(".", 1)[-1] in targets and isinstance(mod, nn.Linear):
+                out[f"lora.base_model.model.{name}.lora_A.weight"] = (r, mod.in_features)
+                out[f"lora.base_model.model.{name}.lora_B.weight"] = (mod.out_features, r)
+        return out
+
+    def merge_lora(self, lora: Mapping[str, torch.Tensor]) -> None:
+        """Add trained adapters (``lora.``-prefixed peft keys, see :meth:`lora_shapes`) to a
+        model built without peft: ``W += B @ A * alpha / r`` in float32, as peft's
+        ``merge_and_unload`` does; ``self.merged`` keeps them for :meth:`trainable_state_dict`."""
+        if self.merged or hasattr(self.llm, "get_base_model"):
+            raise ValueError("merge_lora needs a model built with lora=False and no adapters merged yet")
+        scale = float(self.config.lora_alpha) / float(self.config.lora_r)
+        modules = dict(self.llm.named_modules())
+        with torch.no_grad():
+            for key in sorted(k for k in lora if k.endswith(".lora_A.weight")):
+                name = key[len("lora.base_model.model."):-len(".lora_A.weight")]
+                a = lora[key].float()
+                b = lora[key.replace(".lora_A.", ".lora_B.")].float()
+                w = modules[name].weight
+                w.add_((b @ a * scale).to(w.dtype))
+        self.merged = {k: v.detach().float().clone() for k, v in lora.items()}
+
     def load_trainable(self, sd: Mapping[str, torch.Tensor], *, what: str) -> None:
-        expected = self.trainable_state_dict()
+        peft = hasattr(self.llm, "get_base_model")
+        expected = self.trainable_state_dict() if peft or self.merged else {
+            **{f"projector.{k}": v for k, v in self.projector.state_dict().items()},
+            **{k: torch.empty(shape) for k, shape in self.lora_shapes().items()}}
         missing = sorted(set(expected) - set(sd))
         unexpected = sorted(set(sd) - set(expected))
         shapes = sorted(k for k in set(expected) & set(sd) if tuple(expected[k].shape) != tuple(sd[k].shape))
@@ -202,6 +236,9 @@ class MiniChat(nn.Module):
             raise CheckpointMismatchError(f"{what} does not fit mini-chat: " + "; ".join(p for p in parts if p) + ".",
                                           hint="Use a file written by `rsvl train chat`.")
         self.projector.load_state_dict({k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")})
+        if not peft:  # built without peft (an inference load): fold the adapters in now
+            self.merge_lora({k: v for k, v in sd.items() if k.startswith("lora.")})
+            return
         lora = {k[len("lora."):]: v for k, v in sd.items() if k.startswith("lora.")}
         if lora:
             from peft import set_peft_model_state_dict  # lazy: as in __init__
@@ -330,13 +367,15 @@ class MiniChat(nn.Module):
 
 
 def build_mini_chat(config: MiniChatConfig | None = None, *, pretrained: bool = True, device: str = "cpu",
-                    language_model: tuple[Any, Any] | None = None) -> MiniChat:
+                    language_model: tuple[Any, Any] | None = None, lora: bool = True,
+                    image_tower: nn.Module | None = None) -> MiniChat:
     """mini-chat with a fresh projector and fresh LoRA adapters on SmolLM2 (what training
-    starts from). ``language_model``: a (model, tokenizer) pair to use instead of SmolLM2
-    (tests pass a tiny one)."""
+    starts from; ``lora=False``: no adapters, see :meth:`MiniChat.merge_lora`).
+    ``language_model``: a (model, tokenizer) pair to use instead of SmolLM2 (tests pass a
+    tiny one); ``image_tower``: Lite0 up to block 6 built elsewhere (compiled)."""
     config = config or MiniChatConfig()
     lm, tok = language_model if language_model is not None else smollm.load(device)
-    return MiniChat(config, lm, tok, pretrained=pretrained).to(device)
+    return MiniChat(config, lm, tok, pretrained=pretrained, lora=lora, image_tower=image_tower).to(device)
 
 
 def save_mini_chat(model: MiniChat, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
@@ -359,10 +398,19 @@ def load_mini_chat(weights: str | Path | None = None, device: str = "cpu", *, me
         config = MiniChatConfig.from_dict(json.loads(meta.get("config", "{}")))
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: unreadable mini-chat config ({e}).", hint=hint) from e
-    model = build_mini_chat(config, pretrained=pretrained, device=device, language_model=language_model)
+    if not merge:  # adapters kept as peft layers (to train further)
+        model = build_mini_chat(config, pretrained=pretrained, device=device, language_model=language_model)
+        model.load_trainable(tensors, what=str(path))
+        return model.to(device).eval()
+    # for answering: the adapters folded straight into SmolLM2 (no peft: it imports
+    # transformers' whole stack), the frozen tower compiled once into rsvl's cache as
+    # mini-refer's (same Lite0 blocks, BatchNorms folded: no timm / torchvision import)
+    tower = compiled_image_tower(
+        "lite0-block6", lambda: Lite0Tower(True, last_block=6, head=False).fuse_for_inference()
+    ) if pretrained else None
+    model = build_mini_chat(config, pretrained=pretrained, device=device, language_model=language_model,
+                            lora=False, image_tower=tower)
     model.load_trainable(tensors, what=str(path))
-    if merge:
-        model.merge_adapters()
     return model.to(device).eval()
 
 

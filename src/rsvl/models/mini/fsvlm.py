@@ -40,12 +40,12 @@ from torch import nn
 
 from rsvl.errors import CheckpointMismatchError, PromptError
 from rsvl.models.checkpoint import load_strict
-from rsvl.models.llava.model import expand_to_square
 from rsvl.models.mini.cards import assets_dir
 from rsvl.models.mini.chat import GRID, MiniChat, as_rgb, cache_arg, load_mini_chat
 from rsvl.models.mini.files import read_weights, write_weights
 from rsvl.models.mini.refer import DEFAULT_WEIGHTS as REFER_WEIGHTS
 from rsvl.models.mini.refer import MiniReferConfig, ReferDecoder, load_decoder
+from rsvl.models.preprocess import expand_to_square
 from rsvl.models.segchat import SegAnswer
 
 FORMAT = "rsvl-mini-fsvlm-v1"
