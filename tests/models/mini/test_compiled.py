@@ -101,3 +101,35 @@ def test_loading_from_the_cache_imports_neither_timm_nor_transformers(warm_cache
     assert _heavy_imports_after(f"m = rsvl.load('mini-clip'); m.encode_text(['farmland']); {chip}", root) == "[]"
     _heavy_imports_after("rsvl.load('mini-refer')", root)  # compiles lite0-block6
     assert _heavy_imports_after("rsvl.load('mini-refer')", root) == "[]"
+
+
+def test_mini_instances_loads_scripted_without_torchvision(warm_cache):
+    """The first load scripts the shipped Mask R-CNN (checked against the eager model); later
+    loads import neither torchvision's Python package nor timm and detect the same objects."""
+    root, _ = warm_cache
+    _heavy_imports_after("rsvl.load('mini-instances')", root)  # compiles
+    assert _heavy_imports_after("m = rsvl.load('mini-instances')", root) == "[]"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RSVL_CACHE", str(root))
+    try:
+        from rsvl.models.mini.instances import load_mini_instances
+
+        scripted = load_mini_instances()
+        mp.setenv("RSVL_COMPILED_TOWERS", "0")
+        eager = load_mini_instances()
+    finally:
+        mp.undo()
+    assert isinstance(scripted, compiled.CompiledDetector) and not isinstance(eager, compiled.CompiledDetector)
+    assert scripted.classes == eager.classes and not scripted.training
+    images = compiled.check_images()
+    with torch.inference_mode():
+        want, got = eager(images), scripted(images)
+    assert len(want[1]["scores"]) >= 5  # the disks image: objects found
+    for a, b in zip(want, got, strict=True):
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="takes no targets"):
+        scripted(images, [{}, {}])
+    with pytest.raises(RuntimeError, match="RSVL_COMPILED_TOWERS=0"):
+        scripted.train()
