@@ -75,6 +75,25 @@ def test_a_broken_archive_is_rebuilt(warm_cache, tmp_path, monkeypatch, caplog):
     assert not list(compiled.cache_folder().glob("*.part"))
 
 
+def test_a_failed_compile_is_not_retried_on_every_load(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RSVL_CACHE", str(tmp_path))
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise RuntimeError("cannot script this")
+
+    with caplog.at_level(logging.WARNING, logger="rsvl.models.mini.compiled"):
+        assert compiled.compiled_image_tower("lite0-head", fails) is None
+    assert "cannot script this" in caplog.text and "to try again" in caplog.text
+    assert compiled.compiled_image_tower("lite0-head", fails) is None
+    assert len(calls) == 1  # the second load went straight to the eager tower
+    marker = compiled.cache_folder() / "lite0-head.ts.failed"
+    assert "cannot script this" in marker.read_text()
+    marker.unlink()  # as the warning says: deleting it tries again
+    assert compiled.compiled_image_tower("lite0-head", fails) is None and len(calls) == 2
+
+
 def test_the_cache_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("RSVL_COMPILED_TOWERS", "0")
     assert compiled.compiled_image_tower("lite0-head", lambda: pytest.fail("built")) is None

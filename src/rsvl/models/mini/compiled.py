@@ -246,13 +246,22 @@ def _cached_inner(path: Path, compile_fn, load_fn, what: str):
             log.warning("compiled %s in %s did not load (%s: %s); compiling it again.", what, path,
                         type(exc).__name__, exc)
             path.unlink(missing_ok=True)
+    failed = path.with_name(path.name + ".failed")
+    if failed.is_file():  # compiling failed before with these versions and weights: not again
+        log.info("%s: compiling failed before (%s); using it uncompiled.", what, failed)
+        return None
     try:
         compile_fn(path)
         return load_fn(path)
     except Exception as exc:  # noqa: BLE001 - the eager towers are always there
-        log.warning("could not compile %s into %s (%s: %s); using it uncompiled.", what, path,
-                    type(exc).__name__, exc)
+        log.warning("could not compile %s into %s (%s: %s); using it uncompiled. Delete %s to try again.",
+                    what, path, type(exc).__name__, exc, failed)
         path.unlink(missing_ok=True)
+        try:  # every later load would pay the failed attempt (up to ~15 s) again otherwise
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(exc).__name__}: {exc}\n")
+        except OSError:
+            pass
         return None
 
 
