@@ -124,7 +124,8 @@ def main() -> None:
             rows[-2]["vs_reference"] = round(rows[-2]["total_s"] / rows[-1]["total_s"], 3)
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeats": args.repeats,
-               "reference_src": str(args.reference_src) if args.reference_src else None}
+               # relative to this checkout: no machine path in the committed results
+               "reference_src": os.path.relpath(args.reference_src, HERE.parent) if args.reference_src else None}
     previous = json.loads(args.json.read_text()) if args.json.exists() else {}
     runs = [r for r in previous.get("runs", []) if r.get("label") != args.label]
     runs.append({"label": args.label, "machine": machine, "rows": rows})

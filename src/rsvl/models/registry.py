@@ -129,7 +129,8 @@ def load(
     """The network of ``name`` with its published checkpoint (or ``weights``), on ``device``.
 
     ``fast`` (``--fast``): the family's faster CPU path that trades a stated accuracy for
-    speed, where it has one (CLIP: int8 linear layers, :mod:`rsvl.models.clip.fast`). The
+    speed, where it has one (CLIP: int8 linear layers, :mod:`rsvl.models.clip.fast`; SAM and
+    RSPrompter: the same in SAM's ViT, :mod:`rsvl.models.sam.fast`). The
     built-in models already run their exact fast path (BatchNorms folded, channels-last);
     other families run as usual, with a log message saying so.
     """
