@@ -7,8 +7,8 @@ import typer
 from rsvl.errors import BandSelectionError
 
 #: ``--fast``: the model's faster CPU path (CLIP: int8 linear layers; see BENCHMARKS.md)
-FAST_HELP = ("CLIP, SAM and RSPrompter models on the CPU: int8 linear layers, ~2x faster, embeddings "
-             "within ~1e-3 cosine (BENCHMARKS.md). Built-in models always run their exact fast path.")
+FAST_HELP = ("CLIP, SAM and RSPrompter models on the CPU: int8 linear layers, 1.8-1.95x faster, embeddings "
+             "within ~3e-3 cosine (BENCHMARKS.md). Built-in models always run their exact fast path.")
 
 
 def fast_option() -> bool:

@@ -152,3 +152,28 @@ def test_mini_instances_loads_scripted_without_torchvision(warm_cache):
         scripted(images, [{}, {}])
     with pytest.raises(RuntimeError, match="RSVL_COMPILED_TOWERS=0"):
         scripted.train()
+    assert not any(p.requires_grad for p in scripted.parameters())
+
+    # operators that do not load directly: torchvision is imported instead, same archive
+    mp.setenv("RSVL_CACHE", str(root))
+    mp.setattr(compiled, "load_torchvision_ops", lambda: (_ for _ in ()).throw(OSError("no such library")))
+    mp.setattr(compiled, "_compile_detector", lambda *a: pytest.fail("compiled again"))
+    try:
+        assert isinstance(load_mini_instances(), compiled.CompiledDetector)
+    finally:
+        mp.undo()
+
+
+def test_weights_that_do_not_fit_are_the_users_error_not_a_cache_failure(tmp_path, monkeypatch):
+    from rsvl.errors import CheckpointMismatchError
+
+    monkeypatch.setenv("RSVL_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not these weights")
+
+    def build():
+        raise CheckpointMismatchError("model.safetensors does not match mini-instances")
+
+    with pytest.raises(CheckpointMismatchError, match="does not match"):
+        compiled.compiled_detector(weights, None, "mini-instances", build)
+    assert not list((tmp_path / "cache").rglob("*.failed"))

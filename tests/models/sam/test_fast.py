@@ -3,6 +3,8 @@ embeddings close to the float ones, and the flag carried through the family load
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,10 +63,12 @@ def test_fast_encoder_is_int8_and_close_to_float():
     assert not torch.equal(got, want)
 
 
-def test_fast_is_a_cpu_float32_path_only():
+def test_fast_is_a_cpu_float32_path_only(caplog):
     torch.manual_seed(0)
-    half = load_sam(build_sam(TINY).state_dict(), TINY, dtype=torch.bfloat16, fast=True)
+    with caplog.at_level(logging.WARNING, logger="rsvl.models.sam.build"):
+        half = load_sam(build_sam(TINY).state_dict(), TINY, dtype=torch.bfloat16, fast=True)
     assert half.fast is False and not is_int8(half.image_encoder)
+    assert "runs bfloat16 on cpu as it is" in caplog.text
 
 
 def test_lora_is_merged_exactly_before_quantising():

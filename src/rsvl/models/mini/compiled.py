@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rsvl.errors import RsvlError
 from rsvl.models.mini.towers import MiniLMTower, lite0_weights_path, mean_pool, minilm_path
 from rsvl.models.weights import cache_root
 
@@ -248,11 +249,14 @@ def _cached_inner(path: Path, compile_fn, load_fn, what: str):
             path.unlink(missing_ok=True)
     failed = path.with_name(path.name + ".failed")
     if failed.is_file():  # compiling failed before with these versions and weights: not again
-        log.info("%s: compiling failed before (%s); using it uncompiled.", what, failed)
+        log.warning("%s: compiling failed before (%s), so it runs uncompiled (slower to load); "
+                    "delete that file to try again.", what, failed)
         return None
     try:
         compile_fn(path)
         return load_fn(path)
+    except RsvlError:  # the user's input (weights that do not fit...): theirs to fix, not a cache failure
+        raise
     except Exception as exc:  # noqa: BLE001 - the eager towers are always there
         log.warning("could not compile %s into %s (%s: %s); using it uncompiled. Delete %s to try again.",
                     what, path, type(exc).__name__, exc, failed)
@@ -317,6 +321,8 @@ class CompiledDetector(nn.Module):
         self.config = config
         self.name = name
         self.frozen = tuple(frozen)
+        for p in scripted.parameters():  # inference only: no autograd graphs outside inference_mode
+            p.requires_grad_(False)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the model's file holds: all but the ``frozen`` key prefixes (the
@@ -379,13 +385,21 @@ def compiled_detector(weights: Path, config: object, name: str, build: Callable[
     model with those weights loaded, in eval mode), loaded without importing torchvision's
     Python package or timm (``frozen``: key prefixes the weights file does not hold). None:
     use the eager model."""
-    st = Path(weights).stat()
-    key = "|".join([str(Path(weights).resolve()), str(st.st_size), str(st.st_mtime_ns),
-                    f"torchvision={_version('torchvision')}"])
-    path = cache_folder() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.ts"
+    # the weights' bytes (a retrained file of the same size and time is another model) and
+    # the code that builds and compiles the model (an edited checkout keeps its version)
+    h = hashlib.sha256(Path(weights).read_bytes())
+    for source in (Path(build.__code__.co_filename), Path(__file__)):
+        h.update(source.read_bytes() if source.is_file() else source.name.encode())
+    h.update(f"torchvision={_version('torchvision')}".encode())
+    path = cache_folder() / f"{name}-{h.hexdigest()[:16]}.ts"
 
     def load(p: Path) -> CompiledDetector:
-        load_torchvision_ops()
+        try:
+            load_torchvision_ops()
+        except (ImportError, OSError, RuntimeError) as exc:  # an unusual wheel layout or platform
+            log.info("torchvision's operators did not load directly (%s); importing torchvision.", exc)
+            import torchvision  # noqa: F401  # lazy: registers the same operators, 3 s slower
+
         return CompiledDetector(torch.jit.load(str(p), map_location="cpu").eval(), config, name, frozen)
 
     return _cached(path, lambda p: _compile_detector(p, build()), load, f"the {name} detector")

@@ -9,6 +9,7 @@ checkpoint (Meta or transformers layout) strictly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,9 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
 }
 #: the published sizes as configs
 SAM_CONFIGS: dict[str, SamConfig] = {k: SamConfig(**v) for k, v in SAM_VARIANTS.items()}
+
+
+log = logging.getLogger(__name__)
 
 
 def build_sam_vit_b(**overrides: Any) -> Sam:
@@ -157,6 +161,9 @@ def make_fast(model: Sam) -> Sam:
     model.fast = p.device.type == "cpu" and p.dtype == torch.float32
     if model.fast:
         accelerate_encoder(model.image_encoder)
+    else:
+        log.warning("--fast is an int8 path for float32 on the CPU; this SAM runs %s on %s as it is "
+                    "(on CUDA, bfloat16 is the fast path).", str(p.dtype).replace("torch.", ""), p.device)
     return model
 
 
