@@ -32,30 +32,15 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # bench/timing.py (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, object]]:
-    """Median seconds per call of each function and its output, the functions called in turn
-    ``rounds`` times after one warm-up call each: a slower or faster spell of the machine
-    (shared cores) then falls on every path alike, and the ratios stay fair."""
-    outs = {name: fn() for name, fn in fns.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def _cos_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,7 +98,7 @@ def bench_arch(arch: str, card_name: str, args: argparse.Namespace) -> list[dict
     }
     with torch.inference_mode():
         for kind, (n_items, fns) in groups.items():
-            res = _interleaved(fns, args.repeats)
+            res = interleaved(fns, args.repeats)
             ref_s, ref_out = next(iter(res.values()))
             for path, (sec, out) in res.items():
                 rows.append({"arch": arch, "path": path, "kind": kind, "rate": round(n_items / sec, 3),
@@ -127,7 +112,7 @@ def bench_arch(arch: str, card_name: str, args: argparse.Namespace) -> list[dict
             with torch.inference_mode():
                 comp(x224)
                 compile_s = time.perf_counter() - t0
-                res = _interleaved({"ref": lambda: ref.encode_image(x224), "compiled": lambda: comp(x224)},
+                res = interleaved({"ref": lambda: ref.encode_image(x224), "compiled": lambda: comp(x224)},
                                    args.repeats)
             (ref_s, ref_out), (sec, out) = res["ref"], res["compiled"]
             rows.append({"arch": arch, "path": "torch.compile (inductor)", "kind": "classify",
@@ -165,7 +150,7 @@ def bench_mini(args: argparse.Namespace) -> list[dict]:
             ("text", len(texts), {"MiniLM as built (reference)": lambda: plain.encode_text(texts),
                                   "MiniLM int8 linear (tried, not used)": lambda: int8_text.encode_text(texts)}),
         ):
-            res = _interleaved(fns, args.repeats)
+            res = interleaved(fns, args.repeats)
             ref_s, ref_out = next(iter(res.values()))
             for path, (sec, out) in res.items():
                 rows.append({"arch": "mini-clip", "path": path, "kind": kind, "rate": round(n_items / sec, 3),

@@ -26,30 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # bench/timing.py (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, object]]:
-    """Median seconds per call and the output of each function, called in turn ``rounds`` times
-    after a warm-up call each."""
-    outs = {name: fn() for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def _maps(maps) -> list[torch.Tensor]:
@@ -142,7 +127,7 @@ def bench(args: argparse.Namespace, folder: Path) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for kind, (n, fns) in groups.items():
-            res = _interleaved(fns, args.repeats)
+            res = interleaved(fns, args.repeats)
             ref_s, ref_out = next(iter(res.values()))
             pool = (lambda o: mean_pool(o[0], mask)) if kind == "text" else _pooled
             for path, (sec, out) in res.items():

@@ -27,29 +27,15 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # bench/timing.py (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, object]]:
-    """Median seconds per call of each function and its output, called in turn ``rounds``
-    times after one warm-up call each (a slow spell of the shared machine hits every path)."""
-    outs = {name: fn() for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def _cos_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,13 +86,13 @@ def bench(arch: str, args: argparse.Namespace) -> list[dict]:
 
     rows = []
     with torch.inference_mode():
-        res = _interleaved({n: embed(k, p) for n, (k, p) in preds.items()}, args.repeats)
+        res = interleaved({n: embed(k, p) for n, (k, p) in preds.items()}, args.repeats)
         ref_s, ref_out = next(iter(res.values()))
         for path, (sec, out) in res.items():
             rows.append({"arch": arch, "path": path, "kind": "image", "rate": round(1 / sec, 4),
                          "seconds": round(sec, 2), "vs_reference": round(ref_s / sec, 2),
                          "max_cos_distance": round(_cos_gap(ref_out, out), 6)})
-        res = _interleaved({n: prompt(k, p) for n, (k, p) in preds.items()}, max(args.repeats, 5))
+        res = interleaved({n: prompt(k, p) for n, (k, p) in preds.items()}, max(args.repeats, 5))
         ref_s, ref_out = next(iter(res.values()))
         for path, (sec, out) in res.items():
             rows.append({"arch": arch, "path": path, "kind": "prompt", "rate": round(1 / sec, 2),

@@ -8,27 +8,17 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from models.rsprompter.test_build import TINY_SAM
 
 from rsvl.models import registry
 from rsvl.models.int8 import is_int8
 from rsvl.models.rsprompter import build as build_prompter
 from rsvl.models.rsprompter.convert import save_prompter_checkpoint
 from rsvl.models.sam.build import build_sam, load_sam, make_fast
-from rsvl.models.sam.config import SamConfig
 from rsvl.models.sam.fast import merge_adapters
 
-TINY = SamConfig(
-    image_size=128,
-    encoder_embed_dim=64,
-    encoder_depth=4,
-    encoder_num_heads=4,
-    encoder_global_attn_indexes=(1, 3),
-    window_size=4,
-    prompt_embed_dim=32,
-    decoder_num_heads=2,
-    decoder_mlp_dim=64,
-    iou_head_hidden_dim=32,
-)
+#: the tiny SAM of the RSPrompter load tests (128 px, 4-block 32-d ViT)
+TINY = TINY_SAM
 
 
 @pytest.fixture(autouse=True)
