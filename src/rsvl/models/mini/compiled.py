@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import tempfile
@@ -289,135 +288,15 @@ def compiled_minilm() -> tuple[TracedBert, FastTokenizer] | None:
     return _cached(cache_folder() / "minilm.ts", _compile_text, load, "the MiniLM text tower")
 
 
-def load_torchvision_ops() -> None:
-    """Register torchvision's C++ operators (``roi_align``, ``nms``...) that a scripted
-    detector calls, from the installed wheel's library, without importing the torchvision
-    package (its import pulls in torch._dynamo: about 3 s here)."""
-    if hasattr(torch.ops.torchvision, "roi_align"):
-        return
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("torchvision is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    # the library torchvision.extension loads: _C_stable (recent wheels), else _C
-    for stem in ("_C_stable", "_C"):
-        libs = [p for p in sorted(folder.iterdir()) if p.name.split(".")[0] == stem
-                and p.suffix in (".so", ".pyd", ".dylib")]
-        if libs:
-            torch.ops.load_library(str(libs[0]))
-            return
-    raise ImportError(f"no torchvision operator library in {folder}")
-
-
-class CompiledDetector(nn.Module):
-    """A scripted torchvision Mask R-CNN for inference, called as the eager model is:
-    ``model(list of (3, H, W) float 0-1)`` -> one dict per image (``boxes``, ``labels``,
-    ``scores``, ``masks``). ``config``: the eager model's config (``classes``)."""
-
-    def __init__(self, scripted: torch.jit.ScriptModule, config: object, name: str,
-                 frozen: tuple[str, ...] = ()) -> None:
-        super().__init__()
-        self.scripted = scripted
-        self.config = config
-        self.name = name
-        self.frozen = tuple(frozen)
-        for p in scripted.parameters():  # inference only: no autograd graphs outside inference_mode
-            p.requires_grad_(False)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights the model's file holds: all but the ``frozen`` key prefixes (the
-        scripted module keeps the eager model's key names)."""
-        return {k: v for k, v in self.scripted.state_dict().items() if not k.startswith(self.frozen)}
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.config.classes)
-
-    def train(self, mode: bool = True) -> CompiledDetector:
-        if mode:
-            raise RuntimeError(f"{self.name} was loaded compiled, for inference; to train it, build it "
-                               "with rsvl.models.mini.build or load it with RSVL_COMPILED_TOWERS=0.")
-        return super().train(False)
-
-    def forward(self, images: list[torch.Tensor], targets: object = None) -> list[dict[str, torch.Tensor]]:
-        if targets is not None:
-            raise ValueError(f"{self.name} was loaded compiled, for inference: it takes no targets.")
-        _, detections = self.scripted(list(images))  # scripted R-CNNs return (losses, detections)
-        return detections
-
-
-def check_images() -> list[torch.Tensor]:
-    """Noise, and bright disks on grey (on which mini-instances finds a dozen objects, scores
-    0.07-0.28). Not a smooth gradient: its tied proposal scores make NMS keep different
-    boxes in the eager and scripted code paths."""
-    noise = torch.rand(3, 180, 240, generator=torch.Generator().manual_seed(0))
-    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(320.0), indexing="ij")
-    disks = torch.full((3, 256, 320), 0.35)
-    for cy, cx, r in [(60, 70, 22), (60, 140, 22), (150, 90, 30), (190, 230, 25), (90, 250, 18)]:
-        d = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
-        disks[:, d < r] = 0.9
-        disks[:, (d >= r) & (d < r + 3)] = 0.15
-    return [noise, disks]
-
-
-def _compile_detector(path: Path, model: nn.Module) -> None:
-    """Script ``model.model`` (a torchvision R-CNN in eval mode) and check it against the
-    eager one: backbone features on another input size, detections on two images
-    (:func:`check_images`)."""
-    net = model.model.eval()
-    with torch.inference_mode(), warnings.catch_warnings():
-        # torchvision's notice that scripted R-CNNs return (losses, detections): handled
-        warnings.filterwarnings("ignore", message=r"RCNN always returns")
-        scripted = torch.jit.script(net)
-        x = torch.randn(1, 3, 200, 264)
-        want, got = net.backbone(x), scripted.backbone(x)
-        if set(want) != set(got) or not all(_close(want[k], got[k]) for k in want):
-            raise RuntimeError("the scripted backbone differs from the eager one")
-        for a, b in zip(net(check_images()), scripted(check_images())[1], strict=True):
-            if set(a) != set(b) or not all(_close(a[k].float(), b[k].float()) for k in a):
-                raise RuntimeError("the scripted detector differs from the eager one")
-    _atomic_save(scripted, path)
-
-
-def compiled_detector(weights: Path, config: object, name: str, build: Callable[[], nn.Module],
-                      frozen: tuple[str, ...] = ()) -> CompiledDetector | None:
-    """The Mask R-CNN of ``weights`` scripted once into the cache (``build()``: the eager
-    model with those weights loaded, in eval mode), loaded without importing torchvision's
-    Python package or timm (``frozen``: key prefixes the weights file does not hold). None:
-    use the eager model."""
-    # the weights' bytes (a retrained file of the same size and time is another model) and
-    # the code that builds and compiles the model (an edited checkout keeps its version)
-    h = hashlib.sha256(Path(weights).read_bytes())
-    for source in (Path(build.__code__.co_filename), Path(__file__)):
-        h.update(source.read_bytes() if source.is_file() else source.name.encode())
-    h.update(f"torchvision={_version('torchvision')}".encode())
-    path = cache_folder() / f"{name}-{h.hexdigest()[:16]}.ts"
-
-    def load(p: Path) -> CompiledDetector:
-        try:
-            load_torchvision_ops()
-        except (ImportError, OSError, RuntimeError) as exc:  # an unusual wheel layout or platform
-            log.info("torchvision's operators did not load directly (%s); importing torchvision.", exc)
-            import torchvision  # noqa: F401  # lazy: registers the same operators, 3 s slower
-
-        return CompiledDetector(torch.jit.load(str(p), map_location="cpu").eval(), config, name, frozen)
-
-    return _cached(path, lambda p: _compile_detector(p, build()), load, f"the {name} detector")
-
-
 __all__ = [
     "FORMAT",
-    "CompiledDetector",
     "CompiledTextTower",
     "FastTokenizer",
     "TracedBert",
     "WordStates",
     "cache_folder",
     "cache_key",
-    "check_images",
-    "compiled_detector",
     "compiled_image_tower",
     "compiled_minilm",
     "enabled",
-    "load_torchvision_ops",
 ]

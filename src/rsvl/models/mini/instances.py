@@ -35,7 +35,6 @@ from torch import nn
 from rsvl.errors import CheckpointMismatchError
 from rsvl.models.checkpoint import load_strict
 from rsvl.models.mini.cards import LITE0_MEAN, LITE0_STD, assets_dir
-from rsvl.models.mini.compiled import compiled_detector
 from rsvl.models.mini.files import read_weights, write_weights
 from rsvl.models.mini.towers import Lite0Tower
 
@@ -127,13 +126,8 @@ class BodyWithFPN(nn.Module):
                                              extra_blocks=ops.feature_pyramid_network.LastLevelMaxPool())
         self.out_channels = channels
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f8, f16, f32 = self.body(x)  # spelled out for TorchScript (compiled_instances)
-        feats: dict[str, torch.Tensor] = OrderedDict()
-        feats["0"] = f8
-        feats["1"] = f16
-        feats["2"] = f32
-        return self.fpn(feats)
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict(zip(("0", "1", "2"), self.body(x), strict=True)))
 
 
 # --------------------------------------------------------------------------------------
@@ -294,20 +288,10 @@ def load_mini_instances(weights: str | Path | None = None, device: str | torch.d
     if "config" not in meta:
         raise CheckpointMismatchError(f"{path} has no mini-instances config in its metadata.", hint=hint)
     config = MiniInstancesConfig.from_dict(json.loads(meta["config"]))
-
-    def eager() -> MiniInstances:
-        model = build_mini_instances(config, pretrained=pretrained_backbone and config.backbone == "lite0")
-        frozen = [k for k in model.model.state_dict() if k.startswith(FROZEN_PREFIXES)] \
-            if config.backbone == "lite0" else []
-        load_strict(model.model, dequantize_state_dict(tensors), optional=frozen,
-                    what=f"{path} does not match mini-instances",
-                    hint="Use weights written by the same rsvl version.")
-        return model.eval()
-
-    if config.backbone == "lite0" and pretrained_backbone:
-        # scripted once into rsvl's cache: later loads import neither torchvision's Python
-        # package nor timm (4.2 s of a 4.8 s load here); the eager model when that fails
-        compiled = compiled_detector(path, config, MiniInstances.name, eager, FROZEN_PREFIXES)
-        if compiled is not None:
-            return compiled.to(device).eval()
-    return eager().to(device).eval()
+    model = build_mini_instances(config, pretrained=pretrained_backbone and config.backbone == "lite0")
+    frozen = [k for k in model.model.state_dict() if k.startswith(FROZEN_PREFIXES)] \
+        if config.backbone == "lite0" else []
+    load_strict(model.model, dequantize_state_dict(tensors), optional=frozen,
+                what=f"{path} does not match mini-instances",
+                hint="Use weights written by the same rsvl version.")
+    return model.to(device).eval()

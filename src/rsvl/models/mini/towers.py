@@ -155,8 +155,6 @@ class Lite0Tower(nn.Module):
         self.stem = nn.Sequential(net.conv_stem, net.bn1)
         for i in range(last_block + 1):
             self.add_module(f"block{i}", net.blocks[i])
-        if last_block == 5:  # never called; TorchScript compiles forward's block6 branch
-            self.block6 = nn.Identity()
         self.head = nn.Sequential(net.conv_head, net.bn2) if head else None
         last = LITE0_HEAD_CHANNELS if head else LITE0_BLOCK_CHANNELS[last_block]
         #: channels of the stride 8 / 16 / 32 maps
